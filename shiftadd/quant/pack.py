@@ -1,0 +1,54 @@
+"""Pack a fitted BCQ matrix into the layout the LUT kernel reads (see schedules/lut_kernel.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bcq import MU, BCQWeight
+
+NIBBLES = 8
+
+
+def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray]:
+    """codes int32 [q, T8, Np] (4-bit code per 4 inputs, 8 per word) and alpha f32 [q, NG, Np]."""
+    q, n, k = w.signs.shape
+    g4 = w.group // MU
+    ng = w.alpha.shape[2]
+    t4p = ng * g4
+    t8 = -(-t4p // NIBBLES)
+    npad = -(-n // vec) * vec
+    bits = np.zeros((q, npad, t8 * NIBBLES * MU), dtype=np.uint32)
+    bits[:, :n, :k] = w.signs
+    # code of table t = Σ_j bit(4t + j) << j ; word w holds tables 8w .. 8w+7 at nibble t % 8
+    nib = bits.reshape(q, npad, t8 * NIBBLES, MU)
+    code = (nib << np.arange(MU, dtype=np.uint32)).sum(-1, dtype=np.uint32)  # [q, Np, T8*8]
+    code = code.reshape(q, npad, t8, NIBBLES) << (4 * np.arange(NIBBLES, dtype=np.uint32))
+    words = code.sum(-1, dtype=np.uint32).view(np.int32)  # [q, Np, T8]
+    codes = np.ascontiguousarray(words.transpose(0, 2, 1))
+    alpha = np.zeros((q, ng, npad), dtype=np.float32)
+    alpha[:, :, :n] = w.alpha.transpose(0, 2, 1)
+    return codes, alpha
+
+
+def lut_matmul_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
+    """The method's semantics in numpy, table by table: the independent reference for kernel tests."""
+    x = np.asarray(x, dtype=np.float64)
+    m, k = x.shape
+    q, n, _ = w.signs.shape
+    t4 = -(-k // MU)
+    xp = np.zeros((m, t4 * MU))
+    xp[:, :k] = x
+    xs = xp.reshape(m, t4, MU)
+    idx = np.arange(16)
+    sgn = np.where((idx[:, None] >> np.arange(MU)) & 1, 1.0, -1.0)  # [16, MU]
+    table = np.einsum("mtj,pj->mtp", xs, sgn)  # [M, T4, 16]
+    sp = np.zeros((q, n, t4 * MU), dtype=np.int64)
+    sp[:, :, :k] = w.signs
+    code = (sp.reshape(q, n, t4, MU) << np.arange(MU)).sum(-1)  # [q, N, T4]
+    g4 = w.group // MU
+    y = np.zeros((m, n))
+    for b in range(q):
+        looked = np.take_along_axis(table[:, None, :, :], code[b][None, :, :, None], axis=3)[..., 0]  # [M,N,T4]
+        for g in range(w.alpha.shape[2]):
+            y += w.alpha[b, :, g][None, :] * looked[:, :, g * g4 : (g + 1) * g4].sum(-1)
+    return y

@@ -1,0 +1,95 @@
+"""The LUT-add matmul as a TensorIR kernel (method.md §5, row-wise groups, float tables).
+
+``y[m, n] = Σ_b Σ_g α[b, g, n] · Σ_{t ∈ g} T[m, t, code_b[n, t]]`` where ``T[m, t, p]`` is the
+sum of the 4 activations ``x[m, 4t:4t+4]`` with signs from the bits of ``p`` (bit set = +x). The
+tables are built once per activation row and shared by all planes and output rows; the look-ups
+of a group are summed first and scaled once (one scale per row, plane and group).
+
+Packed layout (made by :func:`shiftadd.quant.pack.pack_bcq`):
+  codes int32 [q, T8, Np]  nibble ``t % 8`` of ``codes[b, t // 8, n]`` is ``code_b[n, t]``
+  alpha f32   [q, NG, Np]  APoT scale of plane b, group g, row n
+``Np`` is N rounded up to the vector width; padded rows have α = 0. ``T4p = NG·G/4`` tables cover K
+rounded up to whole groups; inputs past K read as 0, so padded tables contribute nothing.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+MU = 4
+NIBBLES = 8  # codes per int32 word
+DEFAULT_VEC = 16
+
+
+def lut_dims(k: int, n: int, group: int, vec: int = DEFAULT_VEC) -> dict:
+    """Derived sizes of the packed layout for a [K -> N] matmul with effective group ``group``."""
+    if group % MU:
+        raise ValueError(f"group {group} is not a multiple of {MU}")
+    t4 = -(-k // MU)
+    g4 = group // MU
+    ng = -(-t4 // g4)
+    t4p = ng * g4
+    return {"t4p": t4p, "t8": -(-t4p // NIBBLES), "g4": g4, "ng": ng, "np": -(-n // vec) * vec}
+
+
+def kernel_name(k: int, n: int, bits: int, group: int) -> str:
+    return f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}"
+
+
+def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC) -> tvm.tirx.PrimFunc:
+    """The kernel for x[M, k] -> y[M, n] (M symbolic), written directly in its CPU loop nest.
+
+    Stage 1 builds the tables in parallel over (row, table), 16 entries as one vector. Stage 2 runs in
+    parallel over tiles of ``vec`` output rows: per activation row, plane and group it sums the
+    look-ups of the group in a ``vec``-wide register accumulator, then adds ``alpha *`` that sum.
+    (Written as loops rather than via ``s_tir.Schedule.compute_at``, which rejects every
+    producer/consumer pair in TVM 0.27.0.post1 with "is an output block".)
+    """
+    d = lut_dims(k, n, group, vec)
+    t4p, t8, g4, ng, npad = d["t4p"], d["t8"], d["g4"], d["ng"], d["np"]
+    q = bits
+    tiles = npad // vec
+
+    @T.prim_func
+    def lut_matmul(x_h: T.handle, codes: T.Buffer((q, t8, npad), "int32"),
+                   alpha: T.Buffer((q, ng, npad), "float32"), y_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        m_dim = T.int64()
+        X = T.match_buffer(x_h, (m_dim, k), "float32")
+        Y = T.match_buffer(y_h, (m_dim, n), "float32")
+        lut = T.decl_buffer((m_dim * t4p * 16,), "float32")
+        for it in T.parallel(m_dim * t4p):
+            for p in T.vectorized(16):
+                lut[it * 16 + p] = (
+                    T.if_then_else(it % t4p * 4 < k, T.Select(p % 2 == 1, X[it // t4p, it % t4p * 4], T.float32(0) - X[it // t4p, it % t4p * 4]), T.float32(0))
+                    + T.if_then_else(it % t4p * 4 + 1 < k, T.Select(p // 2 % 2 == 1, X[it // t4p, it % t4p * 4 + 1], T.float32(0) - X[it // t4p, it % t4p * 4 + 1]), T.float32(0))
+                    + T.if_then_else(it % t4p * 4 + 2 < k, T.Select(p // 4 % 2 == 1, X[it // t4p, it % t4p * 4 + 2], T.float32(0) - X[it // t4p, it % t4p * 4 + 2]), T.float32(0))
+                    + T.if_then_else(it % t4p * 4 + 3 < k, T.Select(p // 8 % 2 == 1, X[it // t4p, it % t4p * 4 + 3], T.float32(0) - X[it // t4p, it % t4p * 4 + 3]), T.float32(0))
+                )
+        for jo in T.parallel(tiles):
+            acc = T.decl_buffer((vec,), "float32", scope="local")
+            part = T.decl_buffer((vec,), "float32", scope="local")
+            for i in range(m_dim):
+                for ji in T.vectorized(vec):
+                    acc[ji] = T.float32(0)
+                for b, g in T.grid(q, ng):
+                    for ji in T.vectorized(vec):
+                        part[ji] = T.float32(0)
+                    for tt in range(g4):
+                        for ji in T.vectorized(vec):
+                            part[ji] = part[ji] + lut[(i * t4p + g * g4 + tt) * 16 + T.bitwise_and(
+                                T.shift_right(codes[b, (g * g4 + tt) // 8, jo * vec + ji], (g * g4 + tt) % 8 * 4), 15)]
+                    for ji in T.vectorized(vec):
+                        acc[ji] = acc[ji] + alpha[b, g, jo * vec + ji] * part[ji]
+                for ji in range(vec):
+                    if jo * vec + ji < n:
+                        Y[i, jo * vec + ji] = acc[ji]
+
+    return lut_matmul
+
+
+def build_lut_kernel(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC) -> tvm.tirx.PrimFunc:
+    """Scheduled kernel, tagged opaque (op_pattern 8) so Relax fusion leaves it alone."""
+    f = make_lut_matmul(k, n, bits, group, vec)
+    return f.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})
