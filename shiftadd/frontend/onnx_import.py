@@ -1,0 +1,161 @@
+"""ONNX file -> Relax IRModule with the weights as named function parameters.
+
+Weights stay parameters (``num_input`` attr marks where the real inputs end) so that the rewrite
+pass sees their names, and so the compiled module keeps them in a separate params file instead of
+baking hundreds of MB into the shared library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..util import log
+from .onnx_fixups import apply_fixups
+
+
+class ONNXImportError(ValueError):
+    """The file is not a usable ONNX model, or TVM cannot import one of its ops."""
+
+
+@dataclass
+class ImportedModel:
+    mod: "object"  # tvm.IRModule
+    params: dict[str, np.ndarray]  # weight name -> value, in the order of main's trailing params
+    input_names: list[str]
+    output_names: list[str]
+    fixups: dict[str, int] = field(default_factory=dict)
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate an ONNX file; every failure is an error naming the file and the cause."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    if os.path.isdir(path):
+        raise ONNXImportError(f"{path}: is a directory, expected an ONNX file")
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf DecodeError, truncated external data, ...
+        raise ONNXImportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ONNXImportError(f"{path}: not an ONNX model (no graph; is the file truncated or of another format?)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ONNXImportError(f"{path}: invalid ONNX model: {str(e).splitlines()[0][:300]}") from None
+    return model
+
+
+def _module_path(node_name: str) -> str | None:
+    """'/m/model/layers.0/self_attn/q_proj/MatMul' -> 'model.layers.0.self_attn.q_proj'."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) < 2:
+        return None
+    parts = parts[:-1]
+    if parts[0] == "m":  # our export wrapper's attribute
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def name_weights(model: onnx.ModelProto) -> int:
+    """Give anonymous MatMul/Gemm weight initializers ('onnx::MatMul_650') the module path of the node
+    that uses them ('model.layers.0.self_attn.q_proj.weight'), so reports and ``skip`` patterns can
+    name layers. Shared or already well-named initializers are left as they are."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            if x in inits:
+                users.setdefault(x, []).append(n)
+    taken = set(inits) | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    renamed = 0
+    for name, nodes in users.items():
+        if not re.fullmatch(r"(onnx::)?[A-Za-z]+_\d+", name) or len(nodes) != 1:
+            continue
+        n = nodes[0]
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] != name:
+            continue
+        path = _module_path(n.name)
+        if not path:
+            continue
+        new = path + ".weight"
+        if new in taken:
+            continue
+        inits[name].name = new
+        for i, x in enumerate(n.input):
+            if x == name:
+                n.input[i] = new
+        taken.add(new)
+        renamed += 1
+    for name, init in inits.items():  # our export wrapper holds the model as attribute 'm'
+        if init.name.startswith("m.") and init.name[2:] not in taken:
+            old, init.name = init.name, init.name[2:]
+            for n in users.get(old, []):
+                for i, x in enumerate(n.input):
+                    if x == old:
+                        n.input[i] = init.name
+            taken.add(init.name)
+            renamed += 1
+    return renamed
+
+
+def _check_ops(model: onnx.ModelProto, path: str) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx") or n.op_type not in known:
+            dom = f" (domain '{n.domain}')" if n.domain not in ("", "ai.onnx") else ""
+            raise ONNXImportError(
+                f"{path}: ONNX op '{n.op_type}'{dom} at node '{n.name or n.output[0]}' is not supported by "
+                f"TVM {_tvm_version()}'s Relax ONNX importer")
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> ImportedModel:
+    """Import an ONNX model into Relax (dynamic shapes kept symbolic, weights as parameters)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    if isinstance(source, onnx.ModelProto):
+        model, where = onnx.ModelProto(), "<in-memory model>"
+        model.CopyFrom(source)
+    else:
+        where = os.fspath(source)
+        model = load_onnx(where)
+    _check_ops(model, where)
+    renamed = name_weights(model)
+    fixups = apply_fixups(model)
+    fixups["name_weights"] = renamed
+    init_names = {i.name for i in model.graph.initializer}
+    input_names = [i.name for i in model.graph.input if i.name not in init_names]
+    output_names = [o.name for o in model.graph.output]
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = from_onnx(model, keep_params_in_input=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ONNXImportError(f"{where}: TVM's ONNX importer failed: {msg[:400]}") from None
+    mod, detached = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    n_in = int(func.attrs["num_input"])
+    values = detached.get("main", [])
+    params = {}
+    for var, val in zip(func.params[n_in:], values):
+        params[var.name] = val.numpy() if hasattr(val, "numpy") else np.asarray(val)
+    log(f"imported {where}: {len(model.graph.node)} ONNX nodes, {len(params)} weights, fixups {fixups}")
+    return ImportedModel(mod, params, input_names, output_names, fixups)

@@ -1,0 +1,234 @@
+"""Relax pass: every matmul by a constant weight becomes a call_tir of the shift/LUT-add kernel.
+
+Pattern: ``R.matmul(x, W)`` where ``W`` is a weight parameter (a function param after
+``num_input`` whose value is known) or a constant, either directly (ONNX ``MatMul``: W is [K, N])
+or through ``R.permute_dims(W, [1, 0])`` (ONNX ``Gemm`` with transB: W is [N, K]).
+Rewrite: ``x`` is flattened to [M, K], the kernel is called on the packed BCQ planes and APoT
+scales (new weight parameters ``<name>.codes`` / ``<name>.alpha``), and the result is reshaped
+back. The replaced weight parameter is dropped if nothing else uses it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import GenericConst
+
+from ..quant import BCQConfig, BCQWeight, quantize_matrix
+from ..quant.pack import pack_bcq
+from ..schedules.lut_kernel import DEFAULT_VEC, build_lut_kernel, kernel_name
+from ..util import log
+
+
+@dataclass
+class LayerReport:
+    name: str
+    k: int
+    n: int
+    status: str  # "rewritten" | "kept"
+    reason: str = ""
+    bits: int = 0
+    group: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_error: float = float("nan")
+    transposed: bool = False  # the stored weight is [N, K] (Gemm transB) rather than [K, N]
+
+
+@dataclass
+class RewriteReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # name -> weight as stored
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status == "rewritten"]
+
+    @property
+    def kept(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status != "rewritten"]
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """(bytes of the matmul weights before, after) over all matmuls seen (kept ones count as is)."""
+        before = sum(r.bytes_before for r in self.layers)
+        after = sum(r.bytes_after if r.status == "rewritten" else r.bytes_before for r in self.layers)
+        return before, after
+
+    def table(self) -> str:
+        lines = ["| layer | K | N | status | bits | group | rel. weight error | bytes before | bytes after |",
+                 "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in self.layers:
+            st = r.status if r.status == "rewritten" else f"kept ({r.reason})"
+            err = f"{r.rel_error:.4f}" if r.status == "rewritten" else ""
+            after = r.bytes_after if r.status == "rewritten" else r.bytes_before
+            lines.append(f"| {r.name} | {r.k} | {r.n} | {st} | {r.bits or ''} | {r.group or ''} | {err} | "
+                         f"{r.bytes_before} | {after} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        b, a = self.weight_bytes()
+        return (f"matmuls rewritten: {len(self.rewritten)}, left alone: {len(self.kept)}"
+                + "".join(f"\n  kept {r.name}: {r.reason}" for r in self.kept)
+                + f"\nmatmul weight bytes: {b / 1e6:.2f} MB -> {a / 1e6:.2f} MB ({b / max(a, 1):.2f}x smaller)")
+
+
+def _shape(expr) -> list | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    return list(ty.shape.values)
+
+
+@relax.expr_functor.mutator
+class _LutMatmulRewriter(relax.PyExprMutator):
+    def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report):
+        super().__init__(mod)
+        self.func = func
+        self.params = params
+        self.cfg = cfg
+        self.skip = [re.compile(p) for p in skip]
+        self.vec = vec
+        self.keep_dequantized = keep_dequantized
+        self.report = report
+        n_in = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
+        self.weight_vars = {v.name: v for v in func.params[n_in:] if v.name in params}
+        self.new_params: list[tuple[relax.Var, np.ndarray]] = []
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.n_const = 0
+        self.done = 0
+        self.total = 0
+
+    # -- matching -------------------------------------------------------------------------------
+    def _resolve(self, expr):
+        while isinstance(expr, relax.Var) and not any(expr.same_as(v) for v in self.weight_vars.values()):
+            bound = self.lookup_binding(expr)
+            if bound is None:
+                break
+            expr = bound
+        return expr
+
+    def _weight(self, expr):
+        """(name, value as stored) if ``expr`` is a known weight, else None."""
+        if isinstance(expr, relax.Var):
+            v = self.weight_vars.get(expr.name)
+            if v is not None and v.same_as(expr):
+                return expr.name, self.params[expr.name]
+            return None
+        if isinstance(expr, GenericConst):
+            self.n_const += 1
+            return f"const_{self.n_const}", expr.value.numpy()
+        return None
+
+    def _match(self, call):
+        """(name, W [N, K] float32, transposed) for a weight matmul, else None."""
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
+            return None
+        rhs = self._resolve(call.args[1])
+        transposed = False
+        if isinstance(rhs, relax.Call) and isinstance(rhs.op, tvm.ir.Op) and rhs.op.name == "relax.permute_dims":
+            axes = rhs.attrs.axes
+            if axes is not None and [int(a) for a in axes] != [1, 0]:
+                return None
+            rhs = self._resolve(rhs.args[0])
+            transposed = True
+        w = self._weight(rhs)
+        if w is None:
+            return None
+        name, value = w
+        if value.ndim != 2:
+            return None
+        mat = value if transposed else value.T  # -> [N, K]
+        return name, np.ascontiguousarray(mat, dtype=np.float32), transposed
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def _kernel(self, k, n, bits, group):
+        key = (k, n, bits, group, self.vec)
+        if key not in self.kernels:
+            f = build_lut_kernel(k, n, bits, group, self.vec)
+            name = kernel_name(k, n, bits, group)
+            self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
+        return self.kernels[key]
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        m = self._match(call)
+        if m is None:
+            return call
+        name, w, transposed = m
+        n, k = w.shape
+        rep = LayerReport(name=name, k=k, n=n, status="kept", bytes_before=w.nbytes, transposed=transposed)
+        self.report.layers.append(rep)
+        x = call.args[0]
+        xs = _shape(x)
+        if any(p.search(name) for p in self.skip):
+            rep.reason = "skipped by pattern"
+            return call
+        if x.ty.dtype != "float32" or str(call.attrs.out_dtype) not in ("", "void", "None", "float32"):
+            rep.reason = f"activation dtype {x.ty.dtype} (kernel is float32)"
+            return call
+        if xs is None or len(xs) < 1 or not isinstance(xs[-1], tvm.tirx.IntImm) or int(xs[-1]) != k:
+            rep.reason = "activation shape unknown or not [..., K]"
+            return call
+        bw = quantize_matrix(w, self.cfg)
+        codes, alpha = pack_bcq(bw, self.vec)
+        deq = bw.dequantize()
+        rep.status, rep.bits, rep.group = "rewritten", bw.bits, bw.group
+        rep.bytes_after = codes.nbytes + alpha.nbytes
+        rep.rel_error = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
+        if self.keep_dequantized:
+            self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
+        cv = relax.Var(name + ".codes", relax.TensorType(codes.shape, "int32"))
+        av = relax.Var(name + ".alpha", relax.TensorType(alpha.shape, "float32"))
+        self.new_params += [(cv, codes), (av, alpha)]
+        lead = xs[:-1]
+        m_expr = lead[0] if lead else tvm.tirx.const(1, "int64")
+        for d in lead[1:]:
+            m_expr = m_expr * d
+        gv = self._kernel(k, n, bw.bits, bw.group)
+        x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m_expr, k])))
+        y2 = relax.call_tir(gv, [x2, cv, av], relax.TensorType([m_expr, n], "float32"))
+        self.done += 1
+        log(f"rewrote {self.done}: {name} [{k} -> {n}] {bw.bits} bits, group {bw.group}, rel. error {rep.rel_error:.4f}")
+        if len(xs) == 2:
+            return y2
+        y2 = self.builder_.emit(y2)
+        return relax.op.reshape(y2, relax.ShapeExpr(lead + [n]))
+
+
+def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
+                       skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
+                       keep_dequantized: bool = False, func_name: str = "main"):
+    """Apply the rewrite to ``func_name``. Returns (new module, new params dict, RewriteReport).
+
+    ``params`` maps weight parameter names to values; the returned dict drops replaced weights
+    that became unused and adds the packed ``.codes``/``.alpha`` arrays, in the new signature order.
+    ``skip`` holds regular expressions matched against weight names.
+    """
+    func = mod[func_name]
+    report = RewriteReport()
+    rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report)
+    new_func = rw.visit_expr(func)
+    new_func = relax.Function(list(new_func.params) + [v for v, _ in rw.new_params], new_func.body,
+                              new_func.ret_ty, new_func.is_pure, new_func.attrs)
+    rw.builder_.update_func(rw.builder_.get().get_global_var(func_name), new_func)
+    out = rw.builder_.get()
+    out = relax.transform.DeadCodeElimination([func_name])(out)
+    out, new_params = _drop_unused_params(out, func_name, {**params, **{v.name: a for v, a in rw.new_params}})
+    log(report.summary())
+    return out, new_params, report
+
+
+def _drop_unused_params(mod, func_name, values):
+    """Remove weight parameters the body no longer reads; returns (module, params in signature order)."""
+    func = mod[func_name]
+    n_in = int(func.attrs["num_input"])
+    used = {v.name for v in relax.analysis.free_vars(func.body)}
+    keep = list(func.params[:n_in]) + [v for v in func.params[n_in:] if v.name in used]
+    new = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
+    mod = mod.functions_items() and tvm.IRModule({**{gv: f for gv, f in mod.functions_items()}})
+    mod[func_name] = new
+    return mod, {v.name: values[v.name] for v in keep[n_in:]}
