@@ -9,8 +9,9 @@ from .bcq import MU, BCQWeight
 NIBBLES = 8
 
 
-def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray]:
-    """codes int32 [q, T8, Np] (4-bit code per 4 inputs, 8 per word) and alpha f32 [q, NG, Np]."""
+def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """codes int32 [q, T8, Np] (4-bit code per 4 inputs, 8 per word), alpha f32 [q, NG, Np] and
+    offsets f32 [NG, Np] ([1, Np] zeros when the weight has no offset)."""
     q, n, k = w.signs.shape
     g4 = w.group // MU
     ng = w.alpha.shape[2]
@@ -27,7 +28,10 @@ def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray]:
     codes = np.ascontiguousarray(words.transpose(0, 2, 1))
     alpha = np.zeros((q, ng, npad), dtype=np.float32)
     alpha[:, :, :n] = w.alpha.transpose(0, 2, 1)
-    return codes, alpha
+    zoff = np.zeros((ng if w.offset is not None else 1, npad), dtype=np.float32)
+    if w.offset is not None:
+        zoff[:, :n] = w.offset.T
+    return codes, alpha, zoff
 
 
 def lut_matmul_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
@@ -47,6 +51,9 @@ def lut_matmul_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
     code = (sp.reshape(q, n, t4, MU) << np.arange(MU)).sum(-1)  # [q, N, T4]
     g4 = w.group // MU
     y = np.zeros((m, n))
+    if w.offset is not None:  # z · (sum of the group's activations) = z · Σ_t T[t, 15]
+        for g in range(w.alpha.shape[2]):
+            y += w.offset[:, g][None, :] * table[:, g * g4 : (g + 1) * g4, 15].sum(-1)[:, None]
     for b in range(q):
         looked = np.take_along_axis(table[:, None, :, :], code[b][None, :, :, None], axis=3)[..., 0]  # [M,N,T4]
         for g in range(w.alpha.shape[2]):

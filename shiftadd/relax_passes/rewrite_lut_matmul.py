@@ -145,11 +145,11 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         return name, np.ascontiguousarray(mat, dtype=np.float32), transposed
 
     # -- rewriting ------------------------------------------------------------------------------
-    def _kernel(self, k, n, bits, group):
-        key = (k, n, bits, group, self.vec)
+    def _kernel(self, k, n, bits, group, offset):
+        key = (k, n, bits, group, self.vec, offset)
         if key not in self.kernels:
-            f = build_lut_kernel(k, n, bits, group, self.vec)
-            name = kernel_name(k, n, bits, group)
+            f = build_lut_kernel(k, n, bits, group, self.vec, offset)
+            name = kernel_name(k, n, bits, group, offset)
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
@@ -174,23 +174,24 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             rep.reason = "activation shape unknown or not [..., K]"
             return call
         bw = quantize_matrix(w, self.cfg)
-        codes, alpha = pack_bcq(bw, self.vec)
+        codes, alpha, zoff = pack_bcq(bw, self.vec)
         deq = bw.dequantize()
         rep.status, rep.bits, rep.group = "rewritten", bw.bits, bw.group
-        rep.bytes_after = codes.nbytes + alpha.nbytes
+        rep.bytes_after = codes.nbytes + alpha.nbytes + (zoff.nbytes if bw.offset is not None else 0)
         rep.rel_error = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
         if self.keep_dequantized:
             self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
         cv = relax.Var(name + ".codes", relax.TensorType(codes.shape, "int32"))
         av = relax.Var(name + ".alpha", relax.TensorType(alpha.shape, "float32"))
-        self.new_params += [(cv, codes), (av, alpha)]
+        zv = relax.Var(name + ".offset", relax.TensorType(zoff.shape, "float32"))
+        self.new_params += [(cv, codes), (av, alpha), (zv, zoff)]
         lead = xs[:-1]
         m_expr = lead[0] if lead else tvm.tirx.const(1, "int64")
         for d in lead[1:]:
             m_expr = m_expr * d
-        gv = self._kernel(k, n, bw.bits, bw.group)
+        gv = self._kernel(k, n, bw.bits, bw.group, bw.offset is not None)
         x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m_expr, k])))
-        y2 = relax.call_tir(gv, [x2, cv, av], relax.TensorType([m_expr, n], "float32"))
+        y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
         log(f"rewrote {self.done}: {name} [{k} -> {n}] {bw.bits} bits, group {bw.group}, rel. error {rep.rel_error:.4f}")
         if len(xs) == 2:

@@ -8,6 +8,7 @@ of a group are summed first and scaled once (one scale per row, plane and group)
 Packed layout (made by :func:`shiftadd.quant.pack.pack_bcq`):
   codes int32 [q, T8, Np]  nibble ``t % 8`` of ``codes[b, t // 8, n]`` is ``code_b[n, t]``
   alpha f32   [q, NG, Np]  APoT scale of plane b, group g, row n
+  zoff  f32   [NG, Np]     offset z of group g, row n (a [1, Np] dummy when built without offset)
 ``Np`` is N rounded up to the vector width; padded rows have α = 0. ``T4p = NG·G/4`` tables cover K
 rounded up to whole groups; inputs past K read as 0, so padded tables contribute nothing.
 """
@@ -33,16 +34,19 @@ def lut_dims(k: int, n: int, group: int, vec: int = DEFAULT_VEC) -> dict:
     return {"t4p": t4p, "t8": -(-t4p // NIBBLES), "g4": g4, "ng": ng, "np": -(-n // vec) * vec}
 
 
-def kernel_name(k: int, n: int, bits: int, group: int) -> str:
-    return f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}"
+def kernel_name(k: int, n: int, bits: int, group: int, offset: bool = True) -> str:
+    return f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
 
 
-def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC) -> tvm.tirx.PrimFunc:
+def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC,
+                    offset: bool = True) -> tvm.tirx.PrimFunc:
     """The kernel for x[M, k] -> y[M, n] (M symbolic), written directly in its CPU loop nest.
 
-    Stage 1 builds the tables in parallel over (row, table), 16 entries as one vector. Stage 2 runs in
-    parallel over tiles of ``vec`` output rows: per activation row, plane and group it sums the
-    look-ups of the group in a ``vec``-wide register accumulator, then adds ``alpha *`` that sum.
+    Stage 1 builds the tables in parallel over (row, table), 16 entries as one vector; with
+    ``offset`` it also sums each group's activations (the all-plus entry 15 of its tables).
+    Stage 2 runs in parallel over tiles of ``vec`` output rows: per activation row, plane and group
+    it sums the look-ups of the group in a ``vec``-wide register accumulator, then adds
+    ``alpha *`` that sum (and ``z * group sum`` for the offset).
     (Written as loops rather than via ``s_tir.Schedule.compute_at``, which rejects every
     producer/consumer pair in TVM 0.27.0.post1 with "is an output block".)
     """
@@ -50,15 +54,18 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
     t4p, t8, g4, ng, npad = d["t4p"], d["t8"], d["g4"], d["ng"], d["np"]
     q = bits
     tiles = npad // vec
+    use_z = 1 if offset else 0
 
     @T.prim_func
     def lut_matmul(x_h: T.handle, codes: T.Buffer((q, t8, npad), "int32"),
-                   alpha: T.Buffer((q, ng, npad), "float32"), y_h: T.handle):
+                   alpha: T.Buffer((q, ng, npad), "float32"), zoff: T.Buffer((ng * use_z + 1 - use_z, npad), "float32"),
+                   y_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m_dim = T.int64()
         X = T.match_buffer(x_h, (m_dim, k), "float32")
         Y = T.match_buffer(y_h, (m_dim, n), "float32")
         lut = T.decl_buffer((m_dim * t4p * 16,), "float32")
+        gs = T.decl_buffer((m_dim * ng,), "float32")
         for it in T.parallel(m_dim * t4p):
             for p in T.vectorized(16):
                 lut[it * 16 + p] = (
@@ -67,12 +74,21 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
                     + T.if_then_else(it % t4p * 4 + 2 < k, T.Select(p // 4 % 2 == 1, X[it // t4p, it % t4p * 4 + 2], T.float32(0) - X[it // t4p, it % t4p * 4 + 2]), T.float32(0))
                     + T.if_then_else(it % t4p * 4 + 3 < k, T.Select(p // 8 % 2 == 1, X[it // t4p, it % t4p * 4 + 3], T.float32(0) - X[it // t4p, it % t4p * 4 + 3]), T.float32(0))
                 )
+        if use_z == 1:
+            for ig in T.parallel(m_dim * ng):
+                gs[ig] = T.float32(0)
+                for tt in range(g4):
+                    gs[ig] = gs[ig] + lut[((ig // ng) * t4p + ig % ng * g4 + tt) * 16 + 15]
         for jo in T.parallel(tiles):
             acc = T.decl_buffer((vec,), "float32", scope="local")
             part = T.decl_buffer((vec,), "float32", scope="local")
             for i in range(m_dim):
                 for ji in T.vectorized(vec):
                     acc[ji] = T.float32(0)
+                if use_z == 1:
+                    for g in range(ng):
+                        for ji in T.vectorized(vec):
+                            acc[ji] = acc[ji] + zoff[g, jo * vec + ji] * gs[i * ng + g]
                 for b, g in T.grid(q, ng):
                     for ji in T.vectorized(vec):
                         part[ji] = T.float32(0)
@@ -89,7 +105,8 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
     return lut_matmul
 
 
-def build_lut_kernel(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC) -> tvm.tirx.PrimFunc:
+def build_lut_kernel(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC,
+                     offset: bool = True) -> tvm.tirx.PrimFunc:
     """Scheduled kernel, tagged opaque (op_pattern 8) so Relax fusion leaves it alone."""
-    f = make_lut_matmul(k, n, bits, group, vec)
+    f = make_lut_matmul(k, n, bits, group, vec, offset)
     return f.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})

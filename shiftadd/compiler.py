@@ -1,0 +1,138 @@
+"""``shiftadd.compile``: model (HF id/path, GGUF, 'smollm2', or ONNX file) -> artifact (.so + params)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .artifact import ArtifactWriter, paths
+from .quant import BCQConfig
+from .util import log
+
+
+@dataclass
+class CompileResult:
+    so: Path
+    manifest: dict
+    report: object | None  # RewriteReport, or None when the rewrite is off
+
+
+def _is_onnx(model: str) -> bool:
+    return str(model).lower().endswith(".onnx")
+
+
+def _input_specs(func) -> list[dict]:
+    n_in = int(func.attrs["num_input"])
+    return [{"name": v.name, "dtype": str(v.ty.dtype), "shape": [str(d) for d in v.ty.shape.values]}
+            for v in func.params[:n_in]]
+
+
+def _vocab_and_eos(imported, tokenizer):
+    """Vocabulary size (rows of the embedding table feeding ``input_ids``) and end-of-text ids."""
+    vocab = None
+    if tokenizer is not None:
+        vocab = len(tokenizer)
+    emb = [v.shape[0] for k, v in imported.params.items() if "embed" in k or k.endswith("wte.weight")]
+    if emb:
+        vocab = int(emb[0])
+    eos = []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = [int(tokenizer.eos_token_id)]
+    return vocab, eos
+
+
+def build(mod, target):
+    """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse)."""
+    import tvm
+    from tvm import relax
+
+    from .schedules.default_cpu import schedule_unscheduled
+
+    with target:
+        mod = relax.get_default_pipeline(target)(mod)
+        mod = schedule_unscheduled(mod, target)
+    return tvm.compile(mod, target, relax_pipeline=None)
+
+
+def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 128, apot_terms: int = 3,
+            rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
+            keep_dequantized: bool = False, offset: bool = True, tokenizer: str | None = None) -> CompileResult:
+    """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
+
+    ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
+    (a model id/path or 'smollm2') stores that tokenizer with an ONNX input, for text prompts.
+    """
+    import tvm
+
+    from .frontend import export_onnx, import_onnx, load_hf_model
+    from .relax_passes import rewrite_lut_matmul
+    from .targets import resolve_target, target_dict
+
+    t0 = time.time()
+    paths(output)  # validates the output name before any work
+    cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset)  # validates
+    tgt = resolve_target(target)
+    tokenizer, source = None, str(model)
+    if _is_onnx(model):
+        imported = import_onnx(model)
+        model_name = Path(model).stem
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            from .frontend import resolve_model
+
+            src = resolve_model(tokenizer)
+            kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(src.path, **kw)
+    else:
+        hf_model, tokenizer, src = load_hf_model(model)
+        source, model_name = src.display, str(model)
+        with tempfile.TemporaryDirectory(prefix="shiftadd-export-") as tmp:
+            onnx_path = export_onnx(hf_model, Path(tmp) / "model.onnx")
+            del hf_model
+            imported = import_onnx(onnx_path)
+    vocab_size, eos_ids = _vocab_and_eos(imported, tokenizer)
+    mod, params, report = imported.mod, imported.params, None
+    if rewrite:
+        mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized)
+    log(f"building for {tgt.export().get('mcpu', '')} ...")
+    tb = time.time()
+    ex = build(mod, tgt)
+    log(f"built in {time.time() - tb:.1f}s")
+    func = mod["main"]
+    with ArtifactWriter(output) as w:
+        ex.export_library(str(w.staged("so")))
+        blob = tvm.runtime.save_param_dict({k: tvm.runtime.tensor(np.ascontiguousarray(v)) for k, v in params.items()})
+        w.staged("params").write_bytes(blob)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(w.staged("tokenizer")))
+        before, after = report.weight_bytes() if report else (0, 0)
+        manifest = {
+            "model": model_name,
+            "source": source,
+            "shiftadd_version": __version__,
+            "tvm_version": tvm.__version__,
+            "target": target_dict(tgt),
+            "rewrite": rewrite,
+            "quant": asdict(cfg) if rewrite else None,
+            "skip": list(skip) if rewrite else [],
+            "inputs": _input_specs(func),
+            "outputs": imported.output_names,
+            "params": list(params),
+            "tokenizer": tokenizer is not None,
+            "vocab_size": vocab_size,
+            "eos_token_ids": eos_ids,
+            "matmuls_rewritten": len(report.rewritten) if report else 0,
+            "matmuls_kept": len(report.kept) if report else None,
+            "matmul_weight_bytes": {"before": before, "after": after} if report else None,
+        }
+        manifest = w.commit(manifest)
+    log(f"wrote {w.paths['so']} (+ .params, .json{', .tokenizer/' if tokenizer else ''}) "
+        f"in {time.time() - t0:.1f}s total")
+    return CompileResult(w.paths["so"], manifest, report)

@@ -1,0 +1,73 @@
+"""Default CPU schedules for the float operators our rewrite leaves (attention, norms, kept matmuls).
+
+TVM's CPU pipeline fuses but does not schedule, so every operator would run as one serial loop nest.
+dlight's CPU rules (GEMV, Reduction) take what they match; :class:`CPUFallback` gives the rest a
+parallel outer loop and, for reductions whose innermost spatial axis is wide, a vectorised
+accumulator over that axis (the register-tiled form of a matmul). Tuning replaces these later.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+VEC = 16
+
+
+def _extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+class CPUFallback(CPUScheduleRule):
+    """Parallel outer spatial loop; vectorised innermost spatial axis under reductions."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        for info in infos:
+            try:
+                self._schedule_block(sch, info)
+            except Exception:  # noqa: BLE001 - leave a block we cannot handle serial but correct
+                continue
+        return sch
+
+    @staticmethod
+    def _schedule_block(sch, info):
+        block = info.block_rv
+        loops = sch.get_loops(block)
+        kinds = info.dom_kind()
+        if not loops or len(kinds) != len(loops) or "O" in kinds:
+            return
+        s = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        r = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        if not s:
+            return
+        sch.reorder(*s, *r)
+        inner = _extent(sch, s[-1])
+        if r and inner is not None and inner >= VEC and inner % VEC == 0:
+            so, si = sch.split(s[-1], factors=[None, VEC])
+            sch.reorder(*s[:-1], so, *r, si)
+            sch.vectorize(si)
+            outer = sch.fuse(*s[:-1], so) if len(s) > 1 else so
+            sch.parallel(outer)
+            sch.decompose_reduction(block, r[0])
+            return
+        outer = sch.fuse(*s) if len(s) > 1 else s[0]
+        sch.parallel(outer)
+        if r:
+            sch.decompose_reduction(block, r[0])
+
+
+def schedule_unscheduled(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Schedule every PrimFunc not marked ``tirx.is_scheduled`` (our kernels are)."""
+    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), CPUFallback())(mod)
