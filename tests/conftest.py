@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny randomly initialised Llama / OPT / GPT-2 models exported to ONNX once per run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np
+import pytest
+
+import shiftadd.util
+
+shiftadd.util.QUIET = True
+
+VOCAB = 96
+
+
+def _tiny(family: str):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":  # K = 72 and 100: not multiples of 32; GQA
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaForCausalLM(cfg).eval()
+    if family == "opt":  # Gemm(transB) fc1/fc2 with biases
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=64)
+        return OPTForCausalLM(cfg).eval()
+    if family == "gpt2":  # Conv1D weights stored [K, N]; fused qkv
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        return GPT2LMHeadModel(cfg).eval()
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    """family -> path of the exported ONNX file (exported on first use)."""
+    from shiftadd.frontend import export_onnx
+
+    cache: dict[str, str] = {}
+    root = tmp_path_factory.mktemp("tiny")
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = str(export_onnx(_tiny(family), root / f"{family}.onnx"))
+        return cache[family]
+
+    return get
+
+
+def ragged_batch(seed: int = 0, batch: int = 2, seq: int = 7):
+    """Token ids and a left-padded attention mask: row 1 is 3 tokens shorter."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, size=(batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask

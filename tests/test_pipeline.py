@@ -1,0 +1,105 @@
+"""End to end on tiny models: ONNX -> Relax -> .so -> runtime, against ONNX Runtime."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import shiftadd
+from shiftadd.frontend.onnx_import import name_weights
+
+from .conftest import ragged_batch
+
+FAMILIES = ["llama", "opt", "gpt2"]
+
+
+def ort_logits(model_or_path, ids, mask):
+    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids, "attention_mask": mask})[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_pipeline_equals_onnxruntime(family, tiny_onnx, tmp_path):
+    path = tiny_onnx(family)
+    res = shiftadd.compile(path, tmp_path / "m.so", rewrite=False)
+    sess = shiftadd.load(res.so)
+    for seed, (b, s) in enumerate([(2, 7), (1, 1), (3, 12)]):
+        ids, mask = ragged_batch(seed, b, s) if b > 1 else (np.array([[5]], np.int64), np.ones((1, 1), np.int64))
+        ours = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        ref = ort_logits(path, ids, mask)
+        assert ours.shape == ref.shape
+        assert np.abs(ours - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, tiny_onnx, tmp_path):
+    path = tiny_onnx(family)
+    res = shiftadd.compile(path, tmp_path / "m.so", bits=bits, group=32, keep_dequantized=True,
+                           skip=() if family == "llama" else ("lm_head",))
+    rep = res.report
+    # every weight matmul is rewritten except the skipped lm_head (tied to the embedding in OPT/GPT-2)
+    n_linear = {"llama": 2 * 7 + 1, "opt": 2 * 6, "gpt2": 2 * 4}[family]
+    assert len(rep.rewritten) == n_linear
+    assert all(r.reason == "skipped by pattern" for r in rep.kept)
+    b, a = rep.weight_bytes()
+    assert a < b
+    # reference: the same ONNX file with each rewritten weight replaced by Σ α_b B_b (+ z)
+    model = onnx.load(path)
+    name_weights(model)
+    replaced = 0
+    for init in model.graph.initializer:
+        if init.name in rep.dequantized:
+            assert tuple(init.dims) == rep.dequantized[init.name].shape
+            init.CopyFrom(numpy_helper.from_array(rep.dequantized[init.name].astype(np.float32), init.name))
+            replaced += 1
+    assert replaced == len(rep.rewritten)
+    sess = shiftadd.load(res.so)
+    ids, mask = ragged_batch(bits, 2, 9)
+    ours = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    ref = ort_logits(model, ids, mask)
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    # and the rewrite really changed the model (the float model differs)
+    assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3
+
+
+def test_fresh_process_run_and_generate(tiny_onnx, tmp_path):
+    path = tiny_onnx("llama")
+    res = shiftadd.compile(path, tmp_path / "m.so", bits=3, group=32)
+    manifest = res.manifest
+    assert manifest["quant"]["bits"] == 3 and manifest["quant"]["group"] == 32
+    assert manifest["tvm_version"] and manifest["target"]["kind"] == "llvm" and manifest["files"]
+    sess = shiftadd.load(res.so)
+    gen = sess.generate([1, 2, 3], max_new_tokens=5)
+    # greedy decoding by hand with the same session
+    ids = [1, 2, 3]
+    for _ in range(5):
+        ids.append(int(np.argmax(sess.logits(np.array(ids))[0, -1])))
+    assert gen["new_ids"] == ids[3:]
+    out = subprocess.run([sys.executable, "-m", "shiftadd.cli", "run", str(res.so), "--ids", "1 2 3",
+                          "--max-new-tokens", "5", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "new ids: " + " ".join(map(str, gen["new_ids"])) in out.stderr
+
+
+def test_inputs_metadata_and_bad_feeds(tiny_onnx, tmp_path):
+    res = shiftadd.compile(tiny_onnx("gpt2"), tmp_path / "m.so", bits=2, group=16)
+    sess = shiftadd.load(res.so)
+    assert [i.name for i in sess.inputs] == ["input_ids", "attention_mask"]
+    assert sess.inputs[0].type == "int64" and len(sess.inputs[0].shape) == 2
+    ids, mask = ragged_batch()
+    with pytest.raises(TypeError, match="input 'input_ids': expected dtype int64"):
+        sess.run(None, {"input_ids": ids.astype(np.int32), "attention_mask": mask})
+    with pytest.raises(ValueError, match="expected rank 2"):
+        sess.run(None, {"input_ids": ids[0], "attention_mask": mask})
+    with pytest.raises(ValueError, match="missing input 'attention_mask'"):
+        sess.run(None, {"input_ids": ids})
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+        sess.run(None, {"input_ids": ids + 1000, "attention_mask": mask})
+    with pytest.raises(ValueError, match="unknown output"):
+        sess.run(["nope"], {"input_ids": ids, "attention_mask": mask})

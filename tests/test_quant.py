@@ -1,0 +1,80 @@
+"""BCQ + APoT math against direct numpy checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from shiftadd.quant import BCQConfig, apot_decompose, apot_round, quantize_matrix
+
+
+def test_apot_is_a_sum_of_signed_powers_of_two():
+    a = torch.tensor([0.3, -0.7, 1e-3, 5.25, 0.0, -2.0 ** -9, 0.123456], dtype=torch.float64)
+    for terms in (1, 2, 3):
+        r = apot_round(a, terms)
+        signs, exps = apot_decompose(a, terms)
+        rebuilt = (signs.double() * torch.exp2(exps.double())).sum(-1)
+        assert torch.equal(rebuilt, r)
+        assert (signs != 0).sum(-1).max() <= terms
+    assert torch.equal(apot_round(torch.tensor([0.25, -4.0, 0.0]), 3), torch.tensor([0.25, -4.0, 0.0], dtype=torch.float64))
+
+
+def test_apot_error_shrinks_with_terms_and_keeps_negative_terms():
+    a = torch.linspace(0.01, 3, 997, dtype=torch.float64)
+    errs = [float(((apot_round(a, t) - a).abs() / a).max()) for t in (1, 2, 3)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 0.07
+    signs, _ = apot_decompose(torch.tensor([0.7]), 3)  # 0.7 = 2^0 - 2^-2 - 2^-5 ...: a negative term
+    assert (signs == -1).any()
+
+
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bcq_structure_and_error(bits, offset):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((23, 72)).astype(np.float32)  # 72 = one group of 64 + a ragged one of 8
+    bw = quantize_matrix(w, BCQConfig(bits=bits, group=64, offset=offset))
+    assert bw.signs.shape == (bits, 23, 72) and bw.alpha.shape == (bits, 23, 2)
+    deq = bw.dequantize()
+    # every group holds at most 2^q distinct values: z + Σ ±α_b
+    for n in range(23):
+        for g0, g1 in ((0, 64), (64, 72)):
+            assert len(np.unique(deq[n, g0:g1])) <= 2**bits
+    # reconstruction is exactly Σ α_b (2B_b - 1) (+ z), recomputed here independently
+    b = np.where(bw.signs, 1.0, -1.0)
+    a = np.concatenate([np.repeat(bw.alpha[:, :, :1], 64, 2), np.repeat(bw.alpha[:, :, 1:], 8, 2)], 2)
+    ref = (a * b).sum(0) + (np.concatenate([np.repeat(bw.offset[:, :1], 64, 1), np.repeat(bw.offset[:, 1:], 8, 1)], 1)
+                            if offset else 0)
+    np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-6)
+    rel = np.linalg.norm(deq - w) / np.linalg.norm(w)
+    assert rel < {2: 0.45, 3: 0.25, 4: 0.13}[bits]
+
+
+def test_more_bits_less_error_and_refinement_helps():
+    w = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    errs = [np.linalg.norm(quantize_matrix(w, BCQConfig(bits=b, group=32)).dequantize() - w) for b in (2, 3, 4)]
+    assert errs[0] > errs[1] > errs[2]
+    e0 = np.linalg.norm(quantize_matrix(w, BCQConfig(bits=3, group=32, rounds=0, offset=False)).dequantize() - w)
+    e6 = np.linalg.norm(quantize_matrix(w, BCQConfig(bits=3, group=32, rounds=6, offset=False)).dequantize() - w)
+    assert e6 < e0
+
+
+def test_deterministic():
+    w = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32)
+    a = quantize_matrix(w, BCQConfig(bits=3, group=32))
+    b = quantize_matrix(w, BCQConfig(bits=3, group=32))
+    assert np.array_equal(a.signs, b.signs) and np.array_equal(a.alpha, b.alpha) and np.array_equal(a.offset, b.offset)
+
+
+@pytest.mark.parametrize("kw, msg", [({"bits": 5}, "bits must be one of"), ({"bits": 1}, "bits must be one of"),
+                                     ({"group": 7}, "multiple of 4"), ({"group": 0}, "multiple of 4"),
+                                     ({"apot_terms": 0}, "apot_terms"), ({"rounds": -1}, "rounds")])
+def test_bad_config(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        BCQConfig(**kw)
+
+
+def test_bad_matrix():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_matrix(np.zeros((3,), np.float32), BCQConfig())
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_matrix(np.full((4, 8), np.nan, np.float32), BCQConfig(group=4))
