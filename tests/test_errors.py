@@ -1,0 +1,113 @@
+"""Bad input gets one clear error naming the cause; an interrupted compile leaves nothing behind."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import shiftadd
+from shiftadd.artifact import ArtifactError
+from shiftadd.frontend import ONNXImportError
+
+
+def _det_model(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    g = helper.make_graph([helper.make_node("Det", ["x"], ["y"], name="the_det")], "g", [x], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "shiftadd.cli", *args], capture_output=True, text=True, timeout=600)
+    return r.returncode, r.stderr.strip()
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ONNX file not found: .*nope.onnx"):
+        shiftadd.compile(str(tmp_path / "nope.onnx"), tmp_path / "o.so")
+    code, err = _cli("compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.so"))
+    assert code == 2 and err.count("\n") == 0 and "ONNX file not found" in err
+
+
+def test_not_onnx(tmp_path):
+    p = tmp_path / "text.onnx"
+    p.write_text("this is not a protobuf\n" * 10)
+    with pytest.raises(ONNXImportError, match=r"text.onnx: not (a readable|an) ONNX model"):
+        shiftadd.compile(str(p), tmp_path / "o.so")
+
+
+def test_truncated_onnx(tiny_onnx, tmp_path):
+    data = open(tiny_onnx("opt"), "rb").read()
+    p = tmp_path / "cut.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ONNXImportError, match="cut.onnx"):
+        shiftadd.compile(str(p), tmp_path / "o.so")
+    code, err = _cli("compile", str(p), "-o", str(tmp_path / "o.so"))
+    assert code == 2 and "cut.onnx" in err and err.count("\n") == 0
+
+
+def test_unsupported_op(tmp_path):
+    p = tmp_path / "det.onnx"
+    _det_model(str(p))
+    with pytest.raises(ONNXImportError, match="ONNX op 'Det' at node 'the_det' is not supported"):
+        shiftadd.compile(str(p), tmp_path / "o.so")
+
+
+@pytest.mark.parametrize("kw, msg", [({"bits": 5}, "bits must be one of"), ({"group": 7}, "multiple of 4"),
+                                     ({"group": 100}, None), ({"target": "cuda"}, "unknown target")])
+def test_bad_options(kw, msg, tiny_onnx, tmp_path):
+    if msg is None:  # group 100 is a multiple of 4: the last group of each row is just shorter
+        res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
+        assert res.manifest["quant"]["group"] == 100
+        return
+    with pytest.raises(ValueError, match=msg):
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_output_name(tiny_onnx, tmp_path):
+    with pytest.raises(ArtifactError, match="must end in .so"):
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "model.bin")
+
+
+def test_interrupted_compile_leaves_nothing(tiny_onnx, tmp_path, monkeypatch):
+    import shiftadd.compiler as C
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C.ArtifactWriter, "commit", boom)
+    with pytest.raises(KeyboardInterrupt):
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_artifact_is_refused(tiny_onnx, tmp_path):
+    res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", bits=2, group=16)
+    params = tmp_path / "o.params"
+    blob = bytearray(params.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    params.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="o.params does not match its SHA-256"):
+        shiftadd.load(res.so)
+    os.remove(tmp_path / "o.json")
+    with pytest.raises(ArtifactError, match="manifest o.json is missing"):
+        shiftadd.load(res.so)
+    with pytest.raises(FileNotFoundError, match="artifact not found"):
+        shiftadd.load(tmp_path / "other.so")
+
+
+def test_model_without_weight_matmuls(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    p = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    res = shiftadd.compile(str(p), tmp_path / "r.so")
+    assert res.report.layers == []
+    out = shiftadd.load(res.so).run(None, {"x": np.array([[-1, 2, -3, 4]], np.float32)})[0]
+    np.testing.assert_array_equal(out, [[0, 2, 0, 4]])
