@@ -62,11 +62,11 @@ def build(mod, target):
 
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 128, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
-            keep_dequantized: bool = False, offset: bool = True, tokenizer: str | None = None) -> CompileResult:
+            keep_dequantized: bool = False, offset: bool = True, tokenizer=None) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
-    (a model id/path or 'smollm2') stores that tokenizer with an ONNX input, for text prompts.
+    (a model id/path, 'smollm2', or a loaded tokenizer) is stored with an ONNX input, for text prompts.
     """
     import tvm
 
@@ -82,7 +82,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 1
     if _is_onnx(model):
         imported = import_onnx(model)
         model_name = Path(model).stem
-        if tokenizer is not None:
+        if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 
             from .frontend import resolve_model

@@ -96,16 +96,32 @@ def _sign_patterns(q: int) -> torch.Tensor:
 
 
 def _best_codes(v: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """Optimal B (±1, [R, q, G]) for fixed α ([R, q]): nearest codeword Σ ±α_b for every element,
-    by binary search of the element among the sorted midpoints of the 2^q candidates of its group."""
+    """Optimal B (±1, [R, q, G]) for fixed α ([R, q], sorted descending, >= 0): the nearest codeword
+    Σ ±α_b for every element.
+
+    When α is super-increasing (α_b >= Σ_{c>b} α_c, true of the uniform grid and of most fitted
+    groups) the codewords are ordered like binary numbers and the sign-by-sign greedy choice is the
+    nearest one: q cheap passes. Other groups use a binary search among the sorted midpoints of their
+    2^q candidates.
+    """
     q = alpha.shape[1]
-    cand = alpha @ patterns.T  # [R, 2^q]
-    cand, order = torch.sort(cand, dim=1)
-    mids = 0.5 * (cand[:, 1:] + cand[:, :-1]).contiguous()
-    rank = torch.searchsorted(mids, v)  # [R, G] in [0, 2^q)
-    pat = torch.gather(order, 1, rank)
-    shifts = torch.arange(q - 1, -1, -1, dtype=pat.dtype).view(1, q, 1)
-    return ((pat.unsqueeze(1) >> shifts) & 1).to(torch.float32) * 2 - 1  # pattern bit b is plane b
+    b = torch.empty((v.shape[0], q, v.shape[1]), dtype=torch.float32)
+    r = v.clone()
+    for i in range(q):
+        s = torch.where(r >= 0, 1.0, -1.0)
+        b[:, i] = s
+        r -= alpha[:, i : i + 1] * s
+    tail = torch.flip(torch.cumsum(torch.flip(alpha, [1]), 1), [1])  # Σ_{c>=b} α_c
+    superinc = (alpha[:, :-1] >= tail[:, 1:]).all(1)
+    rest = torch.nonzero(~superinc).squeeze(1)
+    if rest.numel():
+        a, vv = alpha[rest], v[rest]
+        cand, order = torch.sort(a @ patterns.T, dim=1)
+        mids = 0.5 * (cand[:, 1:] + cand[:, :-1]).contiguous()
+        pat = torch.gather(order, 1, torch.searchsorted(mids, vv.contiguous()))
+        shifts = torch.arange(q - 1, -1, -1, dtype=pat.dtype).view(1, q, 1)
+        b[rest] = ((pat.unsqueeze(1) >> shifts) & 1).to(torch.float32) * 2 - 1  # pattern bit b is plane b
+    return b
 
 
 def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
@@ -139,11 +155,17 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
     best_a, best_b, best_z = alpha, b, z
     vd = v.to(torch.float64)
     for _ in range(rounds):
-        bd = b.to(torch.float64)
-        if offset:  # least squares for [α, z] jointly: design columns B_1..B_q and ones
-            bd = torch.cat([bd, torch.ones_like(bd[:, :1])], 1)
-        gram = bd @ bd.transpose(1, 2) + torch.eye(bd.shape[1], dtype=torch.float64) * 1e-9
-        sol = torch.linalg.solve(gram, torch.einsum("rqg,rg->rq", bd, vd).unsqueeze(-1)).squeeze(-1)
+        # least squares for α (and z jointly: design columns B_1..B_q and ones). Entries are ±1, so
+        # the Gram matrix is exact in float32; the small solve runs in float64.
+        gram = (b @ b.transpose(1, 2)).to(torch.float64)
+        rhs = torch.einsum("rqg,rg->rq", b, v).to(torch.float64)
+        if offset:
+            bsum = b.sum(2).to(torch.float64)
+            gram = torch.cat([torch.cat([gram, bsum[:, :, None]], 2),
+                              torch.cat([bsum, torch.full_like(bsum[:, :1], v.shape[1])], 1)[:, None, :]], 1)
+            rhs = torch.cat([rhs, vd.sum(1, keepdim=True)], 1)
+        gram = gram + torch.eye(gram.shape[1], dtype=torch.float64) * 1e-9
+        sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
         sol = torch.nan_to_num(sol)
         a, _ = torch.sort(sol[:, :q].abs(), dim=1, descending=True)
         alpha = apot_round(a, terms).to(torch.float32)
@@ -153,11 +175,9 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
         better = err < best_err
         if not bool(better.any()):
             break
-        best_err = torch.where(better, err, best_err)
-        best_a = torch.where(better[:, None], alpha, best_a)
-        best_b = torch.where(better[:, None, None], b, best_b)
-        best_z = torch.where(better, z, best_z)
-        alpha, b, z = best_a, best_b, best_z
+        idx = torch.nonzero(better).squeeze(1)  # keep each group's best state (in place: no full copies)
+        best_err[idx], best_a[idx], best_b[idx], best_z[idx] = err[idx], alpha[idx], b[idx], z[idx]
+        alpha, b, z = best_a.clone(), best_b, best_z.clone()
     return best_a, best_b, best_z
 
 

