@@ -18,7 +18,9 @@ def _cmd_compile(a) -> int:
             from pathlib import Path
 
             Path(a.report).write_text(res.report.table() + "\n")
-            print(f"per-layer report: {a.report}")
+            png = Path(a.report).with_suffix(".png")
+            res.report.plot(png)
+            print(f"per-layer report: {a.report} (plot: {png})")
     print(f"artifact: {res.so}")
     return 0
 

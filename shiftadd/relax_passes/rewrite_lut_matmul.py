@@ -69,6 +69,24 @@ class RewriteReport:
                          f"{r.bytes_before} | {after} |")
         return "\n".join(lines)
 
+    def plot(self, path) -> None:
+        """Bar plot of the relative weight error per rewritten layer (PNG), beside the table."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rewritten
+        fig, ax = plt.subplots(figsize=(max(6, 0.06 * len(rows) + 2), 3.2))
+        ax.bar(range(len(rows)), [r.rel_error for r in rows], width=0.8)
+        ax.set_xlabel("rewritten matmul (model order)")
+        ax.set_ylabel("relative weight error")
+        bits = sorted({r.bits for r in rows})
+        ax.set_title(f"BCQ {'/'.join(map(str, bits))}-bit: ||W - W_hat|| / ||W|| per layer")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
     def summary(self) -> str:
         b, a = self.weight_bytes()
         return (f"matmuls rewritten: {len(self.rewritten)}, left alone: {len(self.kept)}"
@@ -100,7 +118,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.n_const = 0
         self.done = 0
-        self.total = 0
+        self.progress = None
 
     # -- matching -------------------------------------------------------------------------------
     def _resolve(self, expr):
@@ -193,7 +211,9 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m_expr, k])))
         y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
-        log(f"rewrote {self.done}: {name} [{k} -> {n}] {bw.bits} bits, group {bw.group}, rel. error {rep.rel_error:.4f}")
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix_str(f"{name} rel.err {rep.rel_error:.3f}", refresh=False)
         if len(xs) == 2:
             return y2
         y2 = self.builder_.emit(y2)
@@ -211,8 +231,14 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     """
     func = mod[func_name]
     report = RewriteReport()
+    from tqdm import tqdm
+
+    from .. import util
+
     rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report)
-    new_func = rw.visit_expr(func)
+    with tqdm(desc=f"BCQ {cfg.bits}-bit", unit="matmul", disable=util.QUIET, leave=False) as bar:
+        rw.progress = bar
+        new_func = rw.visit_expr(func)
     new_func = relax.Function(list(new_func.params) + [v for v, _ in rw.new_params], new_func.body,
                               new_func.ret_ty, new_func.is_pure, new_func.attrs)
     rw.builder_.update_func(rw.builder_.get().get_global_var(func_name), new_func)
