@@ -60,7 +60,7 @@ def build(mod, target):
     return tvm.compile(mod, target, relax_pipeline=None)
 
 
-def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 128, apot_terms: int = 3,
+def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).

@@ -22,8 +22,12 @@ def _det_model(path):
 
 
 def _cli(*args):
+    """(exit code, the error line). Progress lines may precede the error; it must be the last line,
+    a single one, with no traceback."""
     r = subprocess.run([sys.executable, "-m", "shiftadd.cli", *args], capture_output=True, text=True, timeout=600)
-    return r.returncode, r.stderr.strip()
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[shiftadd ")]
+    return r.returncode, "\n".join(lines)
 
 
 def test_missing_path(tmp_path):
@@ -50,6 +54,14 @@ def test_truncated_onnx(tiny_onnx, tmp_path):
     assert code == 2 and "cut.onnx" in err and err.count("\n") == 0
 
 
+def test_group_error_is_one_cli_line(tiny_onnx, tmp_path):
+    code, err = _cli("compile", tiny_onnx("opt"), "-o", str(tmp_path / "o.so"), "--group", "100")
+    assert code == 2 and err.count("\n") == 0 and "divides none" in err, err
+    code, err = _cli("compile", tiny_onnx("opt"), "-o", str(tmp_path / "o.so"), "--bits", "5")
+    assert code == 2 and err.count("\n") == 0 and "bits must be one of (2, 3, 4), got 5" in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_unsupported_op(tmp_path):
     p = tmp_path / "det.onnx"
     _det_model(str(p))
@@ -58,11 +70,12 @@ def test_unsupported_op(tmp_path):
 
 
 @pytest.mark.parametrize("kw, msg", [({"bits": 5}, "bits must be one of"), ({"group": 7}, "multiple of 4"),
-                                     ({"group": 100}, None), ({"target": "cuda"}, "unknown target")])
+                                     ({"group": 100}, r"group size 100 divides none of the matmul input sizes \[64, 96\]"),
+                                     ({"group": 48}, None), ({"target": "cuda"}, "unknown target")])
 def test_bad_options(kw, msg, tiny_onnx, tmp_path):
-    if msg is None:  # group 100 is a multiple of 4: the last group of each row is just shorter
+    if msg is None:  # 48 divides 96 (fc2) but not 64: those rows get a shorter last group
         res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
-        assert res.manifest["quant"]["group"] == 100
+        assert res.manifest["quant"]["group"] == 48
         return
     with pytest.raises(ValueError, match=msg):
         shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)

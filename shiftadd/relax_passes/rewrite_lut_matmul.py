@@ -10,6 +10,7 @@ back. The replaced weight parameter is dropped if nothing else uses it.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -220,6 +221,52 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         return relax.op.reshape(y2, relax.ShapeExpr(lead + [n]))
 
 
+def _weight_matmul_ks(func, params, skip) -> list[int]:
+    """Input sizes K of the weight matmuls the rewrite would touch (a cheap scan, before quantizing)."""
+    bound = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                bound[b.var] = b.value
+    pats = [re.compile(p) for p in skip]
+
+    def resolve(e):
+        while isinstance(e, relax.Var) and e in bound:
+            e = bound[e]
+        return e
+
+    ks = []
+    for value in bound.values():
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.matmul"):
+            continue
+        rhs, transposed = resolve(value.args[1]), False
+        if isinstance(rhs, relax.Call) and isinstance(rhs.op, tvm.ir.Op) and rhs.op.name == "relax.permute_dims":
+            rhs, transposed = resolve(rhs.args[0]), True
+        if isinstance(rhs, relax.Var) and rhs.name in params:
+            name, shape = rhs.name, params[rhs.name].shape
+        elif isinstance(rhs, GenericConst):
+            name, shape = "", tuple(int(d) for d in rhs.value.shape)
+        else:
+            continue
+        if len(shape) == 2 and not any(p.search(name) for p in pats):
+            ks.append(int(shape[1] if transposed else shape[0]))
+    return ks
+
+
+def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
+    """A group size must divide the input size of at least one rewritten matmul (others get a shorter
+    last group); one that divides none is almost certainly a mistake."""
+    if cfg.group == -1 or not ks or any(k % cfg.group == 0 for k in ks):
+        return
+    g = 0
+    for k in ks:
+        g = math.gcd(g, k)
+    good = [d for d in range(4, min(g, 256) + 1, 4) if g % d == 0]
+    hint = f"e.g. {', '.join(map(str, good[-3:]))}, " if good else ""
+    raise ValueError(f"group size {cfg.group} divides none of the matmul input sizes {sorted(set(ks))}; "
+                     f"choose a multiple of 4 that divides them ({hint}or -1 for one group per row)")
+
+
 def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
                        skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
                        keep_dequantized: bool = False, func_name: str = "main"):
@@ -230,6 +277,7 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     ``skip`` holds regular expressions matched against weight names.
     """
     func = mod[func_name]
+    _check_group(cfg, _weight_matmul_ks(func, params, skip))
     report = RewriteReport()
     from tqdm import tqdm
 
