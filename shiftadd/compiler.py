@@ -78,7 +78,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     paths(output)  # validates the output name before any work
     cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset)  # validates
     tgt = resolve_target(target)
-    tokenizer, source = None, str(model)
+    source = str(model)
     if _is_onnx(model):
         imported = import_onnx(model)
         model_name = Path(model).stem

@@ -87,6 +87,22 @@ def test_fresh_process_run_and_generate(tiny_onnx, tmp_path):
     assert "new ids: " + " ".join(map(str, gen["new_ids"])) in out.stderr
 
 
+def test_onnx_input_with_stored_tokenizer(tiny_onnx, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(96)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w1")
+    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "m.so", bits=4, group=36, tokenizer=tok)
+    sess = shiftadd.load(res.so)
+    gen = sess.generate("w5 w7 w9", max_new_tokens=4)
+    assert gen["prompt_ids"] == [5, 7, 9]
+    assert gen["new_ids"] == shiftadd.load(res.so).generate([5, 7, 9], max_new_tokens=4)["new_ids"]
+    assert gen["text"] == tok.decode(gen["new_ids"], skip_special_tokens=True)
+
+
 def test_inputs_metadata_and_bad_feeds(tiny_onnx, tmp_path):
     res = shiftadd.compile(tiny_onnx("gpt2"), tmp_path / "m.so", bits=2, group=16)
     sess = shiftadd.load(res.so)
