@@ -304,6 +304,6 @@ def _drop_unused_params(mod, func_name, values):
     used = {v.name for v in relax.analysis.free_vars(func.body)}
     keep = list(func.params[:n_in]) + [v for v in func.params[n_in:] if v.name in used]
     new = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
-    mod = mod.functions_items() and tvm.IRModule({**{gv: f for gv, f in mod.functions_items()}})
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     mod[func_name] = new
     return mod, {v.name: values[v.name] for v in keep[n_in:]}
