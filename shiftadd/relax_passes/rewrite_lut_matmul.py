@@ -261,10 +261,12 @@ def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
     g = 0
     for k in ks:
         g = math.gcd(g, k)
-    good = [d for d in range(4, min(g, 256) + 1, 4) if g % d == 0]
-    hint = f"e.g. {', '.join(map(str, good[-3:]))}, " if good else ""
+    common = [d for d in range(4, min(g, 256) + 1, 4) if g % d == 0]
+    some = [d for d in range(4, 257, 4) if any(k % d == 0 for k in ks)]
+    good = sorted(set(common[-2:] + some[-3:]))
+    hint = f"e.g. {', '.join(map(str, good))}, " if good else ""
     raise ValueError(f"group size {cfg.group} divides none of the matmul input sizes {sorted(set(ks))}; "
-                     f"choose a multiple of 4 that divides them ({hint}or -1 for one group per row)")
+                     f"choose a multiple of 4 that divides some of them ({hint}or -1 for one group per row)")
 
 
 def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
