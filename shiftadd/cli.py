@@ -33,10 +33,15 @@ def _cmd_run(a) -> int:
         prompt = [int(t) for t in a.ids.replace(",", " ").split()]
     else:
         prompt = a.prompt
-    if not a.quiet:
-        print(prompt if isinstance(prompt, str) else " ".join(map(str, prompt)), end="", flush=True)
-    res = sess.generate(prompt, max_new_tokens=a.max_new_tokens,
-                        stream=None if a.quiet else (lambda piece: print(piece, end="", flush=True)))
+    shown = []
+
+    def stream(piece: str) -> None:  # echo the prompt once the first token exists (inputs were valid)
+        if not shown:
+            print(prompt if isinstance(prompt, str) else " ".join(map(str, prompt)), end="")
+            shown.append(True)
+        print(piece, end="", flush=True)
+
+    res = sess.generate(prompt, max_new_tokens=a.max_new_tokens, stream=None if a.quiet else stream)
     print()
     n = len(res["new_ids"])
     print(f"[{n} tokens in {res['seconds']:.2f}s, {n / max(res['seconds'], 1e-9):.2f} tokens/s; "
