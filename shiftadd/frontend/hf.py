@@ -72,34 +72,31 @@ def load_hf_model(spec: str):
     return model, tok, src
 
 
-class _CausalLMForExport:
-    """Builds the wrapper module lazily so importing this file does not import torch."""
+def _export_wrapper(model):
+    """``(input_ids, attention_mask) -> logits`` around ``model`` (torch is imported lazily)."""
+    import torch
 
-    @staticmethod
-    def make(model):
-        import torch
+    class CausalLMWrapper(torch.nn.Module):
+        """Builds the 4-D additive mask and position ids from shape-preserving ops (cumsum, compare,
+        multiply), not with transformers' mask utilities: their Range/Expand/Where chains lose static
+        ranks in TVM's ONNX importer. Positions come from the mask (left padding), as ``generate()``
+        does."""
 
-        class CausalLMWrapper(torch.nn.Module):
-            """``(input_ids, attention_mask) -> logits`` with the 4-D additive mask and position ids built
-            here from shape-preserving ops (cumsum, compare, multiply), not by transformers' mask
-            utilities: their Range/Expand/Where chains lose static ranks in TVM's ONNX importer.
-            Positions come from the mask (left padding), as ``generate()`` does."""
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids, attention_mask):
+            pos = torch.cumsum(torch.ones_like(input_ids[0]), 0)
+            causal = (pos[None, :] <= pos[:, None]).to(torch.float32)
+            keep = causal[None, None, :, :] * (attention_mask[:, None, None, :] > 0).to(torch.float32)
+            mask4 = (1.0 - keep) * torch.finfo(torch.float32).min
+            position_ids = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)
+            out = self.m(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
+                         use_cache=False, return_dict=False)
+            return out[0]
 
-            def forward(self, input_ids, attention_mask):
-                pos = torch.cumsum(torch.ones_like(input_ids[0]), 0)
-                causal = (pos[None, :] <= pos[:, None]).to(torch.float32)
-                keep = causal[None, None, :, :] * (attention_mask[:, None, None, :] > 0).to(torch.float32)
-                mask4 = (1.0 - keep) * torch.finfo(torch.float32).min
-                position_ids = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)
-                out = self.m(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
-                             use_cache=False, return_dict=False)
-                return out[0]
-
-        return CausalLMWrapper(model).eval()
+    return CausalLMWrapper(model).eval()  # eval(): export restores the wrapper's training flag after
 
 
 def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
@@ -110,7 +107,7 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
     import torch
 
     path = Path(path)
-    wrapper = _CausalLMForExport.make(model)
+    wrapper = _export_wrapper(model)
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (2, 8))
     mask = torch.ones_like(ids)
