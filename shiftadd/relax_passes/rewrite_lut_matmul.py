@@ -102,6 +102,25 @@ def _shape(expr) -> list | None:
     return list(ty.shape.values)
 
 
+def _is_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def match_weight_operand(call, resolve):
+    """For ``R.matmul(x, W)`` or ``R.matmul(x, R.permute_dims(W, [1, 0]))``: (W, transposed), with
+    ``resolve`` following variable bindings; None for any other call. W may be anything: the caller
+    decides whether it is a known weight."""
+    if not _is_op(call, "relax.matmul"):
+        return None
+    rhs = resolve(call.args[1])
+    if not _is_op(rhs, "relax.permute_dims"):
+        return rhs, False
+    axes = rhs.attrs.axes
+    if axes is not None and [int(a) for a in axes] != [1, 0]:
+        return None
+    return resolve(rhs.args[0]), True
+
+
 @relax.expr_functor.mutator
 class _LutMatmulRewriter(relax.PyExprMutator):
     def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report):
@@ -123,9 +142,9 @@ class _LutMatmulRewriter(relax.PyExprMutator):
 
     # -- matching -------------------------------------------------------------------------------
     def _resolve(self, expr):
-        while isinstance(expr, relax.Var) and not any(expr.same_as(v) for v in self.weight_vars.values()):
+        while isinstance(expr, relax.Var):
             bound = self.lookup_binding(expr)
-            if bound is None:
+            if bound is None:  # a function parameter (weights included)
                 break
             expr = bound
         return expr
@@ -144,22 +163,11 @@ class _LutMatmulRewriter(relax.PyExprMutator):
 
     def _match(self, call):
         """(name, W [N, K] float32, transposed) for a weight matmul, else None."""
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
+        m = match_weight_operand(call, self._resolve)
+        w = self._weight(m[0]) if m is not None else None
+        if w is None or w[1].ndim != 2:
             return None
-        rhs = self._resolve(call.args[1])
-        transposed = False
-        if isinstance(rhs, relax.Call) and isinstance(rhs.op, tvm.ir.Op) and rhs.op.name == "relax.permute_dims":
-            axes = rhs.attrs.axes
-            if axes is not None and [int(a) for a in axes] != [1, 0]:
-                return None
-            rhs = self._resolve(rhs.args[0])
-            transposed = True
-        w = self._weight(rhs)
-        if w is None:
-            return None
-        name, value = w
-        if value.ndim != 2:
-            return None
+        (name, value), transposed = w, m[1]
         mat = value if transposed else value.T  # -> [N, K]
         return name, np.ascontiguousarray(mat, dtype=np.float32), transposed
 
@@ -237,11 +245,10 @@ def _weight_matmul_ks(func, params, skip) -> list[int]:
 
     ks = []
     for value in bound.values():
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.matmul"):
+        m = match_weight_operand(value, resolve)
+        if m is None:
             continue
-        rhs, transposed = resolve(value.args[1]), False
-        if isinstance(rhs, relax.Call) and isinstance(rhs.op, tvm.ir.Op) and rhs.op.name == "relax.permute_dims":
-            rhs, transposed = resolve(rhs.args[0]), True
+        rhs, transposed = m
         if isinstance(rhs, relax.Var) and rhs.name in params:
             name, shape = rhs.name, params[rhs.name].shape
         elif isinstance(rhs, GenericConst):
