@@ -9,10 +9,10 @@ of a matrix in torch, so a 135M-parameter model quantizes in well under a minute
 
 With ``offset`` (default) a per-group offset z joins the fit (``W ≈ z + Σ α_b B_b``, LUT-GEMM's
 form) and the init is the uniform grid of asymmetric round-to-nearest with a level at exactly 0.
-Measured on SmolLM2-135M (6 held-out wiki windows, float perplexity 17.7, group 64): the authors'
-greedy init without offset gives 1250 (3 bits) / 106 (4 bits) before refinement and 147 / 27.7
-after; the zero-aligned grid with offset gives 65.7 / 23.6 before and 50.1 / 20.5 after, better
-than plain asymmetric RTN (66.3 / 23.7). The symmetric codebook without a level at 0 turns the
+Measured on SmolLM2-135M (bench/quality_weight_only.py, 6 held-out wiki windows, float perplexity
+17.7, group 64): the authors' symmetric BCQ with greedy init gives 1249 (3 bits) / 55.8 (4 bits);
+with offset and the zero-aligned grid init, 50.4 / 20.9, better than plain asymmetric RTN
+(66.3 / 23.7). The symmetric codebook without a level at 0 turns the
 many near-zero weights of outlier-heavy groups into ±step/2 noise.
 """
 
