@@ -1,0 +1,44 @@
+"""Error feedback (GPTQ-style) lowers the output error against weight-only BCQ on correlated inputs."""
+
+import numpy as np
+import pytest
+
+from shiftadd.quant import BCQConfig, quantize_matrix
+from shiftadd.quant.gptq import quantize_matrix_gptq
+
+
+def _correlated(k, samples, seed):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.diag(rng.uniform(0.1, 3.0, k))
+    return mix @ rng.standard_normal((k, samples))  # [K, samples], strongly correlated channels
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_error_feedback_lowers_output_error(bits, act_order):
+    rng = np.random.default_rng(bits)
+    n, k = 48, 96
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = _correlated(k, 4000, bits)
+    h = x @ x.T / x.shape[1]
+    cfg = BCQConfig(bits=bits, group=32)
+    plain = quantize_matrix(w, cfg)
+    fed = quantize_matrix_gptq(w, h, cfg, act_order=act_order, block=40)  # block 40: lazy updates cross blocks
+    out_plain = np.linalg.norm((w - plain.dequantize()) @ x)
+    out_fed = np.linalg.norm((w - fed.dequantize()) @ x)
+    assert out_fed < 0.95 * out_plain  # measured ratios: 0.79-0.87 with act-order, 0.86-0.92 without
+    # same static codebooks: only the codes changed, so the kernel layout is untouched
+    assert np.array_equal(fed.alpha, plain.alpha) and np.array_equal(fed.offset, plain.offset)
+
+
+def test_dead_inputs_and_bad_hessian():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    x = _correlated(16, 500, 0)
+    x[3] = 0  # a dead input channel
+    fed = quantize_matrix_gptq(w, x @ x.T / 500, BCQConfig(bits=3, group=8))
+    assert np.isfinite(fed.dequantize()).all()
+    with pytest.raises(ValueError, match=r"hessian must be \[16, 16\]"):
+        quantize_matrix_gptq(w, np.eye(15), BCQConfig(bits=3, group=8))
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_matrix_gptq(w, np.full((16, 16), np.nan), BCQConfig(bits=3, group=8))
