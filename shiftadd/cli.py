@@ -11,7 +11,8 @@ def _cmd_compile(a) -> int:
 
     res = do_compile(a.model, a.output, bits=a.bits, group=a.group, apot_terms=a.apot_terms, rounds=a.rounds,
                      skip=tuple(a.skip), target=a.target, rewrite=not a.no_rewrite,
-                     offset=not a.no_offset, tokenizer=a.tokenizer)
+                     offset=not a.no_offset, tokenizer=a.tokenizer, calib_windows=a.calib,
+                     calib_len=a.calib_len)
     if res.report is not None:
         print(res.report.summary())
         if a.report:
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
     c.add_argument("--target", default="cpu", help="'cpu' or a TVM target JSON dict")
     c.add_argument("--no-rewrite", action="store_true", help="compile the float model unchanged")
     c.add_argument("--no-offset", action="store_true", help="symmetric BCQ without the per-group offset")
+    c.add_argument("--calib", type=int, default=0, metavar="N",
+                   help="fit with error feedback against N windows of the wiki calibration text (default 0: off)")
+    c.add_argument("--calib-len", type=int, default=128, help="tokens per calibration window (default 128)")
     c.add_argument("--tokenizer", help="for an ONNX input: model id/path or 'smollm2' whose tokenizer to store")
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)

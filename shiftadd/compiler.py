@@ -62,10 +62,13 @@ def build(mod, target):
 
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
-            keep_dequantized: bool = False, offset: bool = True, tokenizer=None) -> CompileResult:
+            keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int = 0,
+            calib_len: int = 128) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
-    ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
+    ``calib_windows > 0`` fits every layer with error feedback against the input Hessians collected
+    on that many windows of the packaged wiki text (calibration split; needs a tokenizer), in one pass
+    over the float model. ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
     (a model id/path, 'smollm2', or a loaded tokenizer) is stored with an ONNX input, for text prompts.
     """
     import tvm
@@ -99,8 +102,19 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             imported = import_onnx(onnx_path)
     vocab_size, eos_ids = _vocab_and_eos(imported, tokenizer)
     mod, params, report = imported.mod, imported.params, None
+    hessians = None
+    if rewrite and calib_windows > 0:
+        from .calibrate import collect_hessians
+        from .data import token_windows, wiki_split
+
+        if tokenizer is None:
+            raise ValueError("calibration on text needs a tokenizer (pass tokenizer= for an ONNX input)")
+        ids = token_windows(tokenizer, wiki_split("calib"), calib_len, calib_windows)
+        batches = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
+        hessians, _ = collect_hessians(imported, batches, tgt, skip=tuple(skip))
     if rewrite:
-        mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized)
+        mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
+                                                 hessians=hessians)
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
     ex = build(mod, tgt)
@@ -121,6 +135,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "target": target_dict(tgt),
             "rewrite": rewrite,
             "quant": asdict(cfg) if rewrite else None,
+            "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split"}
+            if hessians else None,
             "skip": list(skip) if rewrite else [],
             "inputs": _input_specs(func),
             "outputs": imported.output_names,

@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.ir import GenericConst
 
 from ..quant import BCQConfig, BCQWeight, quantize_matrix
+from ..quant.gptq import quantize_matrix_gptq
 from ..quant.pack import pack_bcq
 from ..schedules.lut_kernel import DEFAULT_VEC, build_lut_kernel, kernel_name
 from ..util import log
@@ -38,6 +39,7 @@ class LayerReport:
     bytes_after: int = 0
     rel_error: float = float("nan")
     transposed: bool = False  # the stored weight is [N, K] (Gemm transB) rather than [K, N]
+    calibrated: bool = False  # fitted with error feedback against calibration inputs
 
 
 @dataclass
@@ -123,8 +125,9 @@ def match_weight_operand(call, resolve):
 
 @relax.expr_functor.mutator
 class _LutMatmulRewriter(relax.PyExprMutator):
-    def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report):
+    def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians=None):
         super().__init__(mod)
+        self.hessians = hessians or {}
         self.func = func
         self.params = params
         self.cfg = cfg
@@ -200,7 +203,9 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         if xs is None or len(xs) < 1 or not isinstance(xs[-1], tvm.tirx.IntImm) or int(xs[-1]) != k:
             rep.reason = "activation shape unknown or not [..., K]"
             return call
-        bw = quantize_matrix(w, self.cfg)
+        h = self.hessians.get(name)
+        bw = quantize_matrix(w, self.cfg) if h is None else quantize_matrix_gptq(w, h, self.cfg)
+        rep.calibrated = h is not None
         codes, alpha, zoff = pack_bcq(bw, self.vec)
         deq = bw.dequantize()
         rep.status, rep.bits, rep.group = "rewritten", bw.bits, bw.group
@@ -278,12 +283,13 @@ def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
 
 def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
                        skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
-                       keep_dequantized: bool = False, func_name: str = "main"):
+                       keep_dequantized: bool = False, func_name: str = "main", hessians: dict | None = None):
     """Apply the rewrite to ``func_name``. Returns (new module, new params dict, RewriteReport).
 
     ``params`` maps weight parameter names to values; the returned dict drops replaced weights
     that became unused and adds the packed ``.codes``/``.alpha`` arrays, in the new signature order.
-    ``skip`` holds regular expressions matched against weight names.
+    ``skip`` holds regular expressions matched against weight names. ``hessians`` (weight name ->
+    input Hessian, from ``shiftadd.calibrate``) switches those layers to the error-feedback fit.
     """
     func = mod[func_name]
     _check_group(cfg, _weight_matmul_ks(func, params, skip))
@@ -292,7 +298,7 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
 
     from .. import util
 
-    rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report)
+    rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians)
     with tqdm(desc=f"BCQ {cfg.bits}-bit", unit="matmul", disable=util.QUIET, leave=False) as bar:
         rw.progress = bar
         new_func = rw.visit_expr(func)
