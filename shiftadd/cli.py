@@ -12,16 +12,25 @@ def _cmd_compile(a) -> int:
     res = do_compile(a.model, a.output, bits=a.bits, group=a.group, apot_terms=a.apot_terms, rounds=a.rounds,
                      skip=tuple(a.skip), target=a.target, rewrite=not a.no_rewrite,
                      offset=not a.no_offset, tokenizer=a.tokenizer, calib_windows=a.calib,
-                     calib_len=a.calib_len)
+                     calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator)
     if res.report is not None:
         print(res.report.summary())
+        print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
         if a.report:
             from pathlib import Path
 
-            Path(a.report).write_text(res.report.table() + "\n")
-            png = Path(a.report).with_suffix(".png")
-            res.report.plot(png)
-            print(f"per-layer report: {a.report} (plot: {png})")
+            from .util import atomic_path
+
+            md = Path(a.report)
+            md.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(md) as tmp:
+                Path(tmp).write_text(res.report.table() + "\n")
+            res.report.plot(md.with_suffix(".png"))
+            print(f"per-layer report: {md} (plot: {md.with_suffix('.png')})")
+            if res.report.allocation is not None:
+                alloc = md.with_name(md.stem + "-allocation.md")
+                res.report.allocation.write(alloc)
+                print(f"bit allocation: {alloc} (plot: {alloc.with_suffix('.png')})")
     print(f"artifact: {res.so}")
     return 0
 
@@ -51,9 +60,18 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from .evaluate import agreement_report
+    from .perplexity import eval_perplexity
 
-    agreement_report(a.artifact, reference=a.reference, windows=a.windows, window=a.window, out=a.out)
+    row = eval_perplexity(a.artifact, text=a.text, windows=a.windows, window=a.window, out=a.out, label=a.label,
+                          tokenizer=a.tokenizer)
+    bits = "" if row["avg_bits"] is None else f", {row['avg_bits']:.3f} bits/weight"
+    print(f"{row['label']}: perplexity {row['ppl']:.3f} on {row['tokens']} held-out {row['text']} tokens{bits}")
+    if a.agreement:
+        from .evaluate import agreement_report
+
+        if not str(a.artifact).endswith(".so"):
+            raise ValueError("--agreement compares a compiled .so with its float model; got " + str(a.artifact))
+        agreement_report(a.artifact, reference=a.reference, windows=a.windows, window=a.window, out=a.out)
     return 0
 
 
@@ -75,6 +93,12 @@ def main(argv=None) -> int:
     c.add_argument("--calib", type=int, default=0, metavar="N",
                    help="fit with error feedback against N windows of the wiki calibration text (default 0: off)")
     c.add_argument("--calib-len", type=int, default=128, help="tokens per calibration window (default 128)")
+    c.add_argument("--calib-mode", choices=("sequential", "one-pass"), default="sequential",
+                   help="sequential: block by block on the quantized model (default); one-pass: float Hessians, faster")
+    c.add_argument("--avg-bits", type=float, default=None, metavar="B",
+                   help="mixed precision: allocate 2/3/4 bits per layer under this average (e.g. 2.5); overrides --bits")
+    c.add_argument("--allocator", choices=("budget", "ratio"), default="budget",
+                   help="budget: exact knapsack on predicted error (default); ratio: the paper's 80/20-style rule")
     c.add_argument("--tokenizer", help="for an ONNX input: model id/path or 'smollm2' whose tokenizer to store")
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)
@@ -88,12 +112,17 @@ def main(argv=None) -> int:
     r.add_argument("--quiet", action="store_true", help="print only the summary")
     r.set_defaults(fn=_cmd_run)
 
-    e = sub.add_parser("eval", help="top-1 agreement with the float model and perplexity on held-out wiki text")
-    e.add_argument("artifact")
-    e.add_argument("--reference", default=None, help="float model to compare with (default: the artifact's model)")
-    e.add_argument("--windows", type=int, default=8)
-    e.add_argument("--window", type=int, default=128)
-    e.add_argument("--out", default="results", help="folder for the Markdown table")
+    e = sub.add_parser("eval", help="perplexity on held-out text of a compiled .so, an ONNX file (ONNX Runtime) "
+                                    "or a HF model (torch float32); tables and plots under --out")
+    e.add_argument("artifact", metavar="MODEL_OR_SO")
+    e.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (held-out packaged Wikipedia summaries)")
+    e.add_argument("--windows", type=int, default=16, help="non-overlapping windows (default 16)")
+    e.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    e.add_argument("--label", help="row label in the results table (default: the file stem)")
+    e.add_argument("--tokenizer", help="for an ONNX file: model id/path or 'smollm2' whose tokenizer to use")
+    e.add_argument("--agreement", action="store_true", help="also top-1 agreement of the .so with its float model")
+    e.add_argument("--reference", default=None, help="float model for --agreement (default: the artifact's model)")
+    e.add_argument("--out", default="results", help="results folder: perplexity.md/.json/.png (default results/)")
     e.set_defaults(fn=_cmd_eval)
 
     for name, issue in (("tune", "autotuning"), ("bench", "benchmarks: see bench/")):

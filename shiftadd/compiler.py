@@ -63,12 +63,16 @@ def build(mod, target):
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int = 0,
-            calib_len: int = 128) -> CompileResult:
+            calib_len: int = 128, calib_mode: str = "sequential", avg_bits: float | None = None,
+            allocator: str = "budget") -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows > 0`` fits every layer with error feedback against the input Hessians collected
-    on that many windows of the packaged wiki text (calibration split; needs a tokenizer), in one pass
-    over the float model. ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
+    on that many windows of the packaged wiki text (calibration split; needs a tokenizer), block by
+    block on the already-quantized model (``calib_mode='sequential'``) or in one float pass
+    (``'one-pass'``). ``avg_bits`` (e.g. 2.5) allocates 2/3/4 bits per layer under that average
+    (``allocator`` 'budget': exact knapsack on predicted output error; 'ratio': the paper's rule);
+    ``bits`` is then ignored. ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
     (a model id/path, 'smollm2', or a loaded tokenizer) is stored with an ONNX input, for text prompts.
     """
     import tvm
@@ -101,20 +105,23 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             del hf_model
             imported = import_onnx(onnx_path)
     vocab_size, eos_ids = _vocab_and_eos(imported, tokenizer)
-    mod, params, report = imported.mod, imported.params, None
-    hessians = None
-    if rewrite and calib_windows > 0:
-        from .calibrate import collect_hessians
-        from .data import token_windows, wiki_split
-
-        if tokenizer is None:
-            raise ValueError("calibration on text needs a tokenizer (pass tokenizer= for an ONNX input)")
-        ids = token_windows(tokenizer, wiki_split("calib"), calib_len, calib_windows)
-        batches = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
-        hessians, _ = collect_hessians(imported, batches, tgt, skip=tuple(skip))
+    mod, params, report, plan = imported.mod, imported.params, None, None
     if rewrite:
+        from .reparam import plan_fit
+
+        batches = None
+        if calib_windows > 0:
+            from .data import token_windows, wiki_split
+
+            if tokenizer is None:
+                raise ValueError("calibration on text needs a tokenizer (pass tokenizer= for an ONNX input)")
+            ids = token_windows(tokenizer, wiki_split("calib"), calib_len, calib_windows)
+            batches = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
+        plan = plan_fit(imported, cfg, tgt, skip=tuple(skip), batches=batches, mode=calib_mode,
+                        avg_bits=avg_bits, allocator=allocator)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
-                                                 hessians=hessians)
+                                                 fitted=plan.fitted, layer_bits=plan.layer_bits)
+        report.allocation = plan.allocation
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
     ex = build(mod, tgt)
@@ -135,8 +142,10 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "target": target_dict(tgt),
             "rewrite": rewrite,
             "quant": asdict(cfg) if rewrite else None,
-            "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split"}
-            if hessians else None,
+            "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split",
+                            **plan.calibration} if plan and plan.calibration else None,
+            "avg_bits": report.average_bits() if report else None,
+            "allocation": {"budget": avg_bits, "allocator": allocator} if avg_bits is not None and rewrite else None,
             "skip": list(skip) if rewrite else [],
             "inputs": _input_specs(func),
             "outputs": imported.output_names,
@@ -147,6 +156,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "matmuls_rewritten": len(report.rewritten) if report else 0,
             "matmuls_kept": len(report.kept) if report else None,
             "matmul_weight_bytes": {"before": before, "after": after} if report else None,
+            "layers": [{"name": r.name, "k": r.k, "n": r.n, "bits": r.bits, "rel_error": round(r.rel_error, 6),
+                        "bytes": r.bytes_after} for r in report.rewritten] if report else [],
         }
         manifest = w.commit(manifest)
     log(f"wrote {w.paths['so']} (+ .params, .json{', .tokenizer/' if tokenizer else ''}) "

@@ -91,3 +91,93 @@ def test_calibrated_rewrite_is_exact_against_onnxruntime(tiny_onnx):
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": ids, "attention_mask": mask})[0]
     assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_sequential_hessians_see_the_quantized_earlier_blocks(tiny_onnx):
+    """Block 1's Hessians are measured with block 0 already replaced by its fitted weights (checked
+    against torch hooks on a model carrying those weights); block 0's are the float model's."""
+    from shiftadd.calibrate import calibrate
+    from shiftadd.quant import BCQConfig
+    from shiftadd.quant.gptq import quantize_matrix_gptq
+
+    model = _tiny("llama")
+    rng = np.random.default_rng(2)
+    batches = [{"input_ids": rng.integers(0, 96, (1, 10)).astype(np.int64),
+                "attention_mask": np.ones((1, 10), np.int64)} for _ in range(2)]
+    cfg = BCQConfig(bits=2, group=36)
+    cal = calibrate(import_onnx(tiny_onnx("llama")), batches, resolve_target("cpu"), mode="sequential",
+                    fit=lambda name, w, h: quantize_matrix_gptq(w, h, cfg))
+    assert cal.forwards == 2 * 2 and set(cal.fitted) == set(cal.hessians)
+
+    def hooked():
+        seen = {}
+        hooks = [m.register_forward_hook(lambda m, i, o, n=name: seen.setdefault(n + ".weight", []).append(
+            i[0].reshape(-1, i[0].shape[-1]))) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and "lm_head" not in name]
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=torch.from_numpy(b["input_ids"]))
+        for h in hooks:
+            h.remove()
+        return {n: (lambda x: x.T @ x / x.shape[0])(torch.cat(v).double().numpy()) for n, v in seen.items()}
+
+    float_h = hooked()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.0."):
+                m.weight.copy_(torch.from_numpy(cal.fitted[name + ".weight"].dequantize()))
+    quant_h = hooked()
+    for name, h in cal.hessians.items():
+        ref = float_h[name] if name.startswith("model.layers.0.") else quant_h[name]
+        np.testing.assert_allclose(h, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+        if name.startswith("model.layers.1."):
+            assert np.abs(float_h[name] - quant_h[name]).max() > 1e-3 * np.abs(ref).max()  # the check has teeth
+
+
+def test_calibration_input_checks(tiny_onnx):
+    from shiftadd.calibrate import calibrate
+
+    imported = import_onnx(tiny_onnx("llama"))
+    tgt = resolve_target("cpu")
+    ok = {"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64)}
+    with pytest.raises(ValueError, match="expected rank 2"):
+        calibrate(imported, [{**ok, "input_ids": np.zeros(4, np.int64)}], tgt, mode="one-pass")
+    with pytest.raises(ValueError, match="missing input 'attention_mask'"):
+        calibrate(imported, [{"input_ids": ok["input_ids"]}], tgt, mode="one-pass")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        calibrate(imported, [ok], tgt, mode="fast")
+    with pytest.raises(ValueError, match="sequential calibration needs a fit"):
+        calibrate(imported, [ok], tgt, mode="sequential")
+
+
+def test_empty_calibration_text_is_refused():
+    from shiftadd.data import token_windows
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] * len(text.split())}
+
+    with pytest.raises(ValueError, match="text has only 0 tokens"):
+        token_windows(Tok(), [""], 16, 2)
+    with pytest.raises(ValueError, match="need window >= 2 and count >= 1"):
+        token_windows(Tok(), ["a b c"], 16, 0)
+
+
+def test_mixed_bits_follow_the_allocation(tiny_onnx):
+    from shiftadd.quant import BCQConfig
+    from shiftadd.quant.allocate import average_bits
+    from shiftadd.relax_passes import rewrite_lut_matmul
+    from shiftadd.reparam import plan_fit
+
+    imported = import_onnx(tiny_onnx("llama"))
+    rng = np.random.default_rng(4)
+    batches = [{"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64),
+                "attention_mask": np.ones((1, 12), np.int64)} for _ in range(2)]
+    cfg = BCQConfig(bits=3, group=36)
+    plan = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.5)
+    a = plan.allocation
+    assert average_bits(a.costs, a.bits) <= 2.5 and a.predicted_error() <= a.predicted_error(a.alternative) + 1e-12
+    assert len(set(a.bits.values())) > 1
+    _, _, rep = rewrite_lut_matmul(imported.mod, imported.params, cfg, fitted=plan.fitted, layer_bits=plan.layer_bits)
+    assert {r.name: r.bits for r in rep.rewritten} == a.bits
+    assert "| **average bits** |" in a.table()

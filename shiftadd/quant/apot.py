@@ -12,24 +12,19 @@ import torch
 
 # Residuals below this fraction of the original scale are not worth another term (and log2(0) = -inf).
 _REL_EPS = 2.0**-24
+# Terms span at most this many binary orders below the leading one and stay >= 2^MIN_EXP, so every
+# APoT value is exact in float16 (11 significant bits, subnormals down to 2^-24): scales are stored
+# as float16. A dropped term is < 2^-10 of the scale.
+SPAN = 10
+MIN_EXP = -24
 
 
 def apot_round(a: torch.Tensor, terms: int) -> torch.Tensor:
     """Round every element of ``a`` to the nearest sum of ``terms`` signed powers of two (greedy)."""
     if terms < 1:
         raise ValueError(f"apot terms must be >= 1, got {terms}")
-    a = a.to(torch.float64)
-    out = torch.zeros_like(a)
-    r = a.clone()
-    floor = a.abs() * _REL_EPS
-    for _ in range(terms):
-        live = r.abs() > floor
-        mag = torch.where(live, r.abs(), torch.ones_like(r))
-        term = torch.sign(r) * torch.exp2(torch.round(torch.log2(mag)))
-        term = torch.where(live, term, torch.zeros_like(r))
-        out += term
-        r -= term
-    return out
+    signs, exps = apot_decompose(a, terms)
+    return (signs.to(torch.float64) * torch.exp2(exps.to(torch.float64))).sum(-1)
 
 
 def apot_decompose(a: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +33,20 @@ def apot_decompose(a: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Ten
     ``sum(sign * 2**exp)`` over the last axis reproduces ``apot_round(a, terms)`` exactly; a zero sign
     marks an unused term.
     """
+    if terms < 1:
+        raise ValueError(f"apot terms must be >= 1, got {terms}")
     a = a.to(torch.float64)
     r = a.clone()
     floor = a.abs() * _REL_EPS
     signs, exps = [], []
+    lead = None
     for _ in range(terms):
         live = r.abs() > floor
         mag = torch.where(live, r.abs(), torch.ones_like(r))
         e = torch.round(torch.log2(mag))
+        if lead is None:
+            lead = e
+        live &= (e >= lead - SPAN) & (e >= MIN_EXP)
         s = torch.where(live, torch.sign(r), torch.zeros_like(r))
         r -= s * torch.exp2(e)
         signs.append(s.to(torch.int8))

@@ -10,8 +10,9 @@ NIBBLES = 8
 
 
 def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """codes int32 [q, T8, Np] (4-bit code per 4 inputs, 8 per word), alpha f32 [q, NG, Np] and
-    offsets f32 [NG, Np] ([1, Np] zeros when the weight has no offset)."""
+    """codes int32 [q, T8, Np] (4-bit code per 4 inputs, 8 per word), alpha f16 [q, NG, Np] and
+    offsets f16 [NG, Np] ([1, Np] zeros when the weight has no offset). APoT scales are exact in
+    float16 (see quant.apot.SPAN); anything else is refused rather than silently rounded."""
     q, n, k = w.signs.shape
     g4 = w.group // MU
     ng = w.alpha.shape[2]
@@ -26,12 +27,22 @@ def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     code = code.reshape(q, npad, t8, NIBBLES) << (4 * np.arange(NIBBLES, dtype=np.uint32))
     words = code.sum(-1, dtype=np.uint32).view(np.int32)  # [q, Np, T8]
     codes = np.ascontiguousarray(words.transpose(0, 2, 1))
-    alpha = np.zeros((q, ng, npad), dtype=np.float32)
-    alpha[:, :, :n] = w.alpha.transpose(0, 2, 1)
-    zoff = np.zeros((ng if w.offset is not None else 1, npad), dtype=np.float32)
+    alpha = np.zeros((q, ng, npad), dtype=np.float16)
+    alpha[:, :, :n] = _exact_f16(w.alpha, "scale").transpose(0, 2, 1)
+    zoff = np.zeros((ng if w.offset is not None else 1, npad), dtype=np.float16)
     if w.offset is not None:
-        zoff[:, :n] = w.offset.T
+        zoff[:, :n] = _exact_f16(w.offset, "offset").T
     return codes, alpha, zoff
+
+
+def _exact_f16(a: np.ndarray, what: str) -> np.ndarray:
+    h = a.astype(np.float16)
+    bad = h.astype(np.float32) != a
+    if bad.any():
+        v = a[bad].ravel()[0]
+        raise ValueError(f"{what} {v!r} is not exact in float16 (not an APoT value within its span, or "
+                         f"out of float16 range): {int(bad.sum())} of {a.size} values")
+    return h
 
 
 def lut_matmul_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""Relax pass for calibration: make ``main`` also return the input of every weight matmul.
+"""Relax pass for calibration: make ``main`` return the input of every weight matmul.
 
 Each matched ``R.matmul(x, W)`` (same pattern as the rewrite pass) gets ``x`` flattened to [M, K]
-emitted as a dataflow *output*, and the function returns ``(original result, x_1, x_2, ...)``.
-Running the compiled module on calibration inputs then yields every layer's activations, from which
+emitted as a dataflow *output*; matmuls that read the same ``x`` (Q/K/V, gate/up) share one output.
+``main`` then returns ``(x_1, x_2, ...)`` (or ``(result, x_1, ...)`` with ``keep_result``; dropping
+the result lets dead-code elimination remove what only the result needs, such as an LLM's lm_head).
+Running the compiled module on calibration inputs yields every layer's activations, from which
 ``shiftadd.calibrate`` accumulates the Hessians ``Σ x xᵀ`` in float64. Works on any imported ONNX
 model, not only Hugging Face ones.
 """
@@ -10,6 +12,7 @@ model, not only Hugging Face ones.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax
@@ -18,13 +21,26 @@ from tvm.ir import GenericConst
 from .rewrite_lut_matmul import match_weight_operand
 
 
+@dataclass
+class CapturedMatmul:
+    """A weight matmul whose input the instrumented ``main`` returns (at output ``index``)."""
+
+    name: str  # weight parameter name (``const_<i>`` for an inline constant)
+    index: int  # position in the returned tuple (after the result, when kept)
+    k: int
+    transposed: bool  # stored weight is [N, K] (Gemm transB), not [K, N]
+    is_param: bool  # a function parameter (replaceable at run time), not an inline constant
+
+
 @relax.expr_functor.mutator
 class _Capture(relax.PyExprMutator):
     def __init__(self, mod, params, skip):
         super().__init__(mod)
         self.params = params
         self.skip = [re.compile(p) for p in skip]
-        self.captured: list[tuple[str, relax.Var]] = []
+        self.outputs: list[relax.Var] = []
+        self.by_input: dict = {}
+        self.captured: list[CapturedMatmul] = []
         self.n_const = 0
 
     def _resolve(self, expr):
@@ -42,10 +58,10 @@ class _Capture(relax.PyExprMutator):
             return call
         rhs, transposed = m
         if isinstance(rhs, relax.Var) and rhs.name in self.params and self.params[rhs.name].ndim == 2:
-            name, shape = rhs.name, self.params[rhs.name].shape
+            name, shape, is_param = rhs.name, self.params[rhs.name].shape, True
         elif isinstance(rhs, GenericConst) and len(rhs.value.shape) == 2:
             self.n_const += 1
-            name, shape = f"const_{self.n_const}", tuple(int(d) for d in rhs.value.shape)
+            name, shape, is_param = f"const_{self.n_const}", tuple(int(d) for d in rhs.value.shape), False
         else:
             return call
         if any(p.search(name) for p in self.skip):
@@ -54,24 +70,31 @@ class _Capture(relax.PyExprMutator):
         x = call.args[0]
         if x.ty.dtype != "float32":
             return call
-        flat = self.builder_.emit_output(relax.op.reshape(x, relax.ShapeExpr([-1, k]))
-                                         if len(x.ty.shape.values) != 2 else x)
-        self.captured.append((name, flat))
+        if x not in self.by_input:
+            flat = self.builder_.emit_output(relax.op.reshape(x, relax.ShapeExpr([-1, k]))
+                                             if len(x.ty.shape.values) != 2 else x)
+            self.by_input[x] = len(self.outputs)
+            self.outputs.append(flat)
+        self.captured.append(CapturedMatmul(name, self.by_input[x], k, transposed, is_param))
         return call
 
 
 def capture_matmul_inputs(mod: tvm.IRModule, params: dict, skip: tuple[str, ...] = ("lm_head",),
-                          func_name: str = "main"):
-    """Returns (module whose ``main`` returns (result, *inputs), [weight name per captured input])."""
+                          func_name: str = "main", keep_result: bool = False):
+    """Returns (module whose ``main`` returns ([result,] *inputs), [CapturedMatmul] in model order)."""
     cap = _Capture(mod, params, skip)
     func = mod[func_name]
     new = cap.visit_expr(func)
     if not cap.captured:
         raise ValueError("calibration: the model has no weight matmuls to calibrate")
     body = new.body
-    outs = relax.Tuple([body.body, *[v for _, v in cap.captured]])
-    ret = relax.TupleType([body.body.ty, *[v.ty for _, v in cap.captured]])
-    new = relax.Function(new.params, relax.SeqExpr(body.blocks, outs), ret, new.is_pure, new.attrs)
+    outs = ([body.body] if keep_result else []) + cap.outputs
+    if keep_result:
+        for c in cap.captured:
+            c.index += 1
+    ret = relax.TupleType([o.ty for o in outs])
+    new = relax.Function(new.params, relax.SeqExpr(body.blocks, relax.Tuple(outs)), ret, new.is_pure, new.attrs)
     cap.builder_.update_func(cap.builder_.get().get_global_var(func_name), new)
     out = relax.transform.Normalize()(cap.builder_.get())
-    return out, [n for n, _ in cap.captured]
+    out = relax.transform.DeadCodeElimination([func_name])(out)
+    return out, cap.captured

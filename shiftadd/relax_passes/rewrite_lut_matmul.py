@@ -46,6 +46,7 @@ class LayerReport:
 class RewriteReport:
     layers: list[LayerReport] = field(default_factory=list)
     dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # name -> weight as stored
+    allocation: object | None = None  # reparam.Allocation when bits were allocated per layer
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -60,6 +61,11 @@ class RewriteReport:
         before = sum(r.bytes_before for r in self.layers)
         after = sum(r.bytes_after if r.status == "rewritten" else r.bytes_before for r in self.layers)
         return before, after
+
+    def average_bits(self) -> float:
+        """Stored bits per weight over the rewritten matmuls, codes, scales and offsets included."""
+        n = sum(r.k * r.n for r in self.rewritten)
+        return 8 * sum(r.bytes_after for r in self.rewritten) / max(n, 1)
 
     def table(self) -> str:
         lines = ["| layer | K | N | status | bits | group | rel. weight error | bytes before | bytes after |",
@@ -125,9 +131,12 @@ def match_weight_operand(call, resolve):
 
 @relax.expr_functor.mutator
 class _LutMatmulRewriter(relax.PyExprMutator):
-    def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians=None):
+    def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians=None,
+                 fitted=None, layer_bits=None):
         super().__init__(mod)
         self.hessians = hessians or {}
+        self.fitted = fitted or {}
+        self.layer_bits = layer_bits or {}
         self.func = func
         self.params = params
         self.cfg = cfg
@@ -204,8 +213,17 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             rep.reason = "activation shape unknown or not [..., K]"
             return call
         h = self.hessians.get(name)
-        bw = quantize_matrix(w, self.cfg) if h is None else quantize_matrix_gptq(w, h, self.cfg)
-        rep.calibrated = h is not None
+        cfg = layer_config(self.cfg, self.layer_bits, name)
+        bw = self.fitted.get(name)
+        if bw is not None:
+            if bw.signs.shape[1:] != (n, k) or bw.bits != cfg.bits:
+                raise ValueError(f"fitted weight for '{name}' is {bw.bits}-bit {bw.signs.shape[1:]}, "
+                                 f"expected {cfg.bits}-bit ({n}, {k})")
+        elif h is None:
+            bw = quantize_matrix(w, cfg)
+        else:
+            bw = quantize_matrix_gptq(w, h, cfg)
+        rep.calibrated = h is not None or name in self.fitted
         codes, alpha, zoff = pack_bcq(bw, self.vec)
         deq = bw.dequantize()
         rep.status, rep.bits, rep.group = "rewritten", bw.bits, bw.group
@@ -214,8 +232,8 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         if self.keep_dequantized:
             self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
         cv = relax.Var(name + ".codes", relax.TensorType(codes.shape, "int32"))
-        av = relax.Var(name + ".alpha", relax.TensorType(alpha.shape, "float32"))
-        zv = relax.Var(name + ".offset", relax.TensorType(zoff.shape, "float32"))
+        av = relax.Var(name + ".alpha", relax.TensorType(alpha.shape, str(alpha.dtype)))
+        zv = relax.Var(name + ".offset", relax.TensorType(zoff.shape, str(zoff.dtype)))
         self.new_params += [(cv, codes), (av, alpha), (zv, zoff)]
         lead = xs[:-1]
         m_expr = lead[0] if lead else tvm.tirx.const(1, "int64")
@@ -232,6 +250,14 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             return y2
         y2 = self.builder_.emit(y2)
         return relax.op.reshape(y2, relax.ShapeExpr(lead + [n]))
+
+
+def layer_config(cfg: BCQConfig, layer_bits: dict | None, name: str) -> BCQConfig:
+    """``cfg`` with the bits a per-layer allocation gave ``name`` (if any)."""
+    from dataclasses import replace
+
+    b = (layer_bits or {}).get(name)
+    return cfg if b is None or b == cfg.bits else replace(cfg, bits=int(b))
 
 
 def _weight_matmul_ks(func, params, skip) -> list[int]:
@@ -283,13 +309,16 @@ def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
 
 def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
                        skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
-                       keep_dequantized: bool = False, func_name: str = "main", hessians: dict | None = None):
+                       keep_dequantized: bool = False, func_name: str = "main", hessians: dict | None = None,
+                       fitted: dict | None = None, layer_bits: dict | None = None):
     """Apply the rewrite to ``func_name``. Returns (new module, new params dict, RewriteReport).
 
     ``params`` maps weight parameter names to values; the returned dict drops replaced weights
     that became unused and adds the packed ``.codes``/``.alpha`` arrays, in the new signature order.
     ``skip`` holds regular expressions matched against weight names. ``hessians`` (weight name ->
-    input Hessian, from ``shiftadd.calibrate``) switches those layers to the error-feedback fit.
+    input Hessian, from ``shiftadd.calibrate``) switches those layers to the error-feedback fit;
+    ``fitted`` (weight name -> BCQWeight, e.g. from sequential calibration) supplies finished fits;
+    ``layer_bits`` (weight name -> 2/3/4, from the allocator) overrides ``cfg.bits`` per layer.
     """
     func = mod[func_name]
     _check_group(cfg, _weight_matmul_ks(func, params, skip))
@@ -298,8 +327,10 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
 
     from .. import util
 
-    rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians)
-    with tqdm(desc=f"BCQ {cfg.bits}-bit", unit="matmul", disable=util.QUIET, leave=False) as bar:
+    rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians, fitted,
+                            layer_bits)
+    label = f"{cfg.bits}-bit" if not layer_bits else "mixed-bit"
+    with tqdm(desc=f"BCQ {label}", unit="matmul", disable=util.QUIET, leave=False) as bar:
         rw.progress = bar
         new_func = rw.visit_expr(func)
     new_func = relax.Function(list(new_func.params) + [v for v, _ in rw.new_params], new_func.body,

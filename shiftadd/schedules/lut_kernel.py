@@ -7,8 +7,8 @@ of a group are summed first and scaled once (one scale per row, plane and group)
 
 Packed layout (made by :func:`shiftadd.quant.pack.pack_bcq`):
   codes int32 [q, T8, Np]  nibble ``t % 8`` of ``codes[b, t // 8, n]`` is ``code_b[n, t]``
-  alpha f32   [q, NG, Np]  APoT scale of plane b, group g, row n
-  zoff  f32   [NG, Np]     offset z of group g, row n (a [1, Np] dummy when built without offset)
+  alpha f16   [q, NG, Np]  APoT scale of plane b, group g, row n (exact in float16, read as float32)
+  zoff  f16   [NG, Np]     offset z of group g, row n (a [1, Np] dummy when built without offset)
 ``Np`` is N rounded up to the vector width; padded rows have α = 0. ``T4p = NG·G/4`` tables cover K
 rounded up to whole groups; inputs past K read as 0, so padded tables contribute nothing.
 """
@@ -58,7 +58,7 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
 
     @T.prim_func
     def lut_matmul(x_h: T.handle, codes: T.Buffer((q, t8, npad), "int32"),
-                   alpha: T.Buffer((q, ng, npad), "float32"), zoff: T.Buffer((ng * use_z + 1 - use_z, npad), "float32"),
+                   alpha: T.Buffer((q, ng, npad), "float16"), zoff: T.Buffer((ng * use_z + 1 - use_z, npad), "float16"),
                    y_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m_dim = T.int64()
@@ -88,7 +88,7 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
                 if use_z == 1:
                     for g in range(ng):
                         for ji in T.vectorized(vec):
-                            acc[ji] = acc[ji] + zoff[g, jo * vec + ji] * gs[i * ng + g]
+                            acc[ji] = acc[ji] + T.Cast("float32", zoff[g, jo * vec + ji]) * gs[i * ng + g]
                 for b, g in T.grid(q, ng):
                     for ji in T.vectorized(vec):
                         part[ji] = T.float32(0)
@@ -97,7 +97,7 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
                             part[ji] = part[ji] + lut[(i * t4p + g * g4 + tt) * 16 + T.bitwise_and(
                                 T.shift_right(codes[b, (g * g4 + tt) // 8, jo * vec + ji], (g * g4 + tt) % 8 * 4), 15)]
                     for ji in T.vectorized(vec):
-                        acc[ji] = acc[ji] + alpha[b, g, jo * vec + ji] * part[ji]
+                        acc[ji] = acc[ji] + T.Cast("float32", alpha[b, g, jo * vec + ji]) * part[ji]
                 for ji in range(vec):
                     if jo * vec + ji < n:
                         Y[i, jo * vec + ji] = acc[ji]

@@ -1,0 +1,168 @@
+"""Plan the reparameterization of every weight matmul before the rewrite: calibration (Hessians),
+per-layer bit allocation, and the fits themselves (the rewrite pass then only packs and emits).
+
+    plan = plan_fit(imported, cfg, target=tgt, batches=feeds, mode="sequential", avg_bits=2.5)
+    rewrite_lut_matmul(mod, params, cfg, fitted=plan.fitted, layer_bits=plan.layer_bits)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .quant import BCQConfig, quantize_matrix
+from .quant.allocate import (CHOICES, LayerCost, allocate_budget, allocate_ratio, allocation_table,
+                             average_bits, output_error, sensitivity)
+from .quant.gptq import quantize_matrix_gptq
+from .util import log
+
+ALLOCATORS = ("budget", "ratio")
+
+
+@dataclass
+class Allocation:
+    """Bits per layer chosen for an average-bits budget, with the paper's 80/20-style rule beside it."""
+
+    budget: float
+    allocator: str
+    bits: dict[str, int]
+    costs: list[LayerCost]
+    alternative: dict[str, int]  # the other allocator at the same budget, for comparison
+    seconds: float = 0.0
+
+    def predicted_error(self, bits: dict[str, int] | None = None) -> float:
+        bits = bits or self.bits
+        return sum(c.errors[bits[c.name]] for c in self.costs)
+
+    def table(self) -> str:
+        other = "ratio" if self.allocator == "budget" else "budget"
+        head = (f"Average-bits budget {self.budget}: allocator '{self.allocator}' -> "
+                f"{average_bits(self.costs, self.bits):.4f} bits, predicted error {self.predicted_error():.4g}; "
+                f"'{other}' -> {average_bits(self.costs, self.alternative):.4f} bits, predicted error "
+                f"{self.predicted_error(self.alternative):.4g}\n\n")
+        return head + allocation_table(self.costs, {f"bits ({self.allocator})": self.bits,
+                                                    f"bits ({other})": self.alternative})
+
+    def plot(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x = np.arange(len(self.costs))
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.06 * len(x) + 2), 5), sharex=True)
+        a1.step(x, [self.bits[c.name] for c in self.costs], where="mid", label=self.allocator)
+        a1.step(x, [self.alternative[c.name] for c in self.costs], where="mid", ls="--",
+                label="ratio" if self.allocator == "budget" else "budget")
+        a1.set_ylabel("bits")
+        a1.legend(loc="upper right")
+        a1.set_title(f"bit allocation, budget {self.budget} bits/weight")
+        for b in sorted(self.costs[0].errors):
+            a2.semilogy(x, [max(c.errors[b], 1e-30) for c in self.costs], ".", label=f"{b}-bit")
+        a2.set_ylabel("predicted output error")
+        a2.set_xlabel("weight matmul (model order)")
+        a2.legend(loc="upper right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def write(self, md_path) -> None:
+        md = Path(md_path)
+        md.write_text(self.table() + "\n")
+        self.plot(md.with_suffix(".png"))
+
+
+@dataclass
+class FitPlan:
+    fitted: dict = field(default_factory=dict)  # weight name -> BCQWeight
+    layer_bits: dict | None = None
+    allocation: Allocation | None = None
+    calibration: dict | None = None  # what the manifest records
+
+
+def _layers(imported, skip):
+    from .relax_passes.capture_matmul_inputs import capture_matmul_inputs
+
+    _, caps = capture_matmul_inputs(imported.mod, imported.params, tuple(skip))
+    out = []
+    for c in caps:
+        if c.is_param:
+            v = imported.params[c.name]
+            out.append((c.name, np.ascontiguousarray(v if c.transposed else v.T, np.float32)))
+    return out
+
+
+def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, allocator: str = "budget",
+                  choices=CHOICES) -> Allocation:
+    """Measure every layer's predicted output error at each bit width (weight-only fit, cheap) and
+    allocate; ``hessians`` None means plain weight error (no calibration)."""
+    from tqdm import tqdm
+
+    from . import util
+
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got '{allocator}'")
+    t0 = time.time()
+    costs = []
+    for name, w in tqdm(layers, desc="bit allocation", unit="matmul", disable=util.QUIET, leave=False):
+        h = hessians.get(name) if hessians else None
+        c = LayerCost(name, int(w.size), score=sensitivity(w, h if h is not None else np.eye(w.shape[1])))
+        for b in choices:
+            c.errors[b] = output_error(w, quantize_matrix(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3))).dequantize(), h)
+        costs.append(c)
+    ours = allocate_budget(costs, budget, choices)
+    lo = min(max(int(np.floor(budget)), min(choices)), max(choices) - 1)  # the paper's rule mixes two widths
+    paper = allocate_ratio(costs, frac_high=min(budget - lo, 1.0), low=lo, high=lo + 1)
+    bits, alt = (ours, paper) if allocator == "budget" else (paper, ours)
+    a = Allocation(budget, allocator, bits, costs, alt, time.time() - t0)
+    hist = {b: sum(c.params for c in costs if bits[c.name] == b) for b in choices}
+    log(f"allocated {len(costs)} layers for {budget} bits/weight ({allocator}): "
+        + ", ".join(f"{b}-bit {100 * n / sum(hist.values()):.1f} %" for b, n in hist.items())
+        + f" of weights, predicted error {a.predicted_error():.4g} vs {a.predicted_error(alt):.4g} "
+        f"({'ratio' if allocator == 'budget' else 'budget'}) in {a.seconds:.1f}s")
+    return a
+
+
+def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list | None = None,
+             mode: str = "sequential", avg_bits: float | None = None, allocator: str = "budget") -> FitPlan:
+    """Fits for every weight matmul: weight-only without ``batches``, error feedback with them
+    (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation."""
+    from .calibrate import calibrate
+
+    plan = FitPlan()
+    layers = _layers(imported, skip)
+    h0 = None
+    cal = None
+    if batches is not None and (avg_bits is not None or mode == "one-pass"):
+        cal = calibrate(imported, batches, target, skip, mode="one-pass")
+        h0 = cal.hessians
+    if avg_bits is not None:
+        plan.allocation = allocate_bits(layers, cfg, avg_bits, h0, allocator)
+        plan.layer_bits = plan.allocation.bits
+
+    def cfg_of(name):
+        b = (plan.layer_bits or {}).get(name, cfg.bits)
+        return cfg if b == cfg.bits else replace(cfg, bits=b)
+
+    if batches is None:
+        return plan  # the rewrite pass fits weight-only with layer_bits
+    if mode == "sequential":
+        cal2 = calibrate(imported, batches, target, skip, mode="sequential",
+                         fit=lambda name, w, h: quantize_matrix_gptq(w, h, cfg_of(name)))
+        plan.fitted = cal2.fitted
+        forwards, seconds = cal2.forwards + (cal.forwards if cal else 0), cal2.seconds + (cal.seconds if cal else 0)
+        tokens = cal2.tokens
+    else:
+        from tqdm import tqdm
+
+        from . import util
+
+        t0 = time.time()
+        for name, w in tqdm(layers, desc="error-feedback fit", unit="matmul", disable=util.QUIET, leave=False):
+            plan.fitted[name] = quantize_matrix_gptq(w, h0[name], cfg_of(name))
+        forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
+    plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
+    return plan
