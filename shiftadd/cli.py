@@ -12,7 +12,8 @@ def _cmd_compile(a) -> int:
     res = do_compile(a.model, a.output, bits=a.bits, group=a.group, apot_terms=a.apot_terms, rounds=a.rounds,
                      skip=tuple(a.skip), target=a.target, rewrite=not a.no_rewrite,
                      offset=not a.no_offset, tokenizer=a.tokenizer, calib_windows=a.calib,
-                     calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator)
+                     calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
+                     layout=a.layout, block_rows=a.block_rows)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     c.add_argument("-o", "--output", required=True, help="artifact path, NAME.so (NAME.params/.json go beside it)")
     c.add_argument("--bits", type=int, default=3, help="BCQ bits per weight: 2, 3 or 4 (default 3)")
     c.add_argument("--group", type=int, default=64, help="inputs per scale group, multiple of 4, or -1 for whole rows (default 64)")
+    c.add_argument("--layout", choices=("row-group", "block", "column"), default="row-group",
+                   help="scale layout: per row and group (default), per 8 inputs x --block-rows rows, or per input column")
+    c.add_argument("--block-rows", type=int, default=64, help="rows sharing a scale in the block layout (default 64)")
     c.add_argument("--apot-terms", type=int, default=3, help="signed powers of two per scale (default 3)")
     c.add_argument("--rounds", type=int, default=6, help="alternating refinement rounds (default 6)")
     c.add_argument("--skip", action="append", default=None, help="regex of weight names to keep float (default: lm_head)")

@@ -64,7 +64,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int = 0,
             calib_len: int = 128, calib_mode: str = "sequential", avg_bits: float | None = None,
-            allocator: str = "budget") -> CompileResult:
+            allocator: str = "budget", layout: str = "row-group", block_rows: int = 64) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows > 0`` fits every layer with error feedback against the input Hessians collected
@@ -72,7 +72,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     block on the already-quantized model (``calib_mode='sequential'``) or in one float pass
     (``'one-pass'``). ``avg_bits`` (e.g. 2.5) allocates 2/3/4 bits per layer under that average
     (``allocator`` 'budget': exact knapsack on predicted output error; 'ratio': the paper's rule);
-    ``bits`` is then ignored. ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
+    ``bits`` is then ignored. ``layout`` picks the scale layout (quant/gptq.py): 'row-group' (α per
+    row and ``group`` inputs), 'block' (per 8 inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
     (a model id/path, 'smollm2', or a loaded tokenizer) is stored with an ONNX input, for text prompts.
     """
     import tvm
@@ -83,7 +84,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
 
     t0 = time.time()
     paths(output)  # validates the output name before any work
-    cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset)  # validates
+    cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset, layout=layout,
+                    block_rows=block_rows)  # validates
     tgt = resolve_target(target)
     source = str(model)
     if _is_onnx(model):

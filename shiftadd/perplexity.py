@@ -204,7 +204,7 @@ def _plot_ppl(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for r in rows:
         if r["avg_bits"] is None:
             continue
@@ -218,7 +218,6 @@ def _plot_ppl(rows, path):
     ax.set_xlabel("average stored bits per weight (scales included)")
     ax.set_ylabel("perplexity (held-out wiki)")
     ax.set_title("perplexity vs bits (blue: shiftadd, red: ONNX Runtime)")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -232,14 +231,13 @@ def _plot_layers(manifest, path):
 
     layers = manifest["layers"]
     x = np.arange(len(layers))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.06 * len(x) + 2), 5), sharex=True)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.06 * len(x) + 2), 5), sharex=True, layout="constrained")
     a1.bar(x, [lay["bits"] for lay in layers], width=0.9)
     a1.set_ylabel("bits")
     a1.set_title(f"{manifest['model']}: bits and relative weight error per rewritten matmul")
     a2.bar(x, [lay["rel_error"] for lay in layers], width=0.9, color="C1")
     a2.set_ylabel("‖W-Ŵ‖/‖W‖")
     a2.set_xlabel("weight matmul (model order)")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .quant import BCQConfig, quantize_matrix
+from .quant import BCQConfig
 from .quant.allocate import (CHOICES, LayerCost, allocate_budget, allocate_ratio, allocation_table,
                              average_bits, output_error, sensitivity)
-from .quant.gptq import quantize_matrix_gptq
+from .quant.gptq import fit_layer
 from .util import log
 
 ALLOCATORS = ("budget", "ratio")
@@ -111,7 +111,7 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
         h = hessians.get(name) if hessians else None
         c = LayerCost(name, int(w.size), score=sensitivity(w, h if h is not None else np.eye(w.shape[1])))
         for b in choices:
-            c.errors[b] = output_error(w, quantize_matrix(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3))).dequantize(), h)
+            c.errors[b] = output_error(w, fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3))).dequantize(), h)
         costs.append(c)
     ours = allocate_budget(costs, budget, choices)
     lo = min(max(int(np.floor(budget)), min(choices)), max(choices) - 1)  # the paper's rule mixes two widths
@@ -151,7 +151,7 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
         return plan  # the rewrite pass fits weight-only with layer_bits
     if mode == "sequential":
         cal2 = calibrate(imported, batches, target, skip, mode="sequential",
-                         fit=lambda name, w, h: quantize_matrix_gptq(w, h, cfg_of(name)))
+                         fit=lambda name, w, h: fit_layer(w, cfg_of(name), h))
         plan.fitted = cal2.fitted
         forwards, seconds = cal2.forwards + (cal.forwards if cal else 0), cal2.seconds + (cal.seconds if cal else 0)
         tokens = cal2.tokens
@@ -162,7 +162,7 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
 
         t0 = time.time()
         for name, w in tqdm(layers, desc="error-feedback fit", unit="matmul", disable=util.QUIET, leave=False):
-            plan.fitted[name] = quantize_matrix_gptq(w, h0[name], cfg_of(name))
+            plan.fitted[name] = fit_layer(w, cfg_of(name), h0[name])
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan

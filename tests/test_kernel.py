@@ -18,7 +18,7 @@ DEV = tvm.cpu(0)
 def run_kernel(x, bw, vec):
     codes, alpha, zoff = pack_bcq(bw, vec)
     n, k = bw.shape
-    f = build_lut_kernel(k, n, bw.bits, bw.group, vec, bw.offset is not None)
+    f = build_lut_kernel(k, n, bw.bits, bw.group, vec, bw.offset is not None, bw.alpha_rows)
     lib = tvm.compile(tvm.IRModule({"main": f}), TARGET)
     y = tvm.runtime.empty((x.shape[0], n), "float32", DEV)
     args = [tvm.runtime.tensor(a, DEV) for a in (x, codes, alpha, zoff)]
@@ -51,3 +51,43 @@ def test_kernel_model_sizes(m, k, n):
     bw = quantize_matrix(w, BCQConfig(bits=3, group=64))
     y = run_kernel(x, bw, 16)
     np.testing.assert_allclose(y, x.astype(np.float64) @ bw.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 4), k=st.integers(1, 60), n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4]),
+       rows=st.sampled_from([1, 3, 8, 16, 64]), offset=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
+    """Scales shared by ``rows`` consecutive rows and 8 inputs (the block layout), stored once."""
+    from shiftadd.quant.gptq import quantize_matrix_gptq
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bw = quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block",
+                                                      block_rows=rows), act_order=False)
+    assert bw.alpha_rows == rows and bw.group == 8
+    codes, alpha, _ = pack_bcq(bw, 16)
+    assert alpha.shape[2] == -(-codes.shape[2] // rows)
+    y = run_kernel(x, bw, 16)
+    dense = x.astype(np.float64) @ bw.dequantize().T.astype(np.float64)
+    np.testing.assert_allclose(y, dense, atol=2e-5 * max(1.0, float(np.abs(dense).max())) * np.sqrt(k))
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 4), k=st.integers(1, 50), n=st.integers(1, 30), bits=st.sampled_from([2, 3, 4]),
+       offset=st.booleans(), seed=st.integers(0, 2**16))
+def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
+    """Column-wise scales: the one-bit kernel over the pre-scaled, concatenated activations."""
+    from shiftadd.quant.gptq import quantize_matrix_gptq
+    from shiftadd.quant.pack import column_as_one_bit
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    cw = quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="column"),
+                              act_order=False)
+    one, scales = column_as_one_bit(cw)
+    xs = (x[:, None, :] * scales[None]).reshape(m, -1)
+    y = run_kernel(xs, one, 16)
+    dense = x.astype(np.float64) @ cw.dequantize().T.astype(np.float64)
+    np.testing.assert_allclose(y, dense, atol=2e-5 * max(1.0, float(np.abs(dense).max())) * np.sqrt(k))

@@ -120,3 +120,24 @@ def test_inputs_metadata_and_bad_feeds(tiny_onnx, tmp_path):
         sess.run(None, {"input_ids": ids + 1000, "attention_mask": mask})
     with pytest.raises(ValueError, match="unknown output"):
         sess.run(["nope"], {"input_ids": ids, "attention_mask": mask})
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("layout", ["block", "column"])
+def test_scale_layouts_run_exactly(family, layout, tiny_onnx, tmp_path):
+    """Block-wise scales (one per 8 inputs x 16 rows) and column-wise scales (one per input, fed to the
+    kernel as pre-scaled activations) compute exactly the dequantized model, with error feedback."""
+    path = tiny_onnx(family)
+    res = shiftadd.compile(path, tmp_path / "m.so", bits=3, layout=layout, block_rows=16, keep_dequantized=True)
+    rep = res.report
+    assert rep.rewritten and all(r.layout == layout for r in rep.rewritten)
+    model = onnx.load(path)
+    name_weights(model)
+    for init in model.graph.initializer:
+        if init.name in rep.dequantized:
+            init.CopyFrom(numpy_helper.from_array(rep.dequantized[init.name].astype(np.float32), init.name))
+    ids, mask = ragged_batch(5, 2, 9)
+    ours = shiftadd.load(res.so).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    ref = ort_logits(model, ids, mask)
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3

@@ -27,6 +27,7 @@ import torch
 from .apot import apot_round
 
 SUPPORTED_BITS = (2, 3, 4)
+LAYOUTS = ("row-group", "block", "column")  # method.md §1; see quant/gptq.py
 MU = 4  # inputs per look-up table on CPU (16-entry tables); a scale group is made of whole tables
 
 
@@ -39,8 +40,14 @@ class BCQConfig:
     apot_terms: int = 3
     rounds: int = 6
     offset: bool = True  # per-group APoT offset z (LUT-GEMM's bias term): W ≈ z + Σ α_b B_b
+    layout: str = "row-group"  # scale layout: row-group | block (8 inputs x block_rows rows) | column
+    block_rows: int = 64  # rows sharing a scale in the block layout
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {self.block_rows!r}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if self.group != -1 and (self.group <= 0 or self.group % MU):
@@ -70,6 +77,7 @@ class BCQWeight:
     alpha: np.ndarray  # float32 [q, N, NG]
     group: int
     offset: np.ndarray | None = None  # float32 [N, NG] (APoT), or None
+    alpha_rows: int = 1  # consecutive rows sharing one scale (block layout); the packer stores them once
 
     @property
     def bits(self) -> int:

@@ -27,12 +27,24 @@ def pack_bcq(w: BCQWeight, vec: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     code = code.reshape(q, npad, t8, NIBBLES) << (4 * np.arange(NIBBLES, dtype=np.uint32))
     words = code.sum(-1, dtype=np.uint32).view(np.int32)  # [q, Np, T8]
     codes = np.ascontiguousarray(words.transpose(0, 2, 1))
-    alpha = np.zeros((q, ng, npad), dtype=np.float16)
-    alpha[:, :, :n] = _exact_f16(w.alpha, "scale").transpose(0, 2, 1)
-    zoff = np.zeros((ng if w.offset is not None else 1, npad), dtype=np.float16)
+    r = w.alpha_rows
+    na = -(-npad // r)
+    alpha = np.zeros((q, ng, na), dtype=np.float16)
+    alpha[:, :, : -(-n // r)] = _exact_f16(_shared_rows(w.alpha, r, 1, "scale"), "scale").transpose(0, 2, 1)
+    zoff = np.zeros((ng if w.offset is not None else 1, na), dtype=np.float16)
     if w.offset is not None:
-        zoff[:, :n] = _exact_f16(w.offset, "offset").T
+        zoff[:, : -(-n // r)] = _exact_f16(_shared_rows(w.offset, r, 0, "offset"), "offset").T
     return codes, alpha, zoff
+
+
+def _shared_rows(a: np.ndarray, r: int, axis: int, what: str) -> np.ndarray:
+    """Every ``r``-th row of ``a`` along ``axis``, after checking the rows of each block agree."""
+    if r == 1:
+        return a
+    first = np.take(a, np.arange(0, a.shape[axis], r), axis=axis)
+    if not np.array_equal(np.repeat(first, r, axis=axis).take(np.arange(a.shape[axis]), axis=axis), a):
+        raise ValueError(f"{what}s differ within a block of {r} rows: not the block layout the kernel reads")
+    return first
 
 
 def _exact_f16(a: np.ndarray, what: str) -> np.ndarray:
@@ -43,6 +55,23 @@ def _exact_f16(a: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what} {v!r} is not exact in float16 (not an APoT value within its span, or "
                          f"out of float16 range): {int(bad.sum())} of {a.size} values")
     return h
+
+
+def column_as_one_bit(w) -> tuple[BCQWeight, np.ndarray]:
+    """A column-wise fit (``quant.gptq.ColumnBCQWeight``) as the one-bit row-wise kernel's input:
+    ``y = x Wᵀ = Σ_b (x ⊙ α_b) B_bᵀ + (x ⊙ z) 1ᵀ``, i.e. ONE plane over the concatenated inputs
+    ``[x⊙α_1, ..., x⊙α_q, x⊙z]`` (K' = (q + 1) K, or q K without offset) with unit scales.
+    Returns (that BCQWeight, column scales [q (+1), K] to multiply x by)."""
+    q, n, k = w.signs.shape
+    planes = [w.signs[b] for b in range(q)]
+    scales = [w.alpha[b] for b in range(q)]
+    if w.offset is not None:
+        planes.append(np.ones((n, k), dtype=bool))
+        scales.append(w.offset)
+    kk = k * len(planes)
+    g = -(-kk // MU) * MU
+    one = BCQWeight(signs=np.concatenate(planes, 1)[None], alpha=np.ones((1, n, 1), np.float32), group=g)
+    return one, np.stack(scales).astype(np.float32)
 
 
 def lut_matmul_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:

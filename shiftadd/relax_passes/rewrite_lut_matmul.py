@@ -19,9 +19,9 @@ import tvm
 from tvm import relax
 from tvm.ir import GenericConst
 
-from ..quant import BCQConfig, BCQWeight, quantize_matrix
-from ..quant.gptq import quantize_matrix_gptq
-from ..quant.pack import pack_bcq
+from ..quant import BCQConfig, BCQWeight
+from ..quant.gptq import ColumnBCQWeight, fit_layer
+from ..quant.pack import column_as_one_bit, pack_bcq
 from ..schedules.lut_kernel import DEFAULT_VEC, build_lut_kernel, kernel_name
 from ..util import log
 
@@ -40,6 +40,7 @@ class LayerReport:
     rel_error: float = float("nan")
     transposed: bool = False  # the stored weight is [N, K] (Gemm transB) rather than [K, N]
     calibrated: bool = False  # fitted with error feedback against calibration inputs
+    layout: str = ""  # scale layout of the fit (row-group | block | column)
 
 
 @dataclass
@@ -184,11 +185,11 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         return name, np.ascontiguousarray(mat, dtype=np.float32), transposed
 
     # -- rewriting ------------------------------------------------------------------------------
-    def _kernel(self, k, n, bits, group, offset):
-        key = (k, n, bits, group, self.vec, offset)
+    def _kernel(self, k, n, bits, group, offset, alpha_rows=1):
+        key = (k, n, bits, group, self.vec, offset, alpha_rows)
         if key not in self.kernels:
-            f = build_lut_kernel(k, n, bits, group, self.vec, offset)
-            name = kernel_name(k, n, bits, group, offset)
+            f = build_lut_kernel(k, n, bits, group, self.vec, offset, alpha_rows)
+            name = kernel_name(k, n, bits, group, offset, alpha_rows)
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
@@ -219,15 +220,26 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             if bw.signs.shape[1:] != (n, k) or bw.bits != cfg.bits:
                 raise ValueError(f"fitted weight for '{name}' is {bw.bits}-bit {bw.signs.shape[1:]}, "
                                  f"expected {cfg.bits}-bit ({n}, {k})")
-        elif h is None:
-            bw = quantize_matrix(w, cfg)
+            if isinstance(bw, ColumnBCQWeight) != (cfg.layout == "column"):
+                raise ValueError(f"fitted weight for '{name}' is not in the '{cfg.layout}' layout")
         else:
-            bw = quantize_matrix_gptq(w, h, cfg)
+            bw = fit_layer(w, cfg, h)
         rep.calibrated = h is not None or name in self.fitted
-        codes, alpha, zoff = pack_bcq(bw, self.vec)
         deq = bw.dequantize()
-        rep.status, rep.bits, rep.group = "rewritten", bw.bits, bw.group
-        rep.bytes_after = codes.nbytes + alpha.nbytes + (zoff.nbytes if bw.offset is not None else 0)
+        colscale = None
+        if isinstance(bw, ColumnBCQWeight):  # one-bit kernel over [x⊙α_1, ..., x⊙z] (pack.column_as_one_bit)
+            kern_w, colscale = column_as_one_bit(bw)
+            colscale = colscale.astype(np.float16)
+            if not np.array_equal(colscale.astype(np.float32), column_as_one_bit(bw)[1]):
+                raise ValueError(f"'{name}': column scales are not exact in float16")
+        else:
+            kern_w = bw
+        codes, alpha, zoff = pack_bcq(kern_w, self.vec)
+        rep.status, rep.bits = "rewritten", bw.bits
+        rep.group = getattr(bw, "group", 0) if cfg.layout == "row-group" else 0
+        rep.layout = cfg.layout
+        rep.bytes_after = codes.nbytes + (alpha.nbytes + (zoff.nbytes if kern_w.offset is not None else 0)
+                                          if colscale is None else colscale.nbytes)
         rep.rel_error = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
         if self.keep_dequantized:
             self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
@@ -239,8 +251,17 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         m_expr = lead[0] if lead else tvm.tirx.const(1, "int64")
         for d in lead[1:]:
             m_expr = m_expr * d
-        gv = self._kernel(k, n, bw.bits, bw.group, bw.offset is not None)
         x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m_expr, k])))
+        kk = k
+        if colscale is not None:  # x [M, K] -> [M, P*K] = concat_p x ⊙ s_p (shifts: s_p are APoT)
+            sv = relax.Var(name + ".colscale", relax.TensorType(colscale.shape, "float16"))
+            self.new_params.append((sv, colscale))
+            p = colscale.shape[0]
+            s32 = self.builder_.emit(relax.op.astype(sv, "float32"))
+            xe = self.builder_.emit(relax.op.multiply(relax.op.expand_dims(x2, [1]), s32))
+            kk = p * k
+            x2 = self.builder_.emit(relax.op.reshape(xe, relax.ShapeExpr([m_expr, kk])))
+        gv = self._kernel(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
         y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
         if self.progress is not None:
@@ -294,7 +315,7 @@ def _weight_matmul_ks(func, params, skip) -> list[int]:
 def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
     """A group size must divide the input size of at least one rewritten matmul (others get a shorter
     last group); one that divides none is almost certainly a mistake."""
-    if cfg.group == -1 or not ks or any(k % cfg.group == 0 for k in ks):
+    if cfg.layout != "row-group" or cfg.group == -1 or not ks or any(k % cfg.group == 0 for k in ks):
         return
     g = 0
     for k in ks:

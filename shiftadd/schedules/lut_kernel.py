@@ -34,19 +34,21 @@ def lut_dims(k: int, n: int, group: int, vec: int = DEFAULT_VEC) -> dict:
     return {"t4p": t4p, "t8": -(-t4p // NIBBLES), "g4": g4, "ng": ng, "np": -(-n // vec) * vec}
 
 
-def kernel_name(k: int, n: int, bits: int, group: int, offset: bool = True) -> str:
-    return f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
+def kernel_name(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1) -> str:
+    return (f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
+            + (f"_r{alpha_rows}" if alpha_rows != 1 else ""))
 
 
 def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC,
-                    offset: bool = True) -> tvm.tirx.PrimFunc:
+                    offset: bool = True, alpha_rows: int = 1) -> tvm.tirx.PrimFunc:
     """The kernel for x[M, k] -> y[M, n] (M symbolic), written directly in its CPU loop nest.
 
     Stage 1 builds the tables in parallel over (row, table), 16 entries as one vector; with
     ``offset`` it also sums each group's activations (the all-plus entry 15 of its tables).
     Stage 2 runs in parallel over tiles of ``vec`` output rows: per activation row, plane and group
     it sums the look-ups of the group in a ``vec``-wide register accumulator, then adds
-    ``alpha *`` that sum (and ``z * group sum`` for the offset).
+    ``alpha *`` that sum (and ``z * group sum`` for the offset). ``alpha_rows`` consecutive rows share
+    one scale and offset (the block layout: alpha is [q, NG, ceil(Np / alpha_rows)]).
     (Written as loops rather than via ``s_tir.Schedule.compute_at``, which rejects every
     producer/consumer pair in TVM 0.27.0.post1 with "is an output block".)
     """
@@ -55,10 +57,12 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
     q = bits
     tiles = npad // vec
     use_z = 1 if offset else 0
+    ar = int(alpha_rows)
+    na = -(-npad // ar)
 
     @T.prim_func
     def lut_matmul(x_h: T.handle, codes: T.Buffer((q, t8, npad), "int32"),
-                   alpha: T.Buffer((q, ng, npad), "float16"), zoff: T.Buffer((ng * use_z + 1 - use_z, npad), "float16"),
+                   alpha: T.Buffer((q, ng, na), "float16"), zoff: T.Buffer((ng * use_z + 1 - use_z, na), "float16"),
                    y_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m_dim = T.int64()
@@ -88,7 +92,7 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
                 if use_z == 1:
                     for g in range(ng):
                         for ji in T.vectorized(vec):
-                            acc[ji] = acc[ji] + T.Cast("float32", zoff[g, jo * vec + ji]) * gs[i * ng + g]
+                            acc[ji] = acc[ji] + T.Cast("float32", zoff[g, (jo * vec + ji) // ar]) * gs[i * ng + g]
                 for b, g in T.grid(q, ng):
                     for ji in T.vectorized(vec):
                         part[ji] = T.float32(0)
@@ -97,7 +101,7 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
                             part[ji] = part[ji] + lut[(i * t4p + g * g4 + tt) * 16 + T.bitwise_and(
                                 T.shift_right(codes[b, (g * g4 + tt) // 8, jo * vec + ji], (g * g4 + tt) % 8 * 4), 15)]
                     for ji in T.vectorized(vec):
-                        acc[ji] = acc[ji] + T.Cast("float32", alpha[b, g, jo * vec + ji]) * part[ji]
+                        acc[ji] = acc[ji] + T.Cast("float32", alpha[b, g, (jo * vec + ji) // ar]) * part[ji]
                 for ji in range(vec):
                     if jo * vec + ji < n:
                         Y[i, jo * vec + ji] = acc[ji]
@@ -106,7 +110,7 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
 
 
 def build_lut_kernel(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC,
-                     offset: bool = True) -> tvm.tirx.PrimFunc:
+                     offset: bool = True, alpha_rows: int = 1) -> tvm.tirx.PrimFunc:
     """Scheduled kernel, tagged opaque (op_pattern 8) so Relax fusion leaves it alone."""
-    f = make_lut_matmul(k, n, bits, group, vec, offset)
+    f = make_lut_matmul(k, n, bits, group, vec, offset, alpha_rows)
     return f.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})

@@ -1,0 +1,139 @@
+"""Quality table for docs/QUALITY.md: SmolLM2-135M perplexity on the same held-out wiki windows for
+float32, ONNX Runtime's own weight-only quantizer (MatMulNBits: RTN int4/int2, HQQ, GPTQ), plain
+BCQ (no calibration) and ours (calibrated BCQ + APoT at 4/3/2 bits, mixed budgets 2.2/2.5, and the
+paper's 80/20 rule at 2.2). lm_head stays float32 in every row. Every model is written under
+--work and evaluated by ``shiftadd eval``'s code; rows already measured with the same windows are
+reused (delete --work/results/perplexity.json to redo), so an interrupted run resumes.
+
+    python bench/quality.py [--windows 16] [--window 256] [--calib 16] [--only LABEL ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shiftadd.util import log
+
+FLOAT = "float32 (ONNX Runtime)"
+
+
+def ort_quantize(src: str, dst: Path, bits: int, block: int, algo: str, calib_ids=None) -> Path:
+    """ONNX Runtime's MatMulNBits quantizer on every MatMul but lm_head (asymmetric, like its default)."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    model = onnx.load(src)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    vocab = max(d[-1] for d in shapes.values() if len(d) == 2)
+    lm_head = [n.name for n in model.graph.node if n.op_type == "MatMul" and shapes.get(n.input[1], [0])[-1] == vocab]
+    if algo == "RTN":
+        cfg = mq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits)
+    elif algo == "HQQ":
+        cfg = mq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+    elif algo == "GPTQ":
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"input_ids": r[None], "attention_mask": np.ones_like(r[None])} for r in calib_ids])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        cfg = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=block, actorder=True)
+    else:
+        raise ValueError(algo)
+    q = mq.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=False, nodes_to_exclude=lm_head,
+                                algo_config=cfg)
+    q.process()
+    tmp = dst.with_suffix(".tmp.onnx")
+    onnx.save(q.model.model if hasattr(q.model, "model") else q.model, str(tmp))
+    tmp.replace(dst)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--calib", type=int, default=16, help="calibration windows of 128 tokens for the calibrated rows")
+    ap.add_argument("--calib-mode", default="sequential")
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--work", default="out/quality")
+    ap.add_argument("--only", nargs="*", help="labels to (re)run")
+    a = ap.parse_args()
+
+    import shiftadd
+    from shiftadd.data import token_windows, wiki_split
+    from shiftadd.frontend import export_onnx, load_hf_model
+    from shiftadd.perplexity import eval_perplexity, results_table
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    res_dir = work / "results"
+    src = work / "smollm2.onnx"
+    if not src.exists():
+        model, _, _ = load_hf_model("smollm2")
+        export_onnx(model, src)
+        del model
+    from transformers import AutoTokenizer
+
+    from shiftadd.frontend import resolve_model
+
+    s = resolve_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(s.path, gguf_file=s.gguf_file)
+    calib_ids = token_windows(tok, wiki_split("calib"), 128, a.calib)
+    c = dict(calib_windows=a.calib, calib_mode=a.calib_mode, group=a.group, tokenizer=tok)
+    rows = [  # label, kind, builder -> path
+        (FLOAT, lambda p: src),
+        ("ORT RTN int4 b32", lambda p: ort_quantize(str(src), p, 4, 32, "RTN")),
+        ("ORT RTN int4 b128", lambda p: ort_quantize(str(src), p, 4, 128, "RTN")),
+        ("ORT HQQ int4 b64", lambda p: ort_quantize(str(src), p, 4, 64, "HQQ")),
+        ("ORT GPTQ int4 b128", lambda p: ort_quantize(str(src), p, 4, 128, "GPTQ", calib_ids)),
+        ("ORT RTN int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "RTN")),
+        ("ORT HQQ int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "HQQ")),
+        ("plain BCQ 3-bit (no calibration)", lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group, tokenizer=tok).so),
+        ("ours 4-bit", lambda p: shiftadd.compile(str(src), p, bits=4, **c).so),
+        ("ours 3-bit", lambda p: shiftadd.compile(str(src), p, bits=3, **c).so),
+        ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "calib_mode": "one-pass"}).so),
+        ("ours 2-bit", lambda p: shiftadd.compile(str(src), p, bits=2, **c).so),
+        ("ours mixed 2.2", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, **c).so),
+        ("ours mixed 2.2, paper 80/20 rule", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **c).so),
+        ("ours mixed 2.5", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, **c).so),
+    ]
+    js = res_dir / "perplexity.json"
+    for label, build in rows:
+        if a.only and label not in a.only:
+            continue
+        done = json.loads(js.read_text()) if js.exists() else []
+        if not a.only and any(r["label"] == label and r["windows"] == a.windows and r["window"] == a.window for r in done):
+            log(f"{label}: already measured, skipped")
+            continue
+        slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+        path = work / (f"{slug}.onnx" if label.startswith("ORT") else f"{slug}.so")
+        t0 = time.time()
+        try:
+            built = build(path)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+            log(f"{label}: could not be built here: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        log(f"{label}: built in {time.time() - t0:.0f}s")
+        eval_perplexity(str(built), windows=a.windows, window=a.window, out=str(res_dir), label=label,
+                        tokenizer="smollm2")
+    rows = json.loads(js.read_text())
+    rows = [r for r in rows if r["windows"] == a.windows and r["window"] == a.window]
+    fl = next((r["ppl"] for r in rows if r["label"] == FLOAT), None)
+    print(results_table(rows))
+    if fl:
+        print(f"\nfloat32 perplexity {fl:.3f}; ratio to float per row:")
+        for r in sorted(rows, key=lambda r: r["ppl"]):
+            print(f"  {r['label']:<36} {r['ppl'] / fl:6.3f}x  ({r['avg_bits']} bits)")
+
+
+if __name__ == "__main__":
+    main()
