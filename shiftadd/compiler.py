@@ -87,6 +87,19 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset, layout=layout,
                     block_rows=block_rows)  # validates
     tgt = resolve_target(target)
+    from .calibrate import MODES
+    from .reparam import ALLOCATORS
+
+    if calib_mode not in MODES:
+        raise ValueError(f"calibration mode must be one of {MODES}, got '{calib_mode}'")
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got '{allocator}'")
+    if avg_bits is not None:
+        from .quant.allocate import CHOICES, _check_budget
+
+        _check_budget(avg_bits, CHOICES)
+    if calib_windows < 0 or calib_len < 2:
+        raise ValueError(f"calibration needs windows >= 0 and calib_len >= 2, got {calib_windows} and {calib_len}")
     source = str(model)
     if _is_onnx(model):
         imported = import_onnx(model)

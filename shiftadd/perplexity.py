@@ -150,8 +150,10 @@ def eval_perplexity(spec: str, text: str = "wiki", windows: int = 16, window: in
 
     if text not in TEXTS:
         raise ValueError(f"--text must be one of {TEXTS}, got '{text}'")
-    if not (str(spec).endswith((".so", ".onnx"))) and Path(spec).suffix in (".json", ".params"):
+    if Path(spec).suffix in (".json", ".params"):
         raise ValueError(f"{spec}: pass the artifact's .so (its .json and .params are found beside it)")
+    if str(spec).endswith((".so", ".onnx")) and not Path(spec).exists():
+        raise FileNotFoundError(f"{spec}: no such file")
     runner = _Runner(spec)
     tok = _tokenizer_for(runner, tokenizer)
     ids = token_windows(tok, wiki_split("eval"), window, windows)
@@ -215,6 +217,8 @@ def _plot_ppl(rows, path):
         ax.plot(r["avg_bits"], r["ppl"], "o", color="C0" if r["kind"] == "shiftadd" else "C3")
         ax.annotate(r["label"], (r["avg_bits"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")
+    low = [r["avg_bits"] for r in rows if r["avg_bits"] is not None and r["avg_bits"] < 16]
+    ax.set_xlim(1.5, max(low + [5.5]) + 0.5)
     ax.set_xlabel("average stored bits per weight (scales included)")
     ax.set_ylabel("perplexity (held-out wiki)")
     ax.set_title("perplexity vs bits (blue: shiftadd, red: ONNX Runtime)")

@@ -124,3 +124,24 @@ def test_model_without_weight_matmuls(tmp_path):
     assert res.report.layers == []
     out = shiftadd.load(res.so).run(None, {"x": np.array([[-1, 2, -3, 4]], np.float32)})[0]
     np.testing.assert_array_equal(out, [[0, 2, 0, 4]])
+
+
+@pytest.mark.parametrize("kw, msg", [({"avg_bits": 5.0}, r"budget 5.0 is outside \[2, 4\]"),
+                                     ({"layout": "diagonal"}, "layout must be one of"),
+                                     ({"calib_mode": "fast"}, "calibration mode must be one of"),
+                                     ({"allocator": "greedy"}, "allocator must be one of"),
+                                     ({"calib_windows": 4}, "calibration on text needs a tokenizer")])
+def test_bad_calibration_and_allocation_options(kw, msg, tiny_onnx, tmp_path):
+    with pytest.raises(ValueError, match=msg):
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_bad_arguments_are_one_cli_line(tmp_path):
+    (tmp_path / "m.json").write_text("{}")
+    for args, msg in [((str(tmp_path / "m.json"),), "pass the artifact's .so"),
+                      ((str(tmp_path / "none.so"),), "none.so: no such file"),
+                      ((str(tmp_path / "none.so"), "--text", "books"), "--text must be one of ('wiki',)")]:
+        code, err = _cli("eval", *args, "--out", str(tmp_path / "res"))
+        assert code == 2 and err.count("\n") == 0 and msg in err, err
+    assert not (tmp_path / "res").exists()
