@@ -57,6 +57,59 @@ def ort_quantize(src: str, dst: Path, bits: int, block: int, algo: str, calib_id
     return dst
 
 
+def rtn_dequantized(src: str, dst: Path, bits: int, group: int) -> tuple[Path, float, int]:
+    """Uniform asymmetric round-to-nearest at ``bits`` (any width: ONNX Runtime has no 3-bit
+    MatMulNBits), stored dequantized in the ONNX file; returns (path, bits per weight, bytes) of the
+    format it stands for: codes + a float16 scale and a ``bits``-bit zero point per group."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(src)
+    inits = {i.name: i for i in model.graph.initializer}
+    vocab = max(i.dims[-1] for i in inits.values() if len(i.dims) == 2)
+    n_w = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.dims[-1] == vocab:
+            continue
+        w = numpy_helper.to_array(init).T  # [N, K]
+        n, k = w.shape
+        g = w.reshape(n, -1, group) if k % group == 0 else None
+        if g is None:
+            raise ValueError(f"group {group} does not divide K={k}")
+        lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+        s = ((hi - lo) / (2**bits - 1)).astype(np.float16).astype(np.float32)
+        s[s == 0] = 1
+        z = np.round(-lo / s)
+        deq = ((np.clip(np.round(g / s) + z, 0, 2**bits - 1) - z) * s).reshape(n, k)
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(deq.T.astype(np.float32)), init.name))
+        n_w += n * k
+    tmp = dst.with_suffix(".tmp.onnx")
+    onnx.save(model, str(tmp))
+    tmp.replace(dst)
+    per = bits + (16 + bits) / group
+    return dst, per, int(n_w * per / 8)
+
+
+def bits_matrix(manifest: dict) -> str:
+    """Markdown: bits of every rewritten layer, one row per layer kind, one column per block."""
+    import re
+
+    grid: dict[str, dict[int, int]] = {}
+    for lay in manifest["layers"]:
+        m = re.match(r".*?(\d+)\.(.*)\.weight$", lay["name"])
+        if m:
+            grid.setdefault(m.group(2), {})[int(m.group(1))] = lay["bits"]
+    blocks = sorted({b for row in grid.values() for b in row})
+    lines = ["| layer \\ block | " + " | ".join(map(str, blocks)) + " |", "|---|" + "---:|" * len(blocks)]
+    for kind, row in grid.items():
+        lines.append(f"| {kind} | " + " | ".join(str(row.get(b, "")) for b in blocks) + " |")
+    return (f"{manifest['model']}: average {manifest.get('avg_bits', 0):.3f} stored bits/weight, "
+            f"allocation {manifest.get('allocation')}\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=16)
@@ -94,9 +147,10 @@ def main() -> None:
         ("ORT RTN int4 b32", lambda p: ort_quantize(str(src), p, 4, 32, "RTN")),
         ("ORT RTN int4 b128", lambda p: ort_quantize(str(src), p, 4, 128, "RTN")),
         ("ORT HQQ int4 b64", lambda p: ort_quantize(str(src), p, 4, 64, "HQQ")),
-        ("ORT GPTQ int4 b128", lambda p: ort_quantize(str(src), p, 4, 128, "GPTQ", calib_ids)),
+        ("ORT GPTQ int4 b64", lambda p: ort_quantize(str(src), p, 4, 64, "GPTQ", calib_ids)),  # b128: K=576 fails in ORT
         ("ORT RTN int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "RTN")),
         ("ORT HQQ int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "HQQ")),
+        ("RTN int3 g64 (dequantized, ORT)", lambda p: rtn_dequantized(str(src), p, 3, 64)),
         ("plain BCQ 3-bit (no calibration)", lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group, tokenizer=tok).so),
         ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "calib_mode": "one-pass"}).so),
         ("ours 4-bit", lambda p: shiftadd.compile(str(src), p, bits=4, **c).so),
@@ -115,7 +169,7 @@ def main() -> None:
             log(f"{label}: already measured, skipped")
             continue
         slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
-        path = work / (f"{slug}.onnx" if label.startswith("ORT") else f"{slug}.so")
+        path = work / (f"{slug}.onnx" if label.startswith(("ORT", "RTN")) else f"{slug}.so")
         t0 = time.time()
         try:
             built = build(path)
@@ -123,8 +177,13 @@ def main() -> None:
             log(f"{label}: could not be built here: {type(e).__name__}: {str(e)[:300]}")
             continue
         log(f"{label}: built in {time.time() - t0:.0f}s")
+        built, bits, nbytes = built if isinstance(built, tuple) else (built, None, None)
         eval_perplexity(str(built), windows=a.windows, window=a.window, out=str(res_dir), label=label,
-                        tokenizer="smollm2")
+                        tokenizer="smollm2", avg_bits=bits, weight_bytes=nbytes)
+    for so in sorted(work.glob("ours-mixed*.json")):
+        md = res_dir / f"{so.stem}-bits.md"
+        md.write_text(bits_matrix(json.loads(so.read_text())) + "\n")
+        log(f"bits per layer: {md}")
     rows = json.loads(js.read_text())
     rows = [r for r in rows if r["windows"] == a.windows and r["window"] == a.window]
     fl = next((r["ppl"] for r in rows if r["label"] == FLOAT), None)

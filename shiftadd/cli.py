@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     c.add_argument("--target", default="cpu", help="'cpu' or a TVM target JSON dict")
     c.add_argument("--no-rewrite", action="store_true", help="compile the float model unchanged")
     c.add_argument("--no-offset", action="store_true", help="symmetric BCQ without the per-group offset")
-    c.add_argument("--calib", type=int, default=0, metavar="N",
-                   help="fit with error feedback against N windows of the wiki calibration text (default 0: off)")
+    c.add_argument("--calib", type=int, default=None, metavar="N",
+                   help="fit with error feedback against N windows of the wiki calibration text "
+                        "(default 8 when the model has a tokenizer; 0: weight-only)")
     c.add_argument("--calib-len", type=int, default=128, help="tokens per calibration window (default 128)")
     c.add_argument("--calib-mode", choices=("sequential", "one-pass"), default="sequential",
                    help="sequential: block by block on the quantized model (default); one-pass: float Hessians, faster")

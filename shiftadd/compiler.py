@@ -16,6 +16,9 @@ from .quant import BCQConfig
 from .util import log
 
 
+DEFAULT_CALIB_WINDOWS = 8  # x 128 tokens: SmolLM2 calibrates sequentially in a few minutes here
+
+
 @dataclass
 class CompileResult:
     so: Path
@@ -62,19 +65,21 @@ def build(mod, target):
 
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
-            keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int = 0,
+            keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
             calib_len: int = 128, calib_mode: str = "sequential", avg_bits: float | None = None,
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
-    ``calib_windows > 0`` fits every layer with error feedback against the input Hessians collected
-    on that many windows of the packaged wiki text (calibration split; needs a tokenizer), block by
-    block on the already-quantized model (``calib_mode='sequential'``) or in one float pass
-    (``'one-pass'``). ``avg_bits`` (e.g. 2.5) allocates 2/3/4 bits per layer under that average
-    (``allocator`` 'budget': exact knapsack on predicted output error; 'ratio': the paper's rule);
-    ``bits`` is then ignored. ``layout`` picks the scale layout (quant/gptq.py): 'row-group' (α per
-    row and ``group`` inputs), 'block' (per 8 inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model unchanged (the exactness baseline). ``tokenizer``
-    (a model id/path, 'smollm2', or a loaded tokenizer) is stored with an ONNX input, for text prompts.
+    ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
+    every layer with error feedback against input Hessians from that many windows of the packaged
+    wiki text (calibration split), block by block on the already-quantized model
+    (``calib_mode='sequential'``) or in one float pass (``'one-pass'``). ``avg_bits`` (e.g. 2.5)
+    allocates 2/3/4 bits per layer under that average (``allocator`` 'budget': exact knapsack on
+    predicted output error; 'ratio': the paper's rule); ``bits`` is then ignored. ``layout`` picks
+    the scale layout (quant/gptq.py): 'row-group' (per row and ``group`` inputs), 'block' (per 8
+    inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model
+    unchanged (the exactness baseline). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
 
@@ -98,7 +103,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         from .quant.allocate import CHOICES, _check_budget
 
         _check_budget(avg_bits, CHOICES)
-    if calib_windows < 0 or calib_len < 2:
+    if calib_windows is not None and (calib_windows < 0 or calib_len < 2):
         raise ValueError(f"calibration needs windows >= 0 and calib_len >= 2, got {calib_windows} and {calib_len}")
     source = str(model)
     if _is_onnx(model):
@@ -120,6 +125,11 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             del hf_model
             imported = import_onnx(onnx_path)
     vocab_size, eos_ids = _vocab_and_eos(imported, tokenizer)
+    if calib_windows is None:
+        calib_windows = DEFAULT_CALIB_WINDOWS if (rewrite and tokenizer is not None) else 0
+        if rewrite:
+            log(f"calibration: {calib_windows} windows x {calib_len} wiki tokens ({calib_mode})" if calib_windows
+                else "no tokenizer: weight-only fit (pass tokenizer= / --tokenizer to calibrate on text)")
     mod, params, report, plan = imported.mod, imported.params, None, None
     if rewrite:
         from .reparam import plan_fit

@@ -143,7 +143,8 @@ def _tokenizer_for(runner, tokenizer):
 
 
 def eval_perplexity(spec: str, text: str = "wiki", windows: int = 16, window: int = 256, out: str | None = "results",
-                    label: str | None = None, tokenizer=None) -> dict:
+                    label: str | None = None, tokenizer=None, avg_bits: float | None = None,
+                    weight_bytes: int | None = None) -> dict:
     """Perplexity of ``spec`` (.so, .onnx or HF model) on ``windows`` held-out windows of ``window``
     tokens; appends the row to ``out``/perplexity.json and rewrites the table and plots."""
     from .data import token_windows, wiki_split
@@ -155,6 +156,8 @@ def eval_perplexity(spec: str, text: str = "wiki", windows: int = 16, window: in
     if str(spec).endswith((".so", ".onnx")) and not Path(spec).exists():
         raise FileNotFoundError(f"{spec}: no such file")
     runner = _Runner(spec)
+    if avg_bits is not None:  # a format the file does not show (e.g. weights stored dequantized)
+        runner.avg_bits, runner.weight_bytes = avg_bits, weight_bytes
     tok = _tokenizer_for(runner, tokenizer)
     ids = token_windows(tok, wiki_split("eval"), window, windows)
     log(f"perplexity of {spec} on {windows} held-out {text} windows x {window} tokens ...")
