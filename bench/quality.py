@@ -151,14 +151,15 @@ def main() -> None:
         ("ORT RTN int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "RTN")),
         ("ORT HQQ int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "HQQ")),
         ("RTN int3 g64 (dequantized, ORT)", lambda p: rtn_dequantized(str(src), p, 3, 64)),
-        ("plain BCQ 3-bit (no calibration)", lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group, tokenizer=tok).so),
-        ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "calib_mode": "one-pass"}).so),
         ("ours 4-bit", lambda p: shiftadd.compile(str(src), p, bits=4, **c).so),
         ("ours 3-bit", lambda p: shiftadd.compile(str(src), p, bits=3, **c).so),
         ("ours 2-bit", lambda p: shiftadd.compile(str(src), p, bits=2, **c).so),
         ("ours mixed 2.2", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, **c).so),
         ("ours mixed 2.2, paper 80/20 rule", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **c).so),
         ("ours mixed 2.5", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, **c).so),
+        ("plain BCQ 3-bit (no calibration)", lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group,
+                                                                         tokenizer=tok, calib_windows=0).so),
+        ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "calib_mode": "one-pass"}).so),
     ]
     js = res_dir / "perplexity.json"
     for label, build in rows:

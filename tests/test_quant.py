@@ -78,3 +78,20 @@ def test_bad_matrix():
         quantize_matrix(np.zeros((3,), np.float32), BCQConfig())
     with pytest.raises(ValueError, match="NaN"):
         quantize_matrix(np.full((4, 8), np.nan, np.float32), BCQConfig(group=4))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scales_and_offsets_are_apot_and_exact_in_float16(bits):
+    """Every stored scale and offset is a sum of <= apot_terms signed powers of two, exact in float16
+    (the packer refuses anything else), also when the fit keeps its initial grid."""
+    from shiftadd.quant.pack import pack_bcq
+
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 2.0, (64, 1))).astype(np.float32)
+    for rounds in (0, 6):
+        bw = quantize_matrix(w, BCQConfig(bits=bits, group=64, rounds=rounds))
+        for a in (bw.alpha, bw.offset):
+            t = torch.from_numpy(a.astype(np.float64))
+            assert torch.equal(apot_round(t, 3), t)
+            assert np.array_equal(a.astype(np.float16).astype(np.float32), a)
+        pack_bcq(bw, 16)

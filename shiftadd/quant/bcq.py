@@ -144,7 +144,7 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
         alpha = step[:, None] * (2.0 ** torch.arange(q - 2, -2, -1, dtype=torch.float32))[None]
         half = (2**q - 1) / 2  # levels are z + step * (j - half), j = 0 .. 2^q - 1
         j0 = torch.clamp(torch.round(-v.amin(1) / step), 0, 2**q - 1)  # level index that sits at 0
-        z = step * (half - j0)
+        z = apot_round(step * (half - j0), terms).to(torch.float32)  # z itself is APoT (a shift, exact in fp16)
     else:
         als = []
         for _ in range(q):  # greedy init
