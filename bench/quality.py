@@ -169,6 +169,8 @@ def main() -> None:
         if not a.only and any(r["label"] == label and r["windows"] == a.windows and r["window"] == a.window for r in done):
             log(f"{label}: already measured, skipped")
             continue
+        if a.calib_mode != "sequential" and label.startswith("ours") and "one-pass" not in label:
+            label = f"{label} ({a.calib_mode})"
         slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
         path = work / (f"{slug}.onnx" if label.startswith(("ORT", "RTN")) else f"{slug}.so")
         t0 = time.time()
