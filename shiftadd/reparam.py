@@ -127,7 +127,7 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
 
 
 def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list | None = None,
-             mode: str = "sequential", avg_bits: float | None = None, allocator: str = "budget") -> FitPlan:
+             mode: str = "one-pass", avg_bits: float | None = None, allocator: str = "budget") -> FitPlan:
     """Fits for every weight matmul: weight-only without ``batches``, error feedback with them
     (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation."""
     from .calibrate import calibrate
