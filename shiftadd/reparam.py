@@ -86,7 +86,7 @@ class FitPlan:
 def _layers(imported, skip):
     from .relax_passes.capture_matmul_inputs import capture_matmul_inputs
 
-    _, caps = capture_matmul_inputs(imported.mod, imported.params, tuple(skip))
+    _, caps = capture_matmul_inputs(imported.mod, imported.params, tuple(skip), require=False)
     out = []
     for c in caps:
         if c.is_param:

@@ -80,12 +80,15 @@ class _Capture(relax.PyExprMutator):
 
 
 def capture_matmul_inputs(mod: tvm.IRModule, params: dict, skip: tuple[str, ...] = ("lm_head",),
-                          func_name: str = "main", keep_result: bool = False):
-    """Returns (module whose ``main`` returns ([result,] *inputs), [CapturedMatmul] in model order)."""
+                          func_name: str = "main", keep_result: bool = False, require: bool = True):
+    """Returns (module whose ``main`` returns ([result,] *inputs), [CapturedMatmul] in model order).
+    With ``require`` (calibration), a model without weight matmuls is an error."""
     cap = _Capture(mod, params, skip)
     func = mod[func_name]
     new = cap.visit_expr(func)
     if not cap.captured:
+        if not require:
+            return mod, []
         raise ValueError("calibration: the model has no weight matmuls to calibrate")
     body = new.body
     outs = ([body.body] if keep_result else []) + cap.outputs
