@@ -25,6 +25,17 @@ def _extent(sch, loop) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
+def _open(rule, func, target):
+    """(schedule, block infos with spatial producers inlined) for a PrimFunc this rule may schedule."""
+    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    return sch, try_inline(sch, infos)
+
+
 class CPUMatmul(CPUScheduleRule):
     """Float matmuls (one reduction block ``C[m.., n] += A[m.., k] * B[k, n]``, constant N), fused
     epilogues included: a MATMUL_ROWS x MATMUL_COLS register tile, each vector of B reused by
@@ -32,13 +43,10 @@ class CPUMatmul(CPUScheduleRule):
     dlight's cpu.Reduction also matches these but leaves the fused ones serial (7x slower here)."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = _open(self, func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline(sch, infos)
+        sch, infos = opened
         red = [i for i in infos if "R" in i.dom_kind()]
         if len(red) != 1:
             return None
@@ -75,13 +83,10 @@ class CPUFallback(CPUScheduleRule):
     """Parallel outer spatial loop; vectorised innermost spatial axis under reductions."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = _open(self, func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline(sch, infos)
+        sch, infos = opened
         for info in infos:
             try:
                 self._schedule_block(sch, info)
