@@ -66,8 +66,22 @@ class BCQConfig:
         return kp if self.group == -1 else min(self.group, kp)
 
 
+class SignPlanes:
+    """What every fitted form shares: sign planes ``signs`` [q, N, K] (True = +1)."""
+
+    signs: np.ndarray
+
+    @property
+    def bits(self) -> int:
+        return self.signs.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.signs.shape[1], self.signs.shape[2]
+
+
 @dataclass
-class BCQWeight:
+class BCQWeight(SignPlanes):
     """A fitted matrix. ``signs[b, n, k]`` is True for +1; ``alpha[b, n, g]`` are APoT values.
 
     The last group may be shorter than ``group`` when ``group`` does not divide ``k``.
@@ -78,14 +92,6 @@ class BCQWeight:
     group: int
     offset: np.ndarray | None = None  # float32 [N, NG] (APoT), or None
     alpha_rows: int = 1  # consecutive rows sharing one scale (block layout); the packer stores them once
-
-    @property
-    def bits(self) -> int:
-        return self.signs.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.signs.shape[1], self.signs.shape[2]
 
     def dequantize(self) -> np.ndarray:
         """``Σ_b α_b ⊙ B_b`` as float32 [N, K], the matrix the kernel multiplies by."""

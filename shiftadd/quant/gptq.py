@@ -27,26 +27,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bcq import LAYOUTS, BCQConfig, BCQWeight, _best_codes, _fit_groups, _sign_patterns, quantize_matrix
+from .bcq import LAYOUTS, BCQConfig, BCQWeight, SignPlanes, _best_codes, _fit_groups, _sign_patterns, quantize_matrix
 
 BLOCK_COLS = 8
 
 
 @dataclass
-class ColumnBCQWeight:
+class ColumnBCQWeight(SignPlanes):
     """Column-wise BCQ: ``W[:, k] ≈ z[k] + Σ_b α[b, k] · B[b, :, k]``."""
 
     signs: np.ndarray  # bool [q, N, K]
     alpha: np.ndarray  # float32 [q, K] (APoT)
     offset: np.ndarray | None = None  # float32 [K] (APoT)
-
-    @property
-    def bits(self) -> int:
-        return self.signs.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.signs.shape[1], self.signs.shape[2]
 
     def dequantize(self) -> np.ndarray:
         b = np.where(self.signs, np.float32(1), np.float32(-1))
