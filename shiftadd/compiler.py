@@ -57,17 +57,51 @@ def build(mod, target):
 
     from .schedules.default_cpu import schedule_unscheduled
 
+    if uses_avx2_kernel(mod):  # in-memory runs resolve the micro-kernel from this process
+        from .schedules import lut_avx2
+
+        lut_avx2.load_in_process()
     with target:
         mod = relax.get_default_pipeline(target)(mod)
         mod = schedule_unscheduled(mod, target)
     return tvm.compile(mod, target, relax_pipeline=None)
 
 
+def uses_avx2_kernel(mod) -> bool:
+    return any(gv.name_hint.startswith("shiftadd_lut8") for gv, _ in mod.functions_items())
+
+
+def export(ex, path: str, mod) -> None:
+    """Write the executable as one .so, with the AVX2 micro-kernel linked in when ``mod`` calls it."""
+    if uses_avx2_kernel(mod):
+        from .schedules import lut_avx2
+
+        lut_avx2.export(ex, path)
+    else:
+        ex.export_library(path)
+
+
+def pick_kernel(kernel: str, target) -> str:
+    """'auto' -> 'avx2' on a target with AVX2/FMA/F16C, else the portable float-table kernel."""
+    from .relax_passes.rewrite_lut_matmul import KERNELS
+    from .schedules.lut_avx2 import target_supported
+
+    if kernel == "auto":
+        return "avx2" if target_supported(target) else "f32"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: expected 'auto' or one of {', '.join(KERNELS)}")
+    if kernel == "avx2" and not target_supported(target):
+        raise ValueError("kernel 'avx2' needs a target with AVX2, FMA and F16C "
+                         f"(target mcpu {target.attrs.get('mcpu', '?')!r} lacks them)")
+    return kernel
+
+
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
             calib_len: int = 128, calib_mode: str = "one-pass", avg_bits: float | None = None,
-            allocator: str = "budget", layout: str = "row-group", block_rows: int = 64) -> CompileResult:
+            allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
+            kernel: str = "auto") -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -79,7 +113,9 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     predicted output error; 'ratio': the paper's rule); ``bits`` is then ignored. ``layout`` picks
     the scale layout (quant/gptq.py): 'row-group' (per row and ``group`` inputs), 'block' (per 8
     inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model
-    unchanged (the exactness baseline). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    unchanged (the exactness baseline). ``kernel`` 'auto' (default) picks the AVX2 int8-table
+    micro-kernel on AVX2 targets (T-MAC's technique, schedules/lut_avx2.py) and the float-table TIR
+    kernel elsewhere; 'f32' forces the float tables (exact to float rounding). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
@@ -93,6 +129,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset, layout=layout,
                     block_rows=block_rows)  # validates
     tgt = resolve_target(target)
+    kernel = pick_kernel(kernel, tgt)
     from .calibrate import MODES
     from .reparam import ALLOCATORS
 
@@ -146,7 +183,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         plan = plan_fit(imported, cfg, tgt, skip=tuple(skip), batches=batches, mode=calib_mode,
                         avg_bits=avg_bits, allocator=allocator)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
-                                                 fitted=plan.fitted, layer_bits=plan.layer_bits)
+                                                 fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel)
         report.allocation = plan.allocation
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
@@ -154,7 +191,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     log(f"built in {time.time() - tb:.1f}s")
     func = mod["main"]
     with ArtifactWriter(output) as w:
-        ex.export_library(str(w.staged("so")))
+        export(ex, str(w.staged("so")), mod)
         blob = tvm.runtime.save_param_dict({k: tvm.runtime.tensor(np.ascontiguousarray(v)) for k, v in params.items()})
         w.staged("params").write_bytes(blob)
         if tokenizer is not None:
@@ -167,6 +204,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "tvm_version": tvm.__version__,
             "target": target_dict(tgt),
             "rewrite": rewrite,
+            "kernel": kernel if rewrite else None,
             "quant": asdict(cfg) if rewrite else None,
             "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split",
                             **plan.calibration} if plan and plan.calibration else None,

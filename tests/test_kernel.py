@@ -91,3 +91,85 @@ def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
     y = run_kernel(xs, one, 16)
     dense = x.astype(np.float64) @ cw.dequantize().T.astype(np.float64)
     np.testing.assert_allclose(y, dense, atol=2e-5 * max(1.0, float(np.abs(dense).max())) * np.sqrt(k))
+
+
+# -- the AVX2 int8-table micro-kernel (schedules/lut_avx2.py) ---------------------------------------
+def run_avx2(x, bw, knobs=None, knobs_batch=None):
+    from shiftadd.schedules import lut_avx2 as L
+
+    L.load_in_process()
+    codes, alpha, zoff = L.pack_avx2(bw)
+    n, k = bw.shape
+    f = L.make_lut_avx2(k, n, bw.bits, bw.group, bw.offset is not None, bw.alpha_rows,
+                        knobs or L.DEFAULT_KNOBS, knobs_batch)
+    lib = tvm.compile(tvm.IRModule({"main": f}), TARGET)
+    y = tvm.runtime.empty((x.shape[0], n), "float32", DEV)
+    lib["main"](*[tvm.runtime.tensor(a, DEV) for a in (x, codes, alpha, zoff)], y)
+    return y.numpy()
+
+
+def check_avx2(x, bw, y):
+    """Equal to the int8-table reference to float rounding, and to the float-table reference within
+    the table-rounding bound (each entry off by at most half its unit's scale)."""
+    from shiftadd.schedules.lut_avx2 import lut_avx2_reference, table_error_bound
+
+    ref = lut_avx2_reference(x, bw)
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(y, ref, atol=1e-5 * scale * np.sqrt(x.shape[1] / 64 + 1))
+    exact = lut_matmul_reference(x, bw)
+    assert (np.abs(ref - exact) <= table_error_bound(x, bw) * (1 + 1e-6) + 1e-9 * scale).all()
+
+
+pytestmark_avx2 = pytest.mark.skipif(not __import__("shiftadd.schedules.lut_avx2", fromlist=["x"]).target_supported(TARGET),
+                                     reason="this CPU has no AVX2/FMA/F16C (the AVX2 kernel cannot run here)")
+
+
+@pytestmark_avx2
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 7), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
+       pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), knob=st.integers(0, 1000),
+       seed=st.integers(0, 2**16))
+def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, seed):
+    """Odd shapes (K not a multiple of 8, N not of 32), M > 1, every tuning-knob kind, 1-4 planes, and
+    groups beyond the int16 bound (130 pairs: the kernel splits them into units)."""
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import KNOB_SPACE
+
+    rng = np.random.default_rng(seed)
+    group = 8 * pairs
+    ng = -(-k // group)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
+    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group,
+                   alpha=rng.choice([0.5, 0.375, 2.0 ** -7, 3.0], size=(bits, n, ng)).astype(np.float32),
+                   offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None)
+    kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
+    y = run_avx2(x, bw, kn, KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)])
+    check_avx2(x, bw, y)
+
+
+@pytestmark_avx2
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 3), k=st.integers(1, 80), n=st.integers(1, 100), bits=st.sampled_from([2, 3, 4]),
+       rows=st.sampled_from([32, 64, 96]), offset=st.booleans(), seed=st.integers(0, 2**16))
+def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
+    """The block layout (scales per 8 inputs x ``rows`` rows, rows a multiple of 32) on the AVX2 kernel."""
+    from shiftadd.quant.gptq import quantize_matrix_gptq
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bw = quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block",
+                                                      block_rows=rows), act_order=False)
+    check_avx2(x, bw, run_avx2(x, bw))
+
+
+@pytestmark_avx2
+def test_avx2_kernel_rejects_layouts_it_cannot_read():
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import make_lut_avx2, pack_avx2
+
+    bw = BCQWeight(signs=np.zeros((2, 5, 12), bool), alpha=np.ones((2, 5, 1), np.float32), group=12)
+    with pytest.raises(ValueError, match="group 12"):
+        pack_avx2(bw)
+    with pytest.raises(ValueError, match="rows per scale 16"):
+        make_lut_avx2(16, 5, 2, 8, alpha_rows=16)

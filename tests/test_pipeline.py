@@ -36,14 +36,21 @@ def test_float_pipeline_equals_onnxruntime(family, tiny_onnx, tmp_path):
         assert np.abs(ours - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, tiny_onnx, tmp_path):
+# kernel tolerance relative to the largest logit: float tables are exact to float rounding; the AVX2
+# kernel's int8 tables (T-MAC's scheme) round each table entry to 1/254 of its unit's largest entry
+TOLERANCE = {"f32": 1e-3, "avx2": 2e-2}
+
+
+@pytest.mark.parametrize("family, bits, kernel", [(f, b, "f32") for f in FAMILIES for b in (2, 3, 4)]
+                         + [(f, 3, "avx2") for f in FAMILIES] + [("llama", 2, "avx2"), ("opt", 4, "avx2")])
+def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel, tiny_onnx, tmp_path):
     path = tiny_onnx(family)
-    group = 36 if family == "llama" else 32  # llama: 36 divides K=72, K=100 rows end in a shorter group
+    # llama: K = 72 and 100, so rows of K=100 end in a shorter group; the AVX2 kernel wants group % 8 == 0
+    group = (24 if kernel == "avx2" else 36) if family == "llama" else 32
     res = shiftadd.compile(path, tmp_path / "m.so", bits=bits, group=group, keep_dequantized=True,
-                           skip=() if family == "llama" else ("lm_head",))
+                           skip=() if family == "llama" else ("lm_head",), kernel=kernel)
     rep = res.report
+    assert all(r.kernel == kernel for r in rep.rewritten) and res.manifest["kernel"] == kernel
     # every weight matmul is rewritten except the skipped lm_head (tied to the embedding in OPT/GPT-2)
     n_linear = {"llama": 2 * 7 + 1, "opt": 2 * 6, "gpt2": 2 * 4}[family]
     assert len(rep.rewritten) == n_linear
@@ -64,7 +71,7 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, tiny_on
     ids, mask = ragged_batch(bits, 2, 9)
     ours = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     ref = ort_logits(model, ids, mask)
-    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max()
     # and the rewrite really changed the model (the float model differs)
     assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3
 
@@ -122,15 +129,17 @@ def test_inputs_metadata_and_bad_feeds(tiny_onnx, tmp_path):
         sess.run(["nope"], {"input_ids": ids, "attention_mask": mask})
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("layout", ["block", "column"])
-def test_scale_layouts_run_exactly(family, layout, tiny_onnx, tmp_path):
-    """Block-wise scales (one per 8 inputs x 16 rows) and column-wise scales (one per input, fed to the
-    kernel as pre-scaled activations) compute exactly the dequantized model, with error feedback."""
+@pytest.mark.parametrize("family, layout, kernel", [(f, lay, "f32") for f in ("llama", "opt") for lay in ("block", "column")]
+                         + [("llama", "block", "avx2"), ("opt", "column", "avx2")])
+def test_scale_layouts_run_exactly(family, layout, kernel, tiny_onnx, tmp_path):
+    """Block-wise scales (one per 8 inputs x 16 rows; 32 for the AVX2 kernel, which reads whole 32-row
+    blocks) and column-wise scales (one per input, fed to the kernel as pre-scaled activations) compute
+    the dequantized model (exactly with float tables), with error feedback."""
     path = tiny_onnx(family)
-    res = shiftadd.compile(path, tmp_path / "m.so", bits=3, layout=layout, block_rows=16, keep_dequantized=True)
+    res = shiftadd.compile(path, tmp_path / "m.so", bits=3, layout=layout, block_rows=32 if kernel == "avx2" else 16,
+                           keep_dequantized=True, kernel=kernel)
     rep = res.report
-    assert rep.rewritten and all(r.layout == layout for r in rep.rewritten)
+    assert rep.rewritten and all(r.layout == layout and r.kernel == kernel for r in rep.rewritten)
     model = onnx.load(path)
     name_weights(model)
     for init in model.graph.initializer:
@@ -139,5 +148,5 @@ def test_scale_layouts_run_exactly(family, layout, tiny_onnx, tmp_path):
     ids, mask = ragged_batch(5, 2, 9)
     ours = shiftadd.load(res.so).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     ref = ort_logits(model, ids, mask)
-    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max()
     assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3

@@ -69,7 +69,7 @@ def column_as_one_bit(w) -> tuple[BCQWeight, np.ndarray]:
         planes.append(np.ones((n, k), dtype=bool))
         scales.append(w.offset)
     kk = k * len(planes)
-    g = -(-kk // MU) * MU
+    g = -(-kk // (2 * MU)) * 2 * MU  # whole table pairs: the AVX2 kernel reads tables two at a time
     one = BCQWeight(signs=np.concatenate(planes, 1)[None], alpha=np.ones((1, n, 1), np.float32), group=g)
     return one, np.stack(scales).astype(np.float32)
 

@@ -22,6 +22,7 @@ from tvm.ir import GenericConst
 from ..quant import BCQConfig, BCQWeight
 from ..quant.gptq import ColumnBCQWeight, fit_layer
 from ..quant.pack import column_as_one_bit, pack_bcq
+from ..schedules import lut_avx2
 from ..schedules.lut_kernel import DEFAULT_VEC, build_lut_kernel, kernel_name
 from ..util import log
 
@@ -41,6 +42,7 @@ class LayerReport:
     transposed: bool = False  # the stored weight is [N, K] (Gemm transB) rather than [K, N]
     calibrated: bool = False  # fitted with error feedback against calibration inputs
     layout: str = ""  # scale layout of the fit (row-group | block | column)
+    kernel: str = ""  # "avx2" (int8 tables, C micro-kernel) | "f32" (float tables, TIR)
 
 
 @dataclass
@@ -133,8 +135,10 @@ def match_weight_operand(call, resolve):
 @relax.expr_functor.mutator
 class _LutMatmulRewriter(relax.PyExprMutator):
     def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians=None,
-                 fitted=None, layer_bits=None):
+                 fitted=None, layer_bits=None, kernel="f32", knobs=None):
         super().__init__(mod)
+        self.kernel = kernel
+        self.knobs = knobs
         self.hessians = hessians or {}
         self.fitted = fitted or {}
         self.layer_bits = layer_bits or {}
@@ -193,6 +197,15 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
+    def _kernel_avx2(self, k, n, bits, group, offset, alpha_rows):
+        key = ("avx2", k, n, bits, group, offset, alpha_rows)
+        if key not in self.kernels:
+            kn = self.knobs(k, n, bits, group, offset, alpha_rows) if self.knobs else (lut_avx2.DEFAULT_KNOBS,) * 2
+            f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1])
+            name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows)
+            self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
+        return self.kernels[key]
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         m = self._match(call)
@@ -234,7 +247,8 @@ class _LutMatmulRewriter(relax.PyExprMutator):
                 raise ValueError(f"'{name}': column scales are not exact in float16")
         else:
             kern_w = bw
-        codes, alpha, zoff = pack_bcq(kern_w, self.vec)
+        rep.kernel = "avx2" if self.kernel == "avx2" and lut_avx2.supports(kern_w.group, kern_w.alpha_rows) else "f32"
+        codes, alpha, zoff = pack_bcq(kern_w, self.vec) if rep.kernel == "f32" else lut_avx2.pack_avx2(kern_w)
         rep.status, rep.bits = "rewritten", bw.bits
         rep.group = getattr(bw, "group", 0) if cfg.layout == "row-group" else 0
         rep.layout = cfg.layout
@@ -243,7 +257,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         rep.rel_error = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
         if self.keep_dequantized:
             self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
-        cv = relax.Var(name + ".codes", relax.TensorType(codes.shape, "int32"))
+        cv = relax.Var(name + ".codes", relax.TensorType(codes.shape, str(codes.dtype)))
         av = relax.Var(name + ".alpha", relax.TensorType(alpha.shape, str(alpha.dtype)))
         zv = relax.Var(name + ".offset", relax.TensorType(zoff.shape, str(zoff.dtype)))
         self.new_params += [(cv, codes), (av, alpha), (zv, zoff)]
@@ -261,7 +275,8 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             xe = self.builder_.emit(relax.op.multiply(relax.op.expand_dims(x2, [1]), s32))
             kk = p * k
             x2 = self.builder_.emit(relax.op.reshape(xe, relax.ShapeExpr([m_expr, kk])))
-        gv = self._kernel(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
+        make = self._kernel if rep.kernel == "f32" else self._kernel_avx2
+        gv = make(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
         y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
         if self.progress is not None:
@@ -271,6 +286,9 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             return y2
         y2 = self.builder_.emit(y2)
         return relax.op.reshape(y2, relax.ShapeExpr(lead + [n]))
+
+
+KERNELS = ("f32", "avx2")
 
 
 def layer_config(cfg: BCQConfig, layer_bits: dict | None, name: str) -> BCQConfig:
@@ -331,7 +349,8 @@ def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
 def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
                        skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
                        keep_dequantized: bool = False, func_name: str = "main", hessians: dict | None = None,
-                       fitted: dict | None = None, layer_bits: dict | None = None):
+                       fitted: dict | None = None, layer_bits: dict | None = None, kernel: str = "f32",
+                       knobs=None):
     """Apply the rewrite to ``func_name``. Returns (new module, new params dict, RewriteReport).
 
     ``params`` maps weight parameter names to values; the returned dict drops replaced weights
@@ -340,7 +359,12 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     input Hessian, from ``shiftadd.calibrate``) switches those layers to the error-feedback fit;
     ``fitted`` (weight name -> BCQWeight, e.g. from sequential calibration) supplies finished fits;
     ``layer_bits`` (weight name -> 2/3/4, from the allocator) overrides ``cfg.bits`` per layer.
+    ``kernel`` 'avx2' uses the int8-table AVX2 micro-kernel (schedules/lut_avx2.py) wherever it reads
+    the layout (float-table TIR kernel elsewhere); ``knobs(k, n, bits, group, offset, rows)`` returns
+    its (decode, batch) Knobs, e.g. from the tuning database.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
     func = mod[func_name]
     _check_group(cfg, _weight_matmul_ks(func, params, skip))
     report = RewriteReport()
@@ -349,7 +373,7 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     from .. import util
 
     rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians, fitted,
-                            layer_bits)
+                            layer_bits, kernel, knobs)
     label = f"{cfg.bits}-bit" if not layer_bits else "mixed-bit"
     with tqdm(desc=f"BCQ {label}", unit="matmul", disable=util.QUIET, leave=False) as bar:
         rw.progress = bar

@@ -1,0 +1,285 @@
+"""The AVX2 int8-table LUT-add kernel: a TIR wrapper around the C micro-kernel in kernels/lut_avx2.cc.
+
+Why a C micro-kernel (call_extern) rather than LLVM intrinsics in TIR: the inner step needs exact
+register allocation across planes and activation rows (16 ymm registers), nibble splitting and the
+``vpunpck``/``vpmaddubsw`` widening, which TIR's vectoriser does not express; T-MAC made the same
+choice. TIR keeps what it is good at: shapes (symbolic M), workspaces and the thread split (the
+parallel loop runs on TVM's own thread pool, so nothing else competes for the cores).
+
+Layout (:func:`pack_avx2`): see the header of kernels/lut_avx2.cc. Semantics differ from the float
+kernel in one documented way: the tables are int8 (one scale per unit of tables, T-MAC's scheme), so
+the result equals :func:`lut_avx2_reference` to float rounding, and the float reference to within
+:func:`table_error_bound`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..quant.bcq import MU, BCQWeight
+from ..quant.pack import _exact_f16, _shared_rows
+
+SOURCE = Path(__file__).with_name("kernels") / "lut_avx2.cc"
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-ffp-contract=off", "-std=c++17"]
+ROWS = 32  # output rows per vpshufb
+MAX_UNIT_PAIRS = 128  # int16 accumulation bound: 128 pairs x 254 < 32767
+FEATURES = ("avx2", "fma", "f16c")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Tuning knobs of one kernel: activation rows per pass, 32-row blocks per pass, parallel tasks."""
+    mt: int = 1
+    rbk: int = 1
+    tasks: int = 0  # 0: one task per 32-row block group (TVM splits them over its threads)
+
+    def tag(self) -> str:
+        return f"m{self.mt}r{self.rbk}t{self.tasks}"
+
+
+DEFAULT_KNOBS = Knobs()
+KNOB_SPACE = [Knobs(mt, rbk, t) for mt in (1, 2, 4) for rbk in (1, 2) for t in (0, 2, 8)
+              if not (mt == 4 and rbk == 2)]
+
+
+def target_supported(target) -> bool:
+    """True when ``target`` (a TVM llvm Target) has AVX2, FMA and F16C."""
+    from tvm.target import codegen
+
+    try:
+        return target.kind.name == "llvm" and bool(codegen.target_has_features(list(FEATURES), target))
+    except Exception:  # noqa: BLE001 - a non-x86 target has no such features
+        return False
+
+
+def unit_tables(g4: int) -> int | None:
+    """Tables per int8 scale: the largest even divisor of ``g4`` within the int16 bound (None: g4 odd)."""
+    if g4 % 2:
+        return None
+    best = 2
+    for u in range(2, min(g4, 2 * MAX_UNIT_PAIRS) + 1, 2):
+        if g4 % u == 0:
+            best = u
+    return best
+
+
+def supports(group: int, alpha_rows: int) -> bool:
+    """Whether this kernel reads that layout (even tables per group; block scales over 32-row blocks)."""
+    return group % (2 * MU) == 0 and (alpha_rows == 1 or alpha_rows % ROWS == 0)
+
+
+def dims(k: int, n: int, group: int, alpha_rows: int = 1) -> dict:
+    g4 = group // MU
+    t4 = -(-k // MU)
+    ng = -(-t4 // g4)
+    nb = -(-n // ROWS)
+    u4 = unit_tables(g4)
+    return {"g4": g4, "ng": ng, "pairs": ng * g4 // 2, "u4": u4, "nu": ng * g4 // u4, "nb": nb,
+            "nba": nb if alpha_rows == 1 else -(-nb * ROWS // alpha_rows), "w": ROWS if alpha_rows == 1 else 1}
+
+
+def kernel_name(k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int) -> str:
+    return (f"shiftadd_lut8_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
+            + (f"_r{alpha_rows}" if alpha_rows != 1 else ""))
+
+
+def pack_avx2(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """codes uint8 [NB, P, q, 32], alpha f16 [NBA, NG, q, W], offsets f16 [NBA, NG, W] ([1, 1, W] zeros
+    without offset): the order the kernel streams them in (kernels/lut_avx2.cc)."""
+    q, n, k = w.signs.shape
+    if not supports(w.group, w.alpha_rows):
+        raise ValueError(f"AVX2 kernel: group {w.group} / rows per scale {w.alpha_rows} not supported "
+                         f"(need group % 8 == 0 and rows per scale 1 or a multiple of 32)")
+    d = dims(k, n, w.group, w.alpha_rows)
+    nb, pairs, ng = d["nb"], d["pairs"], d["ng"]
+    bits = np.zeros((q, nb * ROWS, pairs * 2 * MU), dtype=np.uint8)
+    bits[:, :n, :k] = w.signs
+    code = (bits.reshape(q, nb * ROWS, pairs, 2, MU) << np.arange(MU, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+    byte = code[..., 0] | (code[..., 1] << 4)  # [q, NB*32, P]
+    codes = np.ascontiguousarray(byte.reshape(q, nb, ROWS, pairs).transpose(1, 3, 0, 2))
+    r, wd = w.alpha_rows, d["w"]
+    alpha = _exact_f16(_shared_rows(w.alpha, r, 1, "scale"), "scale")  # [q, N/r, NG]
+    rows = alpha.shape[1]
+    if r == 1:
+        a = np.zeros((q, nb * ROWS, ng), np.float16)
+        a[:, :rows] = alpha
+        alpha_p = np.ascontiguousarray(a.reshape(q, nb, ROWS, ng).transpose(1, 3, 0, 2))
+    else:
+        a = np.zeros((q, d["nba"], ng), np.float16)
+        a[:, :rows] = alpha
+        alpha_p = np.ascontiguousarray(a.transpose(1, 2, 0))[..., None]
+    if w.offset is None:
+        return codes, alpha_p, np.zeros((1, 1, wd), np.float16)
+    z = _exact_f16(_shared_rows(w.offset, r, 0, "offset"), "offset")  # [N/r, NG]
+    zp = np.zeros((d["nba"] * wd, ng), np.float16)
+    zp[: z.shape[0]] = z
+    zoff = np.ascontiguousarray(zp.reshape(d["nba"], wd, ng).transpose(0, 2, 1))
+    return codes, alpha_p, zoff
+
+
+def quantized_tables(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 tables [M, T4p, 16], scales [M, NU]) exactly as the kernel builds them (float32 ops in the
+    same order, round half to even)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    d = dims(k, 1, group)
+    t4p, u4 = 2 * d["pairs"], d["u4"]
+    xp = np.zeros((m, t4p * MU), np.float32)
+    xp[:, :k] = x
+    xs = xp.reshape(m, t4p, MU)
+    a = np.abs(xs)
+    s = ((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]  # [M, T4p]
+    mx = s.reshape(m, -1, u4).max(-1)  # [M, NU]
+    with np.errstate(divide="ignore"):
+        inv = np.where(mx > 0, np.float32(127) / mx, np.float32(0)).astype(np.float32)
+    idx = np.arange(16)
+    e = np.zeros((m, t4p, 16), np.float32)
+    for j in range(MU):
+        e = e + np.where((idx >> j) & 1, xs[..., j : j + 1], -xs[..., j : j + 1]).astype(np.float32)
+    tab = np.rint(e * np.repeat(inv, u4, axis=1)[..., None]).astype(np.int8)
+    return tab, (mx / np.float32(127)).astype(np.float32)
+
+
+def lut_avx2_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
+    """The kernel's semantics in numpy (float64 after the int8 tables): the exact test reference."""
+    m, k = x.shape
+    q, n, _ = w.signs.shape
+    d = dims(k, n, w.group)
+    tab, ls = quantized_tables(x, w.group)
+    t4p, u4, g4 = 2 * d["pairs"], d["u4"], d["g4"]
+    sp = np.zeros((q, n, t4p * MU), np.int64)
+    sp[:, :, :k] = w.signs
+    code = (sp.reshape(q, n, t4p, MU) << np.arange(MU)).sum(-1)  # [q, N, T4p]
+    y = np.zeros((m, n))
+    for b in range(q):
+        looked = np.take_along_axis(tab[:, None, :, :].astype(np.int64), code[b][None, :, :, None], 3)[..., 0]
+        per_unit = looked.reshape(m, n, -1, u4).sum(-1)  # [M, N, NU] exact integers
+        a = np.repeat(w.alpha[b].astype(np.float64), g4 // u4, axis=1)  # [N, NU]
+        y += (per_unit * a[None] * ls[:, None, :]).sum(-1)
+    if w.offset is not None:
+        xp = np.zeros((m, d["ng"] * g4 * MU))
+        xp[:, :k] = x
+        gs = xp.reshape(m, d["ng"], -1).sum(-1)
+        y += gs @ w.offset.T.astype(np.float64)
+    return y
+
+
+def table_error_bound(x: np.ndarray, w: BCQWeight) -> np.ndarray:
+    """Upper bound of |kernel - float reference| per output, from rounding each table entry (≤ scale/2)."""
+    m, k = x.shape
+    d = dims(k, w.shape[0], w.group)
+    _, ls = quantized_tables(x, w.group)
+    a = np.abs(w.alpha).sum(0)  # [N, NG]
+    a = np.repeat(a, d["g4"] // d["u4"], axis=1)  # [N, NU]
+    return (ls * (d["u4"] / 2.0)) @ a.T.astype(np.float64)
+
+
+# -- building and linking the micro-kernel ---------------------------------------------------------
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("SHIFTADD_CACHE", Path.home() / ".cache" / "shiftadd"))
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return base / "kernels" / key
+
+
+def _compile(out: Path, shared: bool) -> Path:
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + f".tmp{os.getpid()}")
+    cmd = [os.environ.get("CXX", "g++"), *CFLAGS, "-shared" if shared else "-c", str(SOURCE), "-o", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+@lru_cache(maxsize=1)
+def object_file() -> str:
+    """The micro-kernel compiled to an object file, linked into every exported .so (export_library addons)."""
+    return str(_compile(_cache_dir() / "lut_avx2.o", shared=False))
+
+
+@lru_cache(maxsize=1)
+def load_in_process() -> str:
+    """Load the micro-kernel into this process (RTLD_GLOBAL) so in-memory executables resolve it
+    (an unresolved call_extern in TVM's JIT crashes the interpreter instead of raising)."""
+    path = str(_compile(_cache_dir() / "liblut_avx2.so", shared=True))
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    return path
+
+
+# -- the TIR wrapper --------------------------------------------------------------------------------
+def _split(nb: int, knobs: Knobs) -> tuple[int, int]:
+    """(tasks, row blocks per task) for ``knobs`` over ``nb`` 32-row blocks."""
+    most = -(-nb // knobs.rbk)
+    tasks = max(1, min(knobs.tasks if knobs.tasks > 0 else most, most))
+    per = -(-nb // tasks)
+    per = -(-per // knobs.rbk) * knobs.rbk
+    return -(-nb // per), per
+
+
+def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1,
+                  knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None):
+    """PrimFunc ``(x [M, k] f32, codes, alpha, zoff) -> y [M, n] f32`` for the packed layout of
+    :func:`pack_avx2`: tables built once per activation row (in parallel over rows when M > 1),
+    then the row blocks split over parallel tasks, each one micro-kernel call. ``knobs`` serve
+    M = 1 (decode), ``knobs_batch`` M > 1 (prefill; defaults to ``knobs``)."""
+    from tvm.script import tirx as T
+
+    if not supports(group, alpha_rows):
+        raise ValueError(f"AVX2 kernel: unsupported group {group} / rows per scale {alpha_rows}")
+    kb = knobs_batch or knobs
+    d = dims(k, n, group, alpha_rows)
+    nb, pairs, ng, g4, u4, nu, nba, wd = (d[x] for x in ("nb", "pairs", "ng", "g4", "u4", "nu", "nba", "w"))
+    t4p = 2 * pairs
+    q = bits
+    zshape = (nba, ng, wd) if offset else (1, 1, wd)
+    tasks1, per1 = _split(nb, knobs)
+    tasks2, per2 = _split(nb, kb)
+    use_z = int(offset)
+    i64 = T.int64
+
+    def gemm(m, t, per, kn, tab, ls, gs, codes, alpha, zoff, Y):
+        t = T.Cast("int64", t)
+        return T.call_extern(
+            "int32", "shiftadd_lut_gemm", tab.data, ls.data, gs.data, i64(0), m, codes.data, alpha.data,
+            zoff.data, i64(use_z), t * per, T.min(t * per + per, i64(nb)), i64(n), i64(pairs), i64(u4), i64(g4),
+            i64(ng), i64(alpha_rows), i64(q), i64(kn.mt), i64(kn.rbk), Y.data)
+
+    @T.prim_func
+    def lut8(x_h: T.handle, codes: T.Buffer((nb, pairs, q, ROWS), "uint8"),
+             alpha: T.Buffer((nba, ng, q, wd), "float16"), zoff: T.Buffer(zshape, "float16"), y_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        m = T.int64()
+        X = T.match_buffer(x_h, (m, k), "float32")
+        Y = T.match_buffer(y_h, (m, n), "float32")
+        tab = T.decl_buffer((m * t4p * 16,), "int8")
+        ls = T.decl_buffer((m * nu,), "float32")
+        gs = T.decl_buffer((m * ng,), "float32")
+        if m == 1:
+            T.evaluate(T.call_extern("int32", "shiftadd_lut_tables", X.data, i64(0), i64(1), i64(k), i64(pairs),
+                                     i64(u4), i64(g4), i64(ng), tab.data, ls.data, gs.data))
+            for t in T.parallel(tasks1):
+                T.evaluate(gemm(m, t, per1, knobs, tab, ls, gs, codes, alpha, zoff, Y))
+        else:
+            for i in T.parallel(m):
+                T.evaluate(T.call_extern("int32", "shiftadd_lut_tables", X.data, i, i + 1, i64(k), i64(pairs),
+                                         i64(u4), i64(g4), i64(ng), tab.data, ls.data, gs.data))
+            for t in T.parallel(tasks2):
+                T.evaluate(gemm(m, t, per2, kb, tab, ls, gs, codes, alpha, zoff, Y))
+
+    return lut8.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})
+
+
+def export(ex, path: str, **kwargs) -> None:
+    """``ex.export_library`` with the micro-kernel linked in."""
+    ex.export_library(path, addons=[object_file()], **kwargs)
