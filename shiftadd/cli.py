@@ -13,7 +13,8 @@ def _cmd_compile(a) -> int:
                      skip=tuple(a.skip), target=a.target, rewrite=not a.no_rewrite,
                      offset=not a.no_offset, tokenizer=a.tokenizer, calib_windows=a.calib,
                      calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
-                     layout=a.layout, block_rows=a.block_rows, kernel=a.kernel)
+                     layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
+                     tune=a.tune, db=a.db)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -90,6 +91,10 @@ def main(argv=None) -> int:
     c.add_argument("--block-rows", type=int, default=64, help="rows sharing a scale in the block layout (default 64)")
     c.add_argument("--kernel", choices=("auto", "avx2", "f32"), default="auto",
                    help="LUT kernel: AVX2 int8 tables (auto on AVX2 CPUs) or portable float tables")
+    c.add_argument("--tune", action="store_true",
+                   help="tune the AVX2 kernels missing from the database on this machine first (saved for later compiles)")
+    c.add_argument("--db", default=None,
+                   help="tuning database file or folder (default ~/.cache/shiftadd/tuning.json or $SHIFTADD_TUNING_DB)")
     c.add_argument("--apot-terms", type=int, default=3, help="signed powers of two per scale (default 3)")
     c.add_argument("--rounds", type=int, default=6, help="alternating refinement rounds (default 6)")
     c.add_argument("--skip", action="append", default=None, help="regex of weight names to keep float (default: lm_head)")

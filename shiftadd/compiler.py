@@ -81,6 +81,26 @@ def export(ex, path: str, mod) -> None:
         ex.export_library(path)
 
 
+def _knob_source(kernel: str, tune: bool, db):
+    """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up)."""
+    summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0}
+    if kernel != "avx2":
+        return None, summary
+    from .schedules.tuning import TuningDB, tune_missing
+
+    tdb = TuningDB.open(db)
+    summary["db"] = str(tdb.path)
+
+    def knobs(*key):
+        if tune and tdb.get(*key) is None:
+            summary["tuned_now"] += tune_missing(tdb, [key])
+        got = tdb.get(*key)
+        summary["from_db" if got else "default"] += 1
+        return got or tdb.knobs(*key)
+
+    return knobs, summary
+
+
 def pick_kernel(kernel: str, target) -> str:
     """'auto' -> 'avx2' on a target with AVX2/FMA/F16C, else the portable float-table kernel."""
     from .relax_passes.rewrite_lut_matmul import KERNELS
@@ -101,7 +121,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
             calib_len: int = 128, calib_mode: str = "one-pass", avg_bits: float | None = None,
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
-            kernel: str = "auto") -> CompileResult:
+            kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -115,7 +135,10 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model
     unchanged (the exactness baseline). ``kernel`` 'auto' (default) picks the AVX2 int8-table
     micro-kernel on AVX2 targets (T-MAC's technique, schedules/lut_avx2.py) and the float-table TIR
-    kernel elsewhere; 'f32' forces the float tables (exact to float rounding). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    kernel elsewhere; 'f32' forces the float tables (exact to float rounding). Its knobs come from the
+    tuning database ``db`` (default ~/.cache/shiftadd/tuning.json, or $SHIFTADD_TUNING_DB); with
+    ``tune`` the kernels missing there are tuned on this machine first and saved, so the next compile
+    does no search; without an entry the default knobs serve. ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
@@ -168,7 +191,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         if rewrite:
             log(f"calibration: {calib_windows} windows x {calib_len} wiki tokens ({calib_mode})" if calib_windows
                 else "no tokenizer: weight-only fit (pass tokenizer= / --tokenizer to calibrate on text)")
-    mod, params, report, plan = imported.mod, imported.params, None, None
+    mod, params, report, plan, tuning = imported.mod, imported.params, None, None, None
     if rewrite:
         from .reparam import plan_fit
 
@@ -182,8 +205,10 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             batches = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
         plan = plan_fit(imported, cfg, tgt, skip=tuple(skip), batches=batches, mode=calib_mode,
                         avg_bits=avg_bits, allocator=allocator)
+        knobs, tuning = _knob_source(kernel, tune, db)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
-                                                 fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel)
+                                                 fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
+                                                 knobs=knobs)
         report.allocation = plan.allocation
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
@@ -205,6 +230,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "target": target_dict(tgt),
             "rewrite": rewrite,
             "kernel": kernel if rewrite else None,
+            "tuning": tuning if rewrite else None,
             "quant": asdict(cfg) if rewrite else None,
             "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split",
                             **plan.calibration} if plan and plan.calibration else None,

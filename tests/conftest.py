@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+# compiles in tests read (and --tune tests write) a database of their own, not the user's
+os.environ.setdefault("SHIFTADD_TUNING_DB", os.path.join(tempfile.mkdtemp(prefix="shiftadd-test-db-"), "tuning.json"))
 
 import numpy as np
 import pytest

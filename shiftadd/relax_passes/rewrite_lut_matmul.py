@@ -200,7 +200,8 @@ class _LutMatmulRewriter(relax.PyExprMutator):
     def _kernel_avx2(self, k, n, bits, group, offset, alpha_rows):
         key = ("avx2", k, n, bits, group, offset, alpha_rows)
         if key not in self.kernels:
-            kn = self.knobs(k, n, bits, group, offset, alpha_rows) if self.knobs else (lut_avx2.DEFAULT_KNOBS,) * 2
+            kn = (self.knobs(k, n, bits, group, offset, alpha_rows) if self.knobs
+                  else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS))
             f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1])
             name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows)
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)

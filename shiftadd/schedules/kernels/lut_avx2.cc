@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <math.h>
 
+#include <algorithm>
+
 namespace {
 
 inline __m256 cvt_f16x8(const uint16_t* p) {
@@ -49,14 +51,15 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
   const __m256i ones = _mm256_set1_epi8(1);
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const int64_t t4p = s.t4p(), nu = s.nunits(), upg = s.g4 / s.u4, ppu = s.u4 / 2;
+  (void)nu;
   const int64_t w = s.ar == 1 ? 32 : 1;
   for (int64_t m = m0; m + MT <= m1; m += MT) {
     __m256 accf[MT][RB][4];
     for (int i = 0; i < MT; ++i)
       for (int r = 0; r < RB; ++r)
         for (int v = 0; v < 4; ++v) accf[i][r][v] = _mm256_setzero_ps();
-    for (int64_t u = 0; u < nu; ++u) {
-      const int64_t g = u / upg;
+    for (int64_t g = 0, u = 0; g < s.ng; ++g)
+    for (int64_t uu = 0; uu < upg; ++uu, ++u) {
       __m256i acc[MT][RB][Q][2];
       for (int i = 0; i < MT; ++i)
         for (int r = 0; r < RB; ++r)
@@ -105,7 +108,7 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
           for (int v = 0; v < 4; ++v) accf[i][r][v] = _mm256_fmadd_ps(t[v], sc, accf[i][r][v]);
         }
       }
-      if (use_z && (u + 1) % upg == 0) {  // offset z * (sum of the group's activations), exact sums
+      if (use_z && uu + 1 == upg) {  // offset z * (sum of the group's activations), exact sums
         for (int r = 0; r < RB; ++r) {
           const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
           const uint16_t* z = zoff + (ab * s.ng + g) * w;
@@ -157,69 +160,139 @@ template <int Q>
 GemmFn pick(int mt, int rbk) {
   if (mt == 2) return rbk == 2 ? gemm_range<Q, 2, 2> : gemm_range<Q, 2, 1>;
   if (mt == 4) return gemm_range<Q, 4, 1>;
+  if (rbk == 4) return gemm_range<Q, 1, 4>;
+  if (rbk == 8) return gemm_range<Q, 1, 8>;
   return rbk == 2 ? gemm_range<Q, 1, 2> : gemm_range<Q, 1, 1>;
+}
+
+// Tables of the (row, unit) pairs [w0, w1) (w = m * nunits + u). Float ops in the reference's order:
+// p = (s0 x0 + s1 x1) + s2 x2 for entries 0-7, then entry i = p - x3, entry i + 8 = p + x3 (sign flips
+// are exact), scaled by inv and rounded half to even (cvtps under the default MXCSR rounding).
+void build_tables(const float* x, int64_t k, const Shape& s, int64_t w0, int64_t w1, int8_t* tab, float* ls) {
+  const int64_t t4p = s.t4p(), nu = s.nunits();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // lane i (entry i of 0-7): bit j of i set -> +x_j, else -x_j (xor with -0.0 flips the sign)
+  const __m256 m0 = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1)), sign);
+  const __m256 m1 = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1)), sign);
+  const __m256 m2 = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1)), sign);
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t m = w / nu, u = w % nu;
+    const float* xr = x + m * k;
+    float mx = 0.0f;
+    for (int64_t t = u * s.u4; t < (u + 1) * s.u4; ++t) {
+      float a = 0.0f;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t kk = 4 * t + j;
+        a = a + (kk < k ? fabsf(xr[kk]) : 0.0f);
+      }
+      mx = a > mx ? a : mx;
+    }
+    const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+    ls[m * nu + u] = mx / 127.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t t = u * s.u4; t < (u + 1) * s.u4; ++t) {
+      float v[4];
+      for (int j = 0; j < 4; ++j) v[j] = 4 * t + j < k ? xr[4 * t + j] : 0.0f;
+      const __m256 p = _mm256_add_ps(_mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), m0),
+                                                   _mm256_xor_ps(_mm256_set1_ps(v[1]), m1)),
+                                     _mm256_xor_ps(_mm256_set1_ps(v[2]), m2));
+      const __m256 x3 = _mm256_set1_ps(v[3]);
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(p, x3), vinv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_add_ps(p, x3), vinv));
+      const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(tab + (m * t4p + t) * 16), b);
+    }
+  }
+}
+
+// Exact sums of each group's activations for the (row, group) pairs [v0, v1).
+void group_sums(const float* x, int64_t k, const Shape& s, int64_t v0, int64_t v1, float* gsum) {
+  for (int64_t v = v0; v < v1; ++v) {
+    const int64_t m = v / s.ng, g = v % s.ng;
+    const float* xr = x + m * k;
+    float a = 0.0f;
+    for (int64_t kk = g * s.g4 * 4; kk < (g + 1) * s.g4 * 4 && kk < k; ++kk) a = a + xr[kk];
+    gsum[v] = a;
+  }
+}
+
+GemmFn pick_q(int64_t q, int mt, int rbk) {
+  switch (q) {
+    case 1: return pick<1>(mt, rbk);
+    case 2: return pick<2>(mt, rbk);
+    case 3: return pick<3>(mt, rbk);
+    case 4: return pick<4>(mt, rbk);
+    default: return nullptr;
+  }
+}
+
+// TVM runtime thread pool (c_backend_api.h), resolved from libtvm_runtime at load time.
+struct ParallelEnv {
+  void* sync_handle;
+  int32_t num_task;
+};
+extern "C" int TVMBackendParallelLaunch(int (*f)(int, ParallelEnv*, void*), void* cdata, int num_task);
+extern "C" int TVMBackendParallelBarrier(int task_id, ParallelEnv* penv);
+
+struct Job {
+  const float* x;
+  int64_t m, k;
+  const uint8_t* codes;
+  const uint16_t* alpha;
+  const uint16_t* zoff;
+  int use_z;
+  Shape s;
+  int64_t nb;
+  int rbk;
+  GemmFn gemm;
+  int8_t* tab;
+  float* ls;
+  float* gsum;
+  float* y;
+};
+
+inline void share(int64_t total, int task, int ntask, int64_t align, int64_t* a, int64_t* b) {
+  const int64_t units = (total + align - 1) / align;
+  const int64_t per = (units + ntask - 1) / ntask;
+  *a = std::min(total, task * per * align);
+  *b = std::min(total, (task + 1) * per * align);
+}
+
+int run_task(int task, ParallelEnv* penv, void* cdata) {
+  const Job& j = *static_cast<const Job*>(cdata);
+  const int nt = penv ? penv->num_task : 1;
+  int64_t a, b;
+  share(j.m * j.s.nunits(), task, nt, 1, &a, &b);
+  build_tables(j.x, j.k, j.s, a, b, j.tab, j.ls);
+  if (j.use_z) {
+    share(j.m * j.s.ng, task, nt, 1, &a, &b);
+    group_sums(j.x, j.k, j.s, a, b, j.gsum);
+  }
+  if (nt > 1) TVMBackendParallelBarrier(task, penv);
+  share(j.nb, task, nt, j.rbk, &a, &b);
+  if (a < b) j.gemm(j.tab, j.ls, j.gsum, 0, j.m, j.codes, j.alpha, j.zoff, j.use_z, a, b, j.s, j.y);
+  return 0;
 }
 
 }  // namespace
 
 extern "C" {
 
-// Tables, their scales and exact group sums for activation rows [m0, m1) of x [M, k].
-// tab int8 [M][2 pairs][16], ls float [M][nunits], gsum float [M][ng]. Returns 0.
-int shiftadd_lut_tables(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t pairs, int64_t u4,
-                        int64_t g4, int64_t ng, int8_t* tab, float* ls, float* gsum) {
-  const int64_t t4p = 2 * pairs, nu = t4p / u4;
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * k;
-    for (int64_t u = 0; u < nu; ++u) {
-      float mx = 0.0f;
-      for (int64_t t = u * u4; t < (u + 1) * u4; ++t) {
-        float a = 0.0f;
-        for (int j = 0; j < 4; ++j) {
-          const int64_t kk = 4 * t + j;
-          a = a + (kk < k ? fabsf(xr[kk]) : 0.0f);
-        }
-        mx = a > mx ? a : mx;
-      }
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      ls[m * nu + u] = mx / 127.0f;
-      for (int64_t t = u * u4; t < (u + 1) * u4; ++t) {
-        float v[4];
-        for (int j = 0; j < 4; ++j) v[j] = 4 * t + j < k ? xr[4 * t + j] : 0.0f;
-        int8_t* out = tab + (m * t4p + t) * 16;
-        for (int idx = 0; idx < 16; ++idx) {
-          float e = 0.0f;
-          for (int j = 0; j < 4; ++j) e = e + ((idx >> j) & 1 ? v[j] : -v[j]);
-          out[idx] = static_cast<int8_t>(nearbyintf(e * inv));
-        }
-      }
-    }
-    for (int64_t g = 0; g < ng; ++g) {
-      float a = 0.0f;
-      for (int64_t kk = g * g4 * 4; kk < (g + 1) * g4 * 4 && kk < k; ++kk) a = a + xr[kk];
-      gsum[m * ng + g] = a;
-    }
-  }
-  return 0;
-}
-
-// y[M, n] rows [32 rb0, 32 rb1) for activation rows [m0, m1). q planes (1..4); mt activation rows and
-// rbk row blocks per pass (tuning knobs). Returns 0, or -1 for an unsupported q / knob.
-int shiftadd_lut_gemm(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
-                      const uint8_t* codes, const uint16_t* alpha, const uint16_t* zoff, int64_t use_z,
-                      int64_t rb0, int64_t rb1, int64_t n, int64_t pairs, int64_t u4, int64_t g4, int64_t ng,
-                      int64_t rows_per_alpha, int64_t q, int64_t mt, int64_t rbk, float* y) {
-  const Shape s{n, pairs, u4, g4, ng, rows_per_alpha};
-  GemmFn f = nullptr;
-  switch (q) {
-    case 1: f = pick<1>(int(mt), int(rbk)); break;
-    case 2: f = pick<2>(int(mt), int(rbk)); break;
-    case 3: f = pick<3>(int(mt), int(rbk)); break;
-    case 4: f = pick<4>(int(mt), int(rbk)); break;
-    default: return -1;
-  }
-  f(tab, ls, gsum, m0, m1, codes, alpha, zoff, int(use_z), rb0, rb1, s, y);
-  return 0;
+// y[M, n] = LUT-add matmul of x[M, k] (tables, scales and group sums into the caller's workspaces
+// tab int8 [M][2 pairs][16], ls float [M][nunits], gsum float [M][ng]). One launch on TVM's thread
+// pool (``tasks`` 0: all its threads; 1: this thread only): every task builds its share of the tables,
+// a barrier, then its share of the 32-row blocks. q planes (1..4); mt activation rows and rbk row blocks
+// per pass (tuning knobs). Returns 0, or -1 for an unsupported q / knob.
+int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const uint16_t* alpha,
+                        const uint16_t* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
+                        int64_t ng, int64_t rows_per_alpha, int64_t q, int64_t mt, int64_t rbk, int64_t tasks,
+                        int8_t* tab, float* ls, float* gsum, float* y) {
+  Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha}, (n + 31) / 32,
+        int(rbk), pick_q(q, int(mt), int(rbk)), tab, ls, gsum, y};
+  if (!j.gemm || u4 % 2 || g4 % u4) return -1;
+  if (tasks == 1) return run_task(0, nullptr, &j);
+  return TVMBackendParallelLaunch(run_task, &j, int(tasks));
 }
 
 }  // extern "C"

@@ -1,0 +1,72 @@
+"""The AVX2 kernel's tuning database: tune once, reuse, never apply a stale entry."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import shiftadd
+from shiftadd.schedules import lut_avx2
+from shiftadd.schedules.tuning import TuningDB, key_of
+from shiftadd.targets import resolve_target
+
+from .conftest import ragged_batch
+
+pytestmark = pytest.mark.skipif(not lut_avx2.target_supported(resolve_target("cpu")),
+                                reason="this CPU has no AVX2/FMA/F16C")
+
+
+def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
+    path = tiny_onnx("opt")
+    db = tmp_path / "db"
+    first = shiftadd.compile(path, tmp_path / "a.so", bits=2, group=32, tune=True, db=db)
+    t = first.manifest["tuning"]
+    kernels = {(r.k, r.n) for r in first.report.rewritten}
+    assert t["tuned_now"] == len(kernels) and t["default"] == 0 and t["from_db"] == len(kernels)
+    data = json.loads((db / "tuning.json").read_text())
+    assert len(data["entries"]) == len(kernels)
+    for e in data["entries"].values():
+        assert lut_avx2.Knobs(**e["decode"]) in lut_avx2.KNOB_SPACE and lut_avx2.Knobs(**e["batch"]) in lut_avx2.KNOB_SPACE
+        assert min(e["ms"]["decode"].values()) > 0
+    second = shiftadd.compile(path, tmp_path / "b.so", bits=2, group=32, tune=True, db=db)
+    assert second.manifest["tuning"]["tuned_now"] == 0 and second.manifest["tuning"]["from_db"] == len(kernels)
+    untuned = shiftadd.compile(path, tmp_path / "c.so", bits=2, group=32, db=tmp_path / "empty")
+    assert untuned.manifest["tuning"]["default"] == len(kernels)
+    # knobs change the schedule, never the arithmetic: tuned and default kernels agree bit for bit
+    ids, mask = ragged_batch(3, 2, 7)
+    feed = {"input_ids": ids, "attention_mask": mask}
+    a = shiftadd.load(second.so).run(None, feed)[0]
+    b = shiftadd.load(untuned.so).run(None, feed)[0]
+    one = {"input_ids": ids[:1, :1], "attention_mask": mask[:1, :1]}
+    assert np.array_equal(a, b)
+    assert np.array_equal(shiftadd.load(second.so).run(None, one)[0], shiftadd.load(untuned.so).run(None, one)[0])
+
+
+def test_stale_database_is_ignored_with_a_warning(tmp_path):
+    db = TuningDB.open(tmp_path / "t.json")
+    db.put(key_of(64, 32, 2, 32, True, 1), {"decode": {"mt": 1, "rbk": 2, "tasks": 1},
+                                            "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}})
+    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) == (lut_avx2.Knobs(1, 2, 1),
+                                                                              lut_avx2.Knobs(2, 1, 0))
+    data = json.loads((tmp_path / "t.json").read_text())
+    data["context"]["tvm"] = "0.0.1"
+    data["context"]["cpu"] = "another CPU"
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"1 entries were tuned for another context \(cpu, tvm differ\)"):
+        stale = TuningDB.open(tmp_path / "t.json")
+    assert stale.get(64, 32, 2, 32, True, 1) is None
+    assert stale.knobs(64, 32, 2, 32, True, 1) == (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
+
+
+def test_unreadable_database_names_the_file(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"t\.json: not readable JSON"):
+        TuningDB.open(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected an object"):
+        TuningDB.open(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TuningDB.open(tmp_path / "missing.json").entries == {}
