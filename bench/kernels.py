@@ -10,7 +10,7 @@ memory bandwidth is measured in the same run (2-thread streaming read) and each 
 share of the roofline (weight bytes read per call / bandwidth / time). Our kernels use the tuning
 database's knobs when it has them (shiftadd/schedules/tuning.py), else the defaults.
 
-    TVM_NUM_THREADS=2 python bench/kernels.py [--shapes 4096x4096 ...] [--m 1 8 32] [--rounds 10]
+    python bench/kernels.py [--tune] [--shapes 4096x4096 ...] [--m 1 8 32] [--rounds 10] [--no-db]
 
 Writes out/bench/kernels.{md,json,png}.
 """
@@ -272,18 +272,23 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-mib", type=int, default=256, help="weight copies per candidate add up to this much")
     ap.add_argument("--db", default=None, help="tuning database to read knobs from (default: the user's)")
     ap.add_argument("--no-db", action="store_true", help="use the default knobs (what an untuned compile gets)")
+    ap.add_argument("--tune", action="store_true", help="first tune our kernels missing from the database")
     ap.add_argument("--out", default="out/bench")
     a = ap.parse_args(argv)
     from shiftadd.schedules.tuning import TuningDB
 
     db = None if a.no_db else TuningDB.open(a.db)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+    if a.tune and db is not None:
+        from shiftadd.schedules.tuning import tune_missing
+
+        tune_missing(db, [(k, n, bits, GROUP, True, 1) for k, n in shapes for bits in (2, 3, 4)])
     rng = np.random.default_rng(0)
     bw = bandwidth_gbs()
     log(f"bandwidth {bw:.1f} GB/s; TVM threads {os.environ.get('TVM_NUM_THREADS')}; "
         f"knobs from {'defaults' if db is None else db.path}")
     rows = []
-    for s in a.shapes:
-        k, n = (int(v) for v in s.lower().split("x"))
+    for k, n in shapes:
         rows += bench_shape(k, n, a.m, a, bw, db, rng)
     peer_ratios(rows)
     text = table(rows, bw)
