@@ -188,7 +188,7 @@ def bench_shape(k, n, ms, args, bw_gbs, db, rng):
         x = rng.standard_normal((m, k), dtype=np.float32)
         cands = {name: make()(m, x) for name, (_, _, make) in impls.items()}
         with torch.inference_mode():
-            times = interleaved(cands, rounds=args.rounds)
+            times = interleaved(cands, rounds=args.rounds, budget_s=args.budget)
         for name, (bits, nbytes, _) in impls.items():
             t = median_ms(times[name])
             gbs = nbytes / (t / 1e3) / 1e9
@@ -269,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="K x N shapes (default: the issue's seven)")
     ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each calls every weight copy)")
+    ap.add_argument("--budget", type=float, default=3.0,
+                    help="seconds of calls after which a (slow) candidate sits out further rounds")
     ap.add_argument("--cold-mib", type=int, default=256, help="weight copies per candidate add up to this much")
     ap.add_argument("--db", default=None, help="tuning database to read knobs from (default: the user's)")
     ap.add_argument("--no-db", action="store_true", help="use the default knobs (what an untuned compile gets)")

@@ -21,8 +21,10 @@ def copies_for(nbytes: int, cold_bytes: int, most: int = 64) -> int:
 
 
 def interleaved(cands: dict[str, list[Callable[[], object]]], rounds: int, warmup: int = 1,
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """Seconds per call for each candidate: ``rounds`` x len(copies) samples, interleaved."""
+                seed: int = 0, budget_s: float | None = None, min_samples: int = 5) -> dict[str, np.ndarray]:
+    """Seconds per call for each candidate: ``rounds`` x len(copies) samples, interleaved. With
+    ``budget_s``, a candidate that has spent that long and has ``min_samples`` sits out later rounds
+    (a 70 ms fallback kernel need not be sampled as often as a 0.05 ms one)."""
     rng = random.Random(seed)
     for fns in cands.values():
         for _ in range(warmup):
@@ -34,6 +36,8 @@ def interleaved(cands: dict[str, list[Callable[[], object]]], rounds: int, warmu
     for _ in range(rounds):
         rng.shuffle(names)
         for name in names:
+            if budget_s is not None and len(times[name]) >= min_samples and sum(times[name]) > budget_s:
+                continue
             for f in cands[name]:
                 t0 = clock()
                 f()

@@ -50,7 +50,9 @@ def context() -> dict:
     feats = ",".join(f for f in L.FEATURES)
     src = hashlib.sha256(L.SOURCE.read_bytes() + repr(L.KNOB_SPACE).encode()).hexdigest()[:16]
     return {"version": VERSION, "tvm": tvm.__version__, "cpu": f"{model} ({cpu}; {feats})", "kernel": src,
-            "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0)}
+            "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0),
+            # whether TVM's idle workers spin decides if waking the second thread pays for small kernels
+            "spin": os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "default")}
 
 
 def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int) -> str:
