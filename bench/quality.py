@@ -141,7 +141,10 @@ def main() -> None:
     s = resolve_model("smollm2")
     tok = AutoTokenizer.from_pretrained(s.path, gguf_file=s.gguf_file)
     calib_ids = token_windows(tok, wiki_split("calib"), 128, a.calib)
-    c = dict(calib_windows=a.calib, calib_mode=a.calib_mode, group=a.group, tokenizer=tok)
+    # rows measured before the AVX2 kernel existed ran the float-table kernel: kernel="f32" keeps them
+    # reproducible; the AVX2 rows below show what int8 tables and one-byte scales change
+    c = dict(calib_windows=a.calib, calib_mode=a.calib_mode, group=a.group, tokenizer=tok, kernel="f32")
+    c1 = {**c, "calib_mode": "one-pass", "kernel": "avx2"}
     rows = [  # label, kind, builder -> path
         (FLOAT, lambda p: src),
         ("ORT RTN int4 b32", lambda p: ort_quantize(str(src), p, 4, 32, "RTN")),
@@ -158,8 +161,13 @@ def main() -> None:
         ("ours mixed 2.2, paper 80/20 rule", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **c).so),
         ("ours mixed 2.5", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, **c).so),
         ("plain BCQ 3-bit (no calibration)", lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group,
-                                                                         tokenizer=tok, calib_windows=0).so),
+                                                                         tokenizer=tok, calib_windows=0, kernel="f32").so),
         ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "calib_mode": "one-pass"}).so),
+        ("ours 3-bit one-pass, AVX2 int8 tables", lambda p: shiftadd.compile(str(src), p, bits=3, **c1).so),
+        ("ours 4-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=4, scale_format="e5m2", **c1).so),
+        ("ours 3-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=3, scale_format="e5m2", **c1).so),
+        ("ours 2-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=2, scale_format="e5m2", **c1).so),
+        ("ours mixed 2.5 one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, scale_format="e5m2", **c1).so),
     ]
     js = res_dir / "perplexity.json"
     for label, build in rows:

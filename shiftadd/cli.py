@@ -14,7 +14,7 @@ def _cmd_compile(a) -> int:
                      offset=not a.no_offset, tokenizer=a.tokenizer, calib_windows=a.calib,
                      calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
                      layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
-                     tune=a.tune, db=a.db)
+                     tune=a.tune, db=a.db, scale_format=a.scale_format)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     c.add_argument("--block-rows", type=int, default=64, help="rows sharing a scale in the block layout (default 64)")
     c.add_argument("--kernel", choices=("auto", "avx2", "f32"), default="auto",
                    help="LUT kernel: AVX2 int8 tables (auto on AVX2 CPUs) or portable float tables")
+    c.add_argument("--scale-format", choices=("fp16", "e5m2"), default="fp16",
+                   help="scale/offset storage: float16 APoT (default) or one-byte float8 e5m2 (APoT within 2 orders)")
     c.add_argument("--tune", action="store_true",
                    help="tune the AVX2 kernels missing from the database on this machine first (saved for later compiles)")
     c.add_argument("--db", default=None,

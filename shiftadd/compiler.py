@@ -121,7 +121,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
             calib_len: int = 128, calib_mode: str = "one-pass", avg_bits: float | None = None,
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
-            kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None) -> CompileResult:
+            kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
+            scale_format: str = "fp16") -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -135,10 +136,12 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model
     unchanged (the exactness baseline). ``kernel`` 'auto' (default) picks the AVX2 int8-table
     micro-kernel on AVX2 targets (T-MAC's technique, schedules/lut_avx2.py) and the float-table TIR
-    kernel elsewhere; 'f32' forces the float tables (exact to float rounding). Its knobs come from the
-    tuning database ``db`` (default ~/.cache/shiftadd/tuning.json, or $SHIFTADD_TUNING_DB); with
-    ``tune`` the kernels missing there are tuned on this machine first and saved, so the next compile
-    does no search; without an entry the default knobs serve. ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    kernel elsewhere; 'f32' forces the float tables (exact to float rounding). ``scale_format`` 'e5m2'
+    stores every scale and offset in one byte (float8 e5m2: APoT values with up to three terms within
+    two binary orders) instead of two (float16 APoT with ``apot_terms`` terms). The AVX2 kernel's
+    knobs come from the tuning database ``db`` (default ~/.cache/shiftadd/tuning.json, or
+    $SHIFTADD_TUNING_DB); with ``tune`` the kernels missing there are tuned on this machine first and
+    saved, so the next compile does no search; without an entry the default knobs serve. ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
@@ -150,6 +153,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     t0 = time.time()
     paths(output)  # validates the output name before any work
     cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset, layout=layout,
+                    scale_format=scale_format,
                     block_rows=block_rows)  # validates
     tgt = resolve_target(target)
     kernel = pick_kernel(kernel, tgt)

@@ -94,14 +94,14 @@ def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
 
 
 # -- the AVX2 int8-table micro-kernel (schedules/lut_avx2.py) ---------------------------------------
-def run_avx2(x, bw, knobs=None, knobs_batch=None):
+def run_avx2(x, bw, knobs=None, knobs_batch=None, fp8=False):
     from shiftadd.schedules import lut_avx2 as L
 
     L.load_in_process()
-    codes, alpha, zoff = L.pack_avx2(bw)
+    codes, alpha, zoff = L.pack_avx2(bw, fp8)
     n, k = bw.shape
     f = L.make_lut_avx2(k, n, bw.bits, bw.group, bw.offset is not None, bw.alpha_rows,
-                        knobs or L.DEFAULT_KNOBS, knobs_batch)
+                        knobs or L.DEFAULT_KNOBS, knobs_batch, fp8)
     lib = tvm.compile(tvm.IRModule({"main": f}), TARGET)
     y = tvm.runtime.empty((x.shape[0], n), "float32", DEV)
     lib["main"](*[tvm.runtime.tensor(a, DEV) for a in (x, codes, alpha, zoff)], y)
@@ -128,10 +128,11 @@ pytestmark_avx2 = pytest.mark.skipif(not __import__("shiftadd.schedules.lut_avx2
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 7), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
        pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), knob=st.integers(0, 1000),
-       seed=st.integers(0, 2**16))
-def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, seed):
-    """Odd shapes (K not a multiple of 8, N not of 32), M > 1, every tuning-knob kind, 1-4 planes, and
-    groups beyond the int16 bound (130 pairs: the kernel splits them into units)."""
+       fp8=st.booleans(), seed=st.integers(0, 2**16))
+def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, seed):
+    """Odd shapes (K not a multiple of 8, N not of 32), M > 1, every tuning-knob kind, 1-4 planes,
+    groups beyond the int16 bound (130 pairs: the kernel splits them into units), and scales stored
+    as float16 or as float8 e5m2 bytes (all the values drawn here are e5m2 values)."""
     from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import KNOB_SPACE
 
@@ -143,7 +144,7 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, seed)
                    alpha=rng.choice([0.5, 0.375, 2.0 ** -7, 3.0], size=(bits, n, ng)).astype(np.float32),
                    offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None)
     kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
-    y = run_avx2(x, bw, kn, KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)])
+    y = run_avx2(x, bw, kn, KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)], fp8)
     check_avx2(x, bw, y)
 
 
@@ -171,5 +172,8 @@ def test_avx2_kernel_rejects_layouts_it_cannot_read():
     bw = BCQWeight(signs=np.zeros((2, 5, 12), bool), alpha=np.ones((2, 5, 1), np.float32), group=12)
     with pytest.raises(ValueError, match="group 12"):
         pack_avx2(bw)
+    fp16_only = BCQWeight(signs=np.zeros((2, 5, 16), bool), alpha=np.full((2, 5, 1), 1.0625, np.float32), group=16)
+    with pytest.raises(ValueError, match="scale 1.0625 is not a float8 e5m2 value"):
+        pack_avx2(fp16_only, fp8=True)
     with pytest.raises(ValueError, match="rows per scale 16"):
         make_lut_avx2(16, 5, 2, 8, alpha_rows=16)

@@ -41,15 +41,25 @@ def test_float_pipeline_equals_onnxruntime(family, tiny_onnx, tmp_path):
 TOLERANCE = {"f32": 1e-3, "avx2": 2e-2}
 
 
-@pytest.mark.parametrize("family, bits, kernel", [(f, b, "f32") for f in FAMILIES for b in (2, 3, 4)]
-                         + [(f, 3, "avx2") for f in FAMILIES] + [("llama", 2, "avx2"), ("opt", 4, "avx2")])
-def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel, tiny_onnx, tmp_path):
+@pytest.mark.parametrize("family, bits, kernel, fmt", [(f, b, "f32", "fp16") for f in FAMILIES for b in (2, 3, 4)]
+                         + [(f, 3, "avx2", "fp16") for f in FAMILIES] + [("llama", 2, "avx2", "fp16"),
+                                                                        ("opt", 4, "avx2", "e5m2"),
+                                                                        ("llama", 3, "avx2", "e5m2")])
+def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel, fmt, tiny_onnx, tmp_path):
     path = tiny_onnx(family)
     # llama: K = 72 and 100, so rows of K=100 end in a shorter group; the AVX2 kernel wants group % 8 == 0
     group = (24 if kernel == "avx2" else 36) if family == "llama" else 32
     res = shiftadd.compile(path, tmp_path / "m.so", bits=bits, group=group, keep_dequantized=True,
-                           skip=() if family == "llama" else ("lm_head",), kernel=kernel)
+                           skip=() if family == "llama" else ("lm_head",), kernel=kernel, scale_format=fmt)
     rep = res.report
+    if fmt == "e5m2":  # one byte per scale and offset: the stored .alpha/.offset parameters are uint8
+        import tvm
+
+        from shiftadd.artifact import paths
+
+        stored = tvm.runtime.load_param_dict(paths(res.so)["params"].read_bytes())
+        scales = [v for name, v in stored.items() if name.endswith((".alpha", ".offset"))]
+        assert scales and all(str(v.dtype) == "uint8" for v in scales)
     assert all(r.kernel == kernel for r in rep.rewritten) and res.manifest["kernel"] == kernel
     # every weight matmul is rewritten except the skipped lm_head (tied to the embedding in OPT/GPT-2)
     n_linear = {"llama": 2 * 7 + 1, "opt": 2 * 6, "gpt2": 2 * 4}[family]

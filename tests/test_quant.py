@@ -95,3 +95,34 @@ def test_scales_and_offsets_are_apot_and_exact_in_float16(bits):
             assert torch.equal(apot_round(t, 3), t)
             assert np.array_equal(a.astype(np.float16).astype(np.float32), a)
         pack_bcq(bw, 16)
+
+
+def test_e5m2_scales_are_nearest_and_one_byte():
+    """e5m2 rounding gives the nearest float8 e5m2 value (checked against its neighbours in the
+    float16 bit pattern, whose high byte it is), and a fit with scale_format='e5m2' stores only such
+    values (the packer turns them into single bytes)."""
+    import torch
+
+    from shiftadd.quant.apot import e5m2_round
+    from shiftadd.schedules.lut_avx2 import e5m2_bytes
+
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(5000) * np.exp2(rng.integers(-14, 8, 5000))).astype(np.float32)
+    r = e5m2_round(torch.from_numpy(a)).numpy()
+    h = r.astype(np.float16).view(np.uint16)
+    assert ((h & 0xFF) == 0).all()
+    # every finite e5m2 value: the float16 patterns whose low byte is zero
+    table = (np.arange(256, dtype=np.uint16) << 8).view(np.float16).astype(np.float64)
+    table = table[np.isfinite(table)]
+    best = np.abs(table[None, :] - a[:, None].astype(np.float64)).min(1)
+    np.testing.assert_array_equal(np.abs(r.astype(np.float64) - a), best)
+    w = rng.standard_normal((48, 200)).astype(np.float32) * 0.05
+    for bits in (2, 3, 4):
+        bw = quantize_matrix(w, BCQConfig(bits=bits, group=64, scale_format="e5m2", rounds=3))
+        e5m2_bytes(bw.alpha, "scale")
+        e5m2_bytes(bw.offset, "offset")
+        fp16 = quantize_matrix(w, BCQConfig(bits=bits, group=64, rounds=3))
+        # one byte per scale costs some accuracy, but stays within 1.5x of the float16 APoT error
+        assert np.linalg.norm(bw.dequantize() - w) < 1.5 * np.linalg.norm(fp16.dequantize() - w)
+    with pytest.raises(ValueError, match="scale_format must be one of"):
+        BCQConfig(scale_format="fp8")

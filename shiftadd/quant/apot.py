@@ -19,6 +19,26 @@ SPAN = 10
 MIN_EXP = -24
 
 
+SCALE_FORMATS = ("fp16", "e5m2")
+
+
+def e5m2_round(a: torch.Tensor) -> torch.Tensor:
+    """Nearest float8 e5m2 value (round half to even): ``±2^e (1 + m/4)``, i.e. at most three powers
+    of two within two binary orders (an APoT value: ≤ 3 shifts and adds), stored in ONE byte, and
+    exactly the high byte of its float16 pattern (same exponent bias), so decoding is a byte shift."""
+    return a.to(torch.float32).clamp(-57344.0, 57344.0).to(torch.float8_e5m2).to(torch.float32)
+
+
+def scale_rounder(fmt: str, terms: int):
+    """The rounding every scale and offset of a fit goes through, for storage format ``fmt``:
+    'fp16' = APoT with ``terms`` terms within SPAN orders (2 bytes), 'e5m2' = :func:`e5m2_round` (1 byte)."""
+    if fmt == "fp16":
+        return lambda a: apot_round(a, terms)
+    if fmt == "e5m2":
+        return e5m2_round
+    raise ValueError(f"scale format must be one of {SCALE_FORMATS}, got {fmt!r}")
+
+
 def apot_round(a: torch.Tensor, terms: int) -> torch.Tensor:
     """Round every element of ``a`` to the nearest sum of ``terms`` signed powers of two (greedy)."""
     if terms < 1:

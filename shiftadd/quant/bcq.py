@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .apot import apot_round
+from .apot import SCALE_FORMATS, scale_rounder
 
 SUPPORTED_BITS = (2, 3, 4)
 LAYOUTS = ("row-group", "block", "column")  # method.md §1; see quant/gptq.py
@@ -42,6 +42,7 @@ class BCQConfig:
     offset: bool = True  # per-group APoT offset z (LUT-GEMM's bias term): W ≈ z + Σ α_b B_b
     layout: str = "row-group"  # scale layout: row-group | block (8 inputs x block_rows rows) | column
     block_rows: int = 64  # rows sharing a scale in the block layout
+    scale_format: str = "fp16"  # fp16: APoT (apot_terms terms), 2 bytes | e5m2: float8 e5m2 (APoT, 1 byte)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -55,10 +56,16 @@ class BCQConfig:
                 f"group size must be a positive multiple of {MU} (whole {MU}-input look-up tables) "
                 f"or -1 for one group per row, got {self.group!r}"
             )
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {self.scale_format!r}")
         if not 1 <= self.apot_terms <= 8:
             raise ValueError(f"apot_terms must be in 1..8, got {self.apot_terms!r}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds!r}")
+
+    def rounder(self):
+        """Rounding of scales and offsets for the storage format (quant.apot.scale_rounder)."""
+        return scale_rounder(self.scale_format, self.apot_terms)
 
     def group_for(self, k: int) -> int:
         """Effective group size for ``k`` inputs: a multiple of MU, at most ``k`` rounded up to MU."""
@@ -138,19 +145,20 @@ def _best_codes(v: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor) ->
     return b
 
 
-def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
+def _fit_groups(v: torch.Tensor, q: int, rounds: int, rnd,
                 offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit α [R, q] (APoT, sorted by magnitude), B [R, q, G] and an offset z [R] (APoT; zeros when
-    ``offset`` is False) to the rows of v [R, G]: ``v ≈ z + Σ_b α_b B_b``."""
+    ``offset`` is False) to the rows of v [R, G]: ``v ≈ z + Σ_b α_b B_b``. ``rnd`` rounds scales and
+    offsets to the storage format (BCQConfig.rounder)."""
     z = torch.zeros(v.shape[0], dtype=torch.float32)
     r = v.clone()
     if offset:  # init: the uniform grid of asymmetric RTN: spans [min, max], has a level at 0
-        step = apot_round((v.amax(1) - v.amin(1)) / (2**q - 1), terms).to(torch.float32)
+        step = rnd((v.amax(1) - v.amin(1)) / (2**q - 1)).to(torch.float32)
         step = torch.where(step > 0, step, torch.ones_like(step))
         alpha = step[:, None] * (2.0 ** torch.arange(q - 2, -2, -1, dtype=torch.float32))[None]
         half = (2**q - 1) / 2  # levels are z + step * (j - half), j = 0 .. 2^q - 1
         j0 = torch.clamp(torch.round(-v.amin(1) / step), 0, 2**q - 1)  # level index that sits at 0
-        z = apot_round(step * (half - j0), terms).to(torch.float32)  # z itself is APoT (a shift, exact in fp16)
+        z = rnd(step * (half - j0)).to(torch.float32)  # z itself is APoT (shifts), exact in its format
     else:
         als = []
         for _ in range(q):  # greedy init
@@ -158,7 +166,7 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
             a = r.abs().mean(dim=1)
             r -= a[:, None] * b
             als.append(a)
-        alpha = apot_round(torch.stack(als, 1), terms).to(torch.float32)
+        alpha = rnd(torch.stack(als, 1)).to(torch.float32)
     patterns = _sign_patterns(q)
     b = _best_codes(v - z[:, None], alpha, patterns)
 
@@ -182,8 +190,8 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, terms: int,
         sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
         sol = torch.nan_to_num(sol)
         a, _ = torch.sort(sol[:, :q].abs(), dim=1, descending=True)
-        alpha = apot_round(a, terms).to(torch.float32)
-        z = apot_round(sol[:, q], terms).to(torch.float32) if offset else z
+        alpha = rnd(a).to(torch.float32)
+        z = rnd(sol[:, q]).to(torch.float32) if offset else z
         b = _best_codes(v - z[:, None], alpha, patterns)
         err = err_of(alpha, b, z)
         better = err < best_err
@@ -214,13 +222,13 @@ def quantize_matrix(w: np.ndarray | torch.Tensor, cfg: BCQConfig) -> BCQWeight:
     with torch.no_grad():
         if full:
             v = w[:, : full * g].reshape(n * full, g)
-            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.apot_terms, cfg.offset)
+            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset)
             alpha[:, :, :full] = a.reshape(n, full, q).permute(2, 0, 1)
             signs[:, :, : full * g] = (b > 0).reshape(n, full, q, g).permute(2, 0, 1, 3).reshape(q, n, full * g)
             offset[:, :full] = z.reshape(n, full)
         if full * g < k:  # ragged last group
             v = w[:, full * g :].contiguous()
-            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.apot_terms, cfg.offset)
+            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset)
             alpha[:, :, full] = a.T
             signs[:, :, full * g :] = (b > 0).permute(1, 0, 2)
             offset[:, full] = z

@@ -128,7 +128,7 @@ def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, dam
             col = int(perm[i1 + i])
             v = W1[:, i].to(torch.float32)
             if layout == "column":  # refit this column's codebook on the error-updated column
-                a1, b1, z1 = _fit_groups(v[None, :], q, cfg.rounds, cfg.apot_terms, cfg.offset)
+                a1, b1, z1 = _fit_groups(v[None, :], q, cfg.rounds, cfg.rounder(), cfg.offset)
                 col_alpha[:, col], col_z[col] = a1[0], z1[0]
                 b = b1[0].T  # [N, q]
                 qcol = (a1[0].to(torch.float64)[None, :] * b.to(torch.float64)).sum(1) + float(z1[0])
@@ -161,10 +161,10 @@ def _fit_block(blk, grp, q, cfg, rows, alpha, zoff):
     blk = blk.to(torch.float32)
     full = n // rows
     if full:
-        a, _, z = _fit_groups(blk[: full * rows].reshape(full, -1), q, cfg.rounds, cfg.apot_terms, cfg.offset)
+        a, _, z = _fit_groups(blk[: full * rows].reshape(full, -1), q, cfg.rounds, cfg.rounder(), cfg.offset)
         alpha[:, : full * rows, grp] = a.T.repeat_interleave(rows, dim=1)
         zoff[: full * rows, grp] = z.repeat_interleave(rows)
     if full * rows < n:
-        a, _, z = _fit_groups(blk[full * rows:].reshape(1, -1), q, cfg.rounds, cfg.apot_terms, cfg.offset)
+        a, _, z = _fit_groups(blk[full * rows:].reshape(1, -1), q, cfg.rounds, cfg.rounder(), cfg.offset)
         alpha[:, full * rows:, grp] = a[0][:, None]
         zoff[full * rows:, grp] = z[0]

@@ -198,12 +198,13 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         return self.kernels[key]
 
     def _kernel_avx2(self, k, n, bits, group, offset, alpha_rows):
-        key = ("avx2", k, n, bits, group, offset, alpha_rows)
+        fp8 = self.cfg.scale_format == "e5m2"
+        key = ("avx2", k, n, bits, group, offset, alpha_rows, fp8)
         if key not in self.kernels:
             kn = (self.knobs(k, n, bits, group, offset, alpha_rows) if self.knobs
                   else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS))
-            f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1])
-            name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows)
+            f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1], fp8)
+            name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows, fp8)
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
@@ -249,7 +250,8 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         else:
             kern_w = bw
         rep.kernel = "avx2" if self.kernel == "avx2" and lut_avx2.supports(kern_w.group, kern_w.alpha_rows) else "f32"
-        codes, alpha, zoff = pack_bcq(kern_w, self.vec) if rep.kernel == "f32" else lut_avx2.pack_avx2(kern_w)
+        codes, alpha, zoff = (pack_bcq(kern_w, self.vec) if rep.kernel == "f32"
+                              else lut_avx2.pack_avx2(kern_w, fp8=self.cfg.scale_format == "e5m2"))
         rep.status, rep.bits = "rewritten", bw.bits
         rep.group = getattr(bw, "group", 0) if cfg.layout == "row-group" else 0
         rep.layout = cfg.layout

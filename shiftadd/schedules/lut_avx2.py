@@ -89,14 +89,34 @@ def dims(k: int, n: int, group: int, alpha_rows: int = 1) -> dict:
             "nba": nb if alpha_rows == 1 else -(-nb * ROWS // alpha_rows), "w": ROWS if alpha_rows == 1 else 1}
 
 
-def kernel_name(k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int) -> str:
+def kernel_name(k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int, fp8: bool = False) -> str:
     return (f"shiftadd_lut8_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
-            + (f"_r{alpha_rows}" if alpha_rows != 1 else ""))
+            + (f"_r{alpha_rows}" if alpha_rows != 1 else "") + ("_f8" if fp8 else ""))
 
 
-def pack_avx2(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
+    """float8 e5m2 storage (uint8) of values that are exactly e5m2 (quant.apot.e5m2_round): the high
+    byte of their float16 pattern; anything else is refused rather than silently rounded."""
+    h = _exact_f16(a, what).view(np.uint16)
+    bad = (h & 0xFF) != 0
+    if bad.any():
+        v = a[bad].ravel()[0]
+        raise ValueError(f"{what} {float(v)!r} is not a float8 e5m2 value (fit with scale_format='e5m2'): "
+                         f"{int(bad.sum())} of {a.size} values")
+    return (h >> 8).astype(np.uint8)
+
+
+def pack_avx2(w: BCQWeight, fp8: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """codes uint8 [NB, P, q, 32], alpha f16 [NBA, NG, q, W], offsets f16 [NBA, NG, W] ([1, 1, W] zeros
-    without offset): the order the kernel streams them in (kernels/lut_avx2.cc)."""
+    without offset): the order the kernel streams them in (kernels/lut_avx2.cc). ``fp8`` stores scales
+    and offsets as float8 e5m2 bytes (they must be e5m2 values)."""
+    codes, alpha, zoff = _pack(w)
+    if fp8:
+        return codes, e5m2_bytes(alpha, "scale"), e5m2_bytes(zoff, "offset")
+    return codes, alpha, zoff
+
+
+def _pack(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     q, n, k = w.signs.shape
     if not supports(w.group, w.alpha_rows):
         raise ValueError(f"AVX2 kernel: group {w.group} / rows per scale {w.alpha_rows} not supported "
@@ -215,6 +235,8 @@ def object_file() -> str:
 def load_in_process() -> str:
     """Load the micro-kernel into this process (RTLD_GLOBAL) so in-memory executables resolve it
     (an unresolved call_extern in TVM's JIT crashes the interpreter instead of raising)."""
+    import tvm  # noqa: F401  (the kernel calls TVM's thread pool: libtvm_runtime must be loaded first)
+
     path = str(_compile(_cache_dir() / "liblut_avx2.so", shared=True))
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     return path
@@ -222,9 +244,9 @@ def load_in_process() -> str:
 
 # -- the TIR wrapper --------------------------------------------------------------------------------
 def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1,
-                  knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None):
+                  knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None, fp8: bool = False):
     """PrimFunc ``(x [M, k] f32, codes, alpha, zoff) -> y [M, n] f32`` for the packed layout of
-    :func:`pack_avx2`: one micro-kernel call, which launches its tasks on TVM's thread pool (tables
+    :func:`pack_avx2` (``fp8``: scales as float8 e5m2 bytes): one micro-kernel call, which launches its tasks on TVM's thread pool (tables
     split over tasks, a barrier, then 32-row blocks split over tasks). ``knobs`` serve M = 1
     (decode), ``knobs_batch`` M > 1 (prefill; defaults to ``knobs``)."""
     from tvm.script import tirx as T
@@ -238,17 +260,19 @@ def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, al
     q = bits
     zshape = (nba, ng, wd) if offset else (1, 1, wd)
     use_z = int(offset)
+    sdt = "uint8" if fp8 else "float16"
     i64 = T.int64
 
     def call(m, kn, X, codes, alpha, zoff, tab, ls, gs, Y):
         return T.call_extern(
             "int32", "shiftadd_lut_matmul", X.data, m, i64(k), codes.data, alpha.data, zoff.data, i64(use_z),
-            i64(n), i64(pairs), i64(u4), i64(g4), i64(ng), i64(alpha_rows), i64(q), i64(kn.mt), i64(kn.rbk),
+            i64(n), i64(pairs), i64(u4), i64(g4), i64(ng), i64(alpha_rows), i64(int(fp8)), i64(q), i64(kn.mt),
+            i64(kn.rbk),
             i64(kn.tasks), tab.data, ls.data, gs.data, Y.data)
 
     @T.prim_func
     def lut8(x_h: T.handle, codes: T.Buffer((nb, pairs, q, ROWS), "uint8"),
-             alpha: T.Buffer((nba, ng, q, wd), "float16"), zoff: T.Buffer(zshape, "float16"), y_h: T.handle):
+             alpha: T.Buffer((nba, ng, q, wd), sdt), zoff: T.Buffer(zshape, sdt), y_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         X = T.match_buffer(x_h, (m, k), "float32")

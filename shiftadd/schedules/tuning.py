@@ -113,7 +113,7 @@ class TuningDB:
 def _candidates(m: int) -> list[L.Knobs]:
     if m == 1:  # activation-row tiling does nothing for one row
         return [kn for kn in L.KNOB_SPACE if kn.mt == 1]
-    return [kn for kn in L.KNOB_SPACE if kn.rbk <= 4]
+    return [kn for kn in L.KNOB_SPACE if kn.rbk <= 4 and (kn.mt > 1 or kn.rbk == 4)]
 
 
 def tune_kernel(k, n, bits, group, offset, rows, cold_mib: int = 64, rounds: int = 5, seed: int = 0) -> dict:

@@ -11,7 +11,7 @@
 //
 // Codes. uint8 [NB][P][Q][32]: row block rb (32 rows), table pair p (tables 2p, 2p+1), plane b; byte i is
 // row 32 rb + i, low nibble = code of table 2p, high nibble = code of table 2p + 1.
-// Scales. float16 [NBA][NG][Q][W] alpha, [NBA][NG][W] offsets: W = 32 (one per row) when rows_per_alpha
+// Scales. float16 (or float8 e5m2, its high byte) [NBA][NG][Q][W] alpha, [NBA][NG][W] offsets: W = 32 (one per row) when rows_per_alpha
 // is 1, else W = 1 and row block rb reads block rb * 32 / rows_per_alpha (rows_per_alpha % 32 == 0).
 //
 // Inner step (per 32 rows, 2 tables, 1 plane): 1 load, 3 ALU for the nibbles, 2 vpshufb, 2 unpack,
@@ -25,8 +25,17 @@
 
 namespace {
 
-inline __m256 cvt_f16x8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// Scales and offsets: float16, or float8 e5m2 = the high byte of the same float16 (f8).
+inline __m256 scales8(const void* base, int64_t i, int f8) {
+  if (f8)
+    return _mm256_cvtph_ps(_mm_unpacklo_epi8(
+        _mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(base) + i))));
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+}
+
+inline float scale1(const void* base, int64_t i, int f8) {
+  const uint16_t h = f8 ? uint16_t(static_cast<const uint8_t*>(base)[i]) << 8 : static_cast<const uint16_t*>(base)[i];
+  return _cvtsh_ss(h);
 }
 
 // 4 float vectors (rows 0-7, 8-15, 16-23, 24-31) from the two int16 accumulators of one plane.
@@ -39,6 +48,7 @@ inline void widen(__m256i lo, __m256i hi, __m256 f[4]) {
 
 struct Shape {
   int64_t n, pairs, u4, g4, ng, ar;
+  int f8;  // scales stored as float8 e5m2 (1 byte) instead of float16
   int64_t t4p() const { return 2 * pairs; }
   int64_t nunits() const { return t4p() / u4; }
 };
@@ -46,7 +56,7 @@ struct Shape {
 // Rows [32 rb, 32 rb + 32 RB) for activation rows [m0, m1), MT rows at a time.
 template <int Q, int MT, int RB>
 void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
-                const uint8_t* codes, const uint16_t* alpha, const uint16_t* zoff, int use_z, int64_t rb,
+                const uint8_t* codes, const void* alpha, const void* zoff, int use_z, int64_t rb,
                 const Shape& s, float* y) {
   const __m256i ones = _mm256_set1_epi8(1);
   const __m256i nib = _mm256_set1_epi8(0x0F);
@@ -91,16 +101,16 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
       }
       for (int r = 0; r < RB; ++r) {
         const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
-        const uint16_t* al = alpha + (ab * s.ng + g) * Q * w;
+        const int64_t al = (ab * s.ng + g) * Q * w;
         for (int i = 0; i < MT; ++i) {
           __m256 t[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
           for (int b = 0; b < Q; ++b) {
             __m256 f[4];
             widen(acc[i][r][b][0], acc[i][r][b][1], f);
             if (w == 32) {
-              for (int v = 0; v < 4; ++v) t[v] = _mm256_fmadd_ps(f[v], cvt_f16x8(al + b * 32 + 8 * v), t[v]);
+              for (int v = 0; v < 4; ++v) t[v] = _mm256_fmadd_ps(f[v], scales8(alpha, al + b * 32 + 8 * v, s.f8), t[v]);
             } else {
-              const __m256 a = _mm256_set1_ps(_cvtsh_ss(al[b]));
+              const __m256 a = _mm256_set1_ps(scale1(alpha, al + b, s.f8));
               for (int v = 0; v < 4; ++v) t[v] = _mm256_fmadd_ps(f[v], a, t[v]);
             }
           }
@@ -111,11 +121,11 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
       if (use_z && uu + 1 == upg) {  // offset z * (sum of the group's activations), exact sums
         for (int r = 0; r < RB; ++r) {
           const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
-          const uint16_t* z = zoff + (ab * s.ng + g) * w;
+          const int64_t z = (ab * s.ng + g) * w;
           for (int i = 0; i < MT; ++i) {
             const __m256 gs = _mm256_set1_ps(gsum[(m + i) * s.ng + g]);
             for (int v = 0; v < 4; ++v) {
-              const __m256 zv = w == 32 ? cvt_f16x8(z + 8 * v) : _mm256_set1_ps(_cvtsh_ss(z[0]));
+              const __m256 zv = w == 32 ? scales8(zoff, z + 8 * v, s.f8) : _mm256_set1_ps(scale1(zoff, z, s.f8));
               accf[i][r][v] = _mm256_fmadd_ps(zv, gs, accf[i][r][v]);
             }
           }
@@ -139,7 +149,7 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
 
 template <int Q, int MT, int RB>
 void gemm_range(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
-                const uint8_t* codes, const uint16_t* alpha, const uint16_t* zoff, int use_z,
+                const uint8_t* codes, const void* alpha, const void* zoff, int use_z,
                 int64_t rb0, int64_t rb1, const Shape& s, float* y) {
   const int64_t mm = m0 + (m1 - m0) / MT * MT;  // whole MT tiles, then the rest one row at a time
   int64_t rb = rb0;
@@ -154,7 +164,7 @@ void gemm_range(const int8_t* tab, const float* ls, const float* gsum, int64_t m
 }
 
 using GemmFn = void (*)(const int8_t*, const float*, const float*, int64_t, int64_t, const uint8_t*,
-                        const uint16_t*, const uint16_t*, int, int64_t, int64_t, const Shape&, float*);
+                        const void*, const void*, int, int64_t, int64_t, const Shape&, float*);
 
 template <int Q>
 GemmFn pick(int mt, int rbk) {
@@ -239,8 +249,8 @@ struct Job {
   const float* x;
   int64_t m, k;
   const uint8_t* codes;
-  const uint16_t* alpha;
-  const uint16_t* zoff;
+  const void* alpha;
+  const void* zoff;
   int use_z;
   Shape s;
   int64_t nb;
@@ -284,11 +294,12 @@ extern "C" {
 // pool (``tasks`` 0: all its threads; 1: this thread only): every task builds its share of the tables,
 // a barrier, then its share of the 32-row blocks. q planes (1..4); mt activation rows and rbk row blocks
 // per pass (tuning knobs). Returns 0, or -1 for an unsupported q / knob.
-int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const uint16_t* alpha,
-                        const uint16_t* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
-                        int64_t ng, int64_t rows_per_alpha, int64_t q, int64_t mt, int64_t rbk, int64_t tasks,
-                        int8_t* tab, float* ls, float* gsum, float* y) {
-  Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha}, (n + 31) / 32,
+int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const void* alpha,
+                        const void* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
+                        int64_t ng, int64_t rows_per_alpha, int64_t scale_fp8, int64_t q, int64_t mt, int64_t rbk,
+                        int64_t tasks, int8_t* tab, float* ls, float* gsum, float* y) {
+  Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_fp8 != 0)},
+        (n + 31) / 32,
         int(rbk), pick_q(q, int(mt), int(rbk)), tab, ls, gsum, y};
   if (!j.gemm || u4 % 2 || g4 % u4) return -1;
   if (tasks == 1) return run_task(0, nullptr, &j);
