@@ -53,18 +53,23 @@ def test_kernel_model_sizes(m, k, n):
     np.testing.assert_allclose(y, x.astype(np.float64) @ bw.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 4), k=st.integers(1, 60), n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4]),
-       rows=st.sampled_from([1, 3, 8, 16, 64]), offset=st.booleans(), seed=st.integers(0, 2**16))
-def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
-    """Scales shared by ``rows`` consecutive rows and 8 inputs (the block layout), stored once."""
+def block_fit(m, k, n, bits, rows, offset, seed):
+    """(x [m, k], a block-layout fit of a random [n, k] weight: scales per 8 inputs x ``rows`` rows)."""
     from shiftadd.quant.gptq import quantize_matrix_gptq
 
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    bw = quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block",
-                                                      block_rows=rows), act_order=False)
+    return x, quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block",
+                                                           block_rows=rows), act_order=False)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 4), k=st.integers(1, 60), n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4]),
+       rows=st.sampled_from([1, 3, 8, 16, 64]), offset=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
+    """Scales shared by ``rows`` consecutive rows and 8 inputs (the block layout), stored once."""
+    x, bw = block_fit(m, k, n, bits, rows, offset, seed)
     assert bw.alpha_rows == rows and bw.group == 8
     codes, alpha, _ = pack_bcq(bw, 16)
     assert alpha.shape[2] == -(-codes.shape[2] // rows)
@@ -154,13 +159,7 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
        rows=st.sampled_from([32, 64, 96]), offset=st.booleans(), seed=st.integers(0, 2**16))
 def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
     """The block layout (scales per 8 inputs x ``rows`` rows, rows a multiple of 32) on the AVX2 kernel."""
-    from shiftadd.quant.gptq import quantize_matrix_gptq
-
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    bw = quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block",
-                                                      block_rows=rows), act_order=False)
+    x, bw = block_fit(m, k, n, bits, rows, offset, seed)
     check_avx2(x, bw, run_avx2(x, bw))
 
 
