@@ -246,6 +246,32 @@ def table(rows, bw) -> str:
     return "\n".join(lines)
 
 
+def summary(rows, bw) -> str:
+    """One line per (shape, M): each of our variants and the best peer of each kind, in ms."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    ours = list(dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("ours")))
+    head = ("| K x N | M | " + " | ".join(ours) + " | best ORT int2 | best ORT int4 | best fp32 | "
+            "ours 2-bit / best int2 | ours 3-bit / best int4 | ours 4-bit / best int4 |")
+    lines = [f"2-thread read bandwidth measured in the run: {bw:.1f} GB/s; times in ms (median); "
+             "speedups > 1 mean ours is faster (best of our scale formats)\n", head,
+             "|---|---:|" + "---:|" * (len(ours) + 6)]
+    for s in shapes:
+        for m in sorted({r["m"] for r in rows if r["shape"] == s}):
+            rr = {r["impl"]: r for r in rows if r["shape"] == s and r["m"] == m}
+
+            def best(prefix):
+                c = [r for name, r in rr.items() if name.startswith(prefix)]
+                return min(c, key=lambda r: r["ms"])
+
+            b2, b4 = best("ORT int2 "), best("ORT int4 ")
+            fp = min((r for r in rr.values() if r["bits"] == 32), key=lambda r: r["ms"])
+            sp = [(b2 if bits == 2 else b4)["ms"] / best(f"ours {bits}-bit")["ms"] for bits in (2, 3, 4)]
+            lines.append(f"| {s} | {m} | " + " | ".join(f"{rr[o]['ms']:.3f}" for o in ours)
+                         + f" | {b2['ms']:.3f} ({b2['impl'][9:]}) | {b4['ms']:.3f} ({b4['impl'][9:]}) | "
+                         f"{fp['ms']:.3f} ({fp['impl']}) | " + " | ".join(f"{v:.2f}x" for v in sp) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -283,7 +309,14 @@ def main(argv=None) -> int:
     ap.add_argument("--scale-formats", nargs="+", default=["fp16", "e5m2"], choices=["fp16", "e5m2"],
                     help="our scale storage: float16 APoT (2 bytes) and/or float8 e5m2 (1 byte)")
     ap.add_argument("--out", default="out/bench")
+    ap.add_argument("--summary", metavar="JSON", help="only print the summary table of a saved kernels.json")
     a = ap.parse_args(argv)
+    if a.summary:
+        d = json.loads(Path(a.summary).read_text())
+        peer_ratios(d["rows"])
+        print(summary(d["rows"], d["bandwidth_gbs"]) + "\n\n" + "\n".join(
+            ["| shape | goal | measured | |", "|---|---|---|---|"] + goals(d["rows"])))
+        return 0
     from shiftadd.schedules.tuning import TuningDB
 
     db = None if a.no_db else TuningDB.open(a.db)
@@ -300,7 +333,7 @@ def main(argv=None) -> int:
     for k, n in shapes:
         rows += bench_shape(k, n, a.m, a, bw, db, rng)
     peer_ratios(rows)
-    text = table(rows, bw)
+    text = summary(rows, bw) + "\n\n" + table(rows, bw)
     print(text)
     out = Path(a.out)
     with atomic_path(out / "kernels.md") as tmp:
