@@ -147,7 +147,7 @@ def ours(k, n, bits, copies, rng, db, fp8=False):
     ng = -(-k // GROUP)
     packs = []
     for _ in range(copies):
-        bw = BCQWeight(signs=rng.random((bits, n, k), dtype=np.float32) < 0.5, group=GROUP,
+        bw = BCQWeight(signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool), group=GROUP,
                        alpha=np.full((bits, n, ng), 2.0 ** -6, np.float32), offset=np.full((n, ng), 2.0 ** -8, np.float32))
         packs.append([tvm.runtime.tensor(a) for a in L.pack_avx2(bw, fp8)])
     nbytes = sum(a.numpy().nbytes for a in packs[0])
@@ -177,12 +177,12 @@ def bench_shape(k, n, ms, args, bw_gbs, db, rng):
                 sess, nbytes = ort_nbits(k, n, bits, block, acc, copies_for(k * n * bits // 8, cold), rng)
                 impls[f"ORT int{bits} b{block} acc{acc}"] = (bits, nbytes, (lambda sess=sess, n=n: lambda m, x: [
                     _bound(s, x, n) for s in sess]))
-    sess, nbytes = ort_fp32(k, n, copies_for(k * n * 4, cold, 4), rng)
+    sess, nbytes = ort_fp32(k, n, copies_for(k * n * 4, cold, 2), rng)
     impls["ORT fp32"] = (32, nbytes, lambda sess=sess, n=n: lambda m, x: [_bound(s, x, n) for s in sess])
-    tw = [torch.randn(n, k) * 0.02 for _ in range(copies_for(k * n * 4, cold, 4))]
+    tw = [torch.randn(n, k) * 0.02 for _ in range(copies_for(k * n * 4, cold, 2))]
     impls["torch fp32"] = (32, k * n * 4, lambda tw=tw: lambda m, x: [
         (lambda w=w, xt=torch.from_numpy(x): torch.nn.functional.linear(xt, w)) for w in tw])
-    vm, ws = tvm_fp32(k, n, copies_for(k * n * 4, cold, 4), rng)
+    vm, ws = tvm_fp32(k, n, copies_for(k * n * 4, cold, 2), rng)
     impls["TVM fp32"] = (32, k * n * 4, lambda vm=vm, ws=ws: lambda m, x: [
         (lambda w=w, xt=tvm.runtime.tensor(x): vm["main"](xt, w)) for w in ws])
 
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each calls every weight copy)")
     ap.add_argument("--budget", type=float, default=3.0,
                     help="seconds of calls after which a (slow) candidate sits out further rounds")
-    ap.add_argument("--cold-mib", type=int, default=256, help="weight copies per candidate add up to this much")
+    ap.add_argument("--cold-mib", type=int, default=128, help="weight copies per candidate add up to this much")
     ap.add_argument("--db", default=None, help="tuning database to read knobs from (default: the user's)")
     ap.add_argument("--no-db", action="store_true", help="use the default knobs (what an untuned compile gets)")
     ap.add_argument("--tune", action="store_true", help="first tune our kernels missing from the database")
@@ -330,8 +330,11 @@ def main(argv=None) -> int:
     log(f"bandwidth {bw:.1f} GB/s; TVM threads {os.environ.get('TVM_NUM_THREADS')}; "
         f"knobs from {'defaults' if db is None else db.path}")
     rows = []
+    import gc
+
     for k, n in shapes:
         rows += bench_shape(k, n, a.m, a, bw, db, rng)
+        gc.collect()  # sessions and weight copies of the last shape (several GB) go before the next
     peer_ratios(rows)
     text = summary(rows, bw) + "\n\n" + table(rows, bw)
     print(text)
