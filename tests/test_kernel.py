@@ -176,3 +176,7 @@ def test_avx2_kernel_rejects_layouts_it_cannot_read():
         pack_avx2(fp16_only, fp8=True)
     with pytest.raises(ValueError, match="rows per scale 16"):
         make_lut_avx2(16, 5, 2, 8, alpha_rows=16)
+    # a plane count the micro-kernel was not built for is a clear runtime error, never garbage
+    five = BCQWeight(signs=np.ones((5, 32, 64), bool), alpha=np.full((5, 32, 1), 0.5, np.float32), group=64)
+    with pytest.raises(RuntimeError, match="unsupported bits or knobs"):
+        run_avx2(np.ones((1, 64), np.float32), five)

@@ -280,10 +280,11 @@ def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, al
         tab = T.decl_buffer((m * t4p * 16,), "int8")
         ls = T.decl_buffer((m * nu,), "float32")
         gs = T.decl_buffer((m * ng,), "float32")
+        # the micro-kernel returns -1 for a plane count or knob it was not built for: fail loudly
         if m == 1:
-            T.evaluate(call(m, knobs, X, codes, alpha, zoff, tab, ls, gs, Y))
+            assert call(m, knobs, X, codes, alpha, zoff, tab, ls, gs, Y) == 0, "shiftadd_lut_matmul: unsupported bits or knobs"
         else:
-            T.evaluate(call(m, kb, X, codes, alpha, zoff, tab, ls, gs, Y))
+            assert call(m, kb, X, codes, alpha, zoff, tab, ls, gs, Y) == 0, "shiftadd_lut_matmul: unsupported bits or knobs"
 
     return lut8.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})
 
