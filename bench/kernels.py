@@ -136,7 +136,6 @@ def tvm_fp32(k, n, copies, rng):
 def ours(k, n, bits, copies, rng, db, fp8=False):
     import tvm
 
-    from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules import lut_avx2 as L
     from shiftadd.targets import resolve_target
 
@@ -144,12 +143,8 @@ def ours(k, n, bits, copies, rng, db, fp8=False):
     knobs = db.knobs(k, n, bits, GROUP, True, 1) if db is not None else (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
     f = L.make_lut_avx2(k, n, bits, GROUP, True, 1, *knobs, fp8=fp8)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
-    ng = -(-k // GROUP)
-    packs = []
-    for _ in range(copies):
-        bw = BCQWeight(signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool), group=GROUP,
-                       alpha=np.full((bits, n, ng), 2.0 ** -6, np.float32), offset=np.full((n, ng), 2.0 ** -8, np.float32))
-        packs.append([tvm.runtime.tensor(a) for a in L.pack_avx2(bw, fp8)])
+    packs = [[tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, GROUP, fp8=fp8, rng=rng)]
+             for _ in range(copies)]
     nbytes = sum(a.numpy().nbytes for a in packs[0])
     return lib["main"], packs, nbytes, knobs
 

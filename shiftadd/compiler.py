@@ -94,9 +94,8 @@ def _knob_source(kernel: str, tune: bool, db):
     def knobs(*key):
         if tune and tdb.get(*key) is None:
             summary["tuned_now"] += tune_missing(tdb, [key])
-        got = tdb.get(*key)
-        summary["from_db" if got else "default"] += 1
-        return got or tdb.knobs(*key)
+        summary["from_db" if tdb.get(*key) else "default"] += 1
+        return tdb.knobs(*key)
 
     return knobs, summary
 

@@ -130,7 +130,9 @@ def test_model_without_weight_matmuls(tmp_path):
                                      ({"layout": "diagonal"}, "layout must be one of"),
                                      ({"calib_mode": "fast"}, "calibration mode must be one of"),
                                      ({"allocator": "greedy"}, "allocator must be one of"),
-                                     ({"calib_windows": 4}, "calibration on text needs a tokenizer")])
+                                     ({"calib_windows": 4}, "calibration on text needs a tokenizer"),
+                                     ({"kernel": "neon"}, "kernel 'neon': expected 'auto' or one of f32, avx2"),
+                                     ({"scale_format": "fp8"}, "scale_format must be one of")])
 def test_bad_calibration_and_allocation_options(kw, msg, tiny_onnx, tmp_path):
     with pytest.raises(ValueError, match=msg):
         shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)

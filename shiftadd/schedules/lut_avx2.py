@@ -116,6 +116,18 @@ def pack_avx2(w: BCQWeight, fp8: bool = False) -> tuple[np.ndarray, np.ndarray, 
     return codes, alpha, zoff
 
 
+def random_packed(k: int, n: int, bits: int, group: int, offset: bool = True, rows: int = 1, fp8: bool = False,
+                  rng=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed random weights of a shape (random signs; scales 2^-6 and offsets 2^-8, exact in every
+    scale format): what timing needs, for the tuner and the benchmarks alike."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    ng, na = -(-k // group), -(-n // rows)
+    bw = BCQWeight(signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool), group=group, alpha_rows=rows,
+                   alpha=np.repeat(np.full((bits, na, ng), 2.0 ** -6, np.float32), rows, axis=1)[:, :n],
+                   offset=np.repeat(np.full((na, ng), 2.0 ** -8, np.float32), rows, axis=0)[:n] if offset else None)
+    return pack_avx2(bw, fp8)
+
+
 def _pack(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     q, n, k = w.signs.shape
     if not supports(w.group, w.alpha_rows):

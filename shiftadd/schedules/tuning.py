@@ -121,17 +121,11 @@ def tune_kernel(k, n, bits, group, offset, rows, cold_mib: int = 64, rounds: int
     the database entry (best knobs and the median ms of every candidate)."""
     import tvm
 
-    from ..quant.bcq import BCQWeight
     from ..targets import resolve_target
 
     L.load_in_process()
     rng = np.random.default_rng(seed)
-    ng = -(-k // group)
-    na = -(-n // rows)
-    bw = BCQWeight(signs=rng.random((bits, n, k), dtype=np.float32) < 0.5, group=group, alpha_rows=rows,
-                   alpha=np.repeat(np.full((bits, na, ng), 2.0 ** -6, np.float32), rows, axis=1)[:, :n],
-                   offset=np.repeat(np.full((na, ng), 2.0 ** -8, np.float32), rows, axis=0)[:n] if offset else None)
-    packed = L.pack_avx2(bw)
+    packed = L.random_packed(k, n, bits, group, offset, rows, rng=rng)
     nbytes = sum(a.nbytes for a in packed)
     copies = [[tvm.runtime.tensor(a) for a in packed] for _ in range(copies_for(nbytes, cold_mib * 2**20, 16))]
     target = resolve_target("cpu")
