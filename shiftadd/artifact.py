@@ -20,7 +20,29 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: functions main + decode (KV cache), manifest self-hash
+
+
+DIGEST_KEY = '"manifest_sha256": "'
+DIGEST_ZERO = "0" * 64
+
+
+def manifest_digest(text: str) -> str:
+    """SHA-256 of the manifest file's text with its own ``manifest_sha256`` value replaced by 64 zeros.
+    The files are hashed in the manifest and this hashes the manifest, so a flipped bit anywhere is
+    caught (a flipped vocabulary size would otherwise let out-of-range ids reach the embedding
+    gather). Defined on the raw text so that the C++ runner checks it the same way."""
+    i = text.find(DIGEST_KEY)
+    if i >= 0:
+        j = i + len(DIGEST_KEY)
+        text = text[:j] + DIGEST_ZERO + text[j + 64:]
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def manifest_text(manifest: dict) -> str:
+    """The manifest as written: indented JSON whose ``manifest_sha256`` is the digest of this text."""
+    text = json.dumps({**manifest, "manifest_sha256": DIGEST_ZERO}, indent=2)
+    return text.replace(DIGEST_KEY + DIGEST_ZERO, DIGEST_KEY + manifest_digest(text), 1)
 
 
 class ArtifactError(ValueError):
@@ -74,7 +96,9 @@ class ArtifactWriter:
             if p.exists():
                 files.update(file_hashes(p))
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
-        (self.stage / self.paths["manifest"].name).write_text(json.dumps(manifest, indent=2))
+        text = manifest_text(manifest)
+        manifest = json.loads(text)
+        (self.stage / self.paths["manifest"].name).write_text(text)
         moved = []
         try:
             # remove the manifest of an older artifact first, so a half-replaced set is never valid
@@ -106,12 +130,15 @@ def read_manifest(so_path: str | os.PathLike, verify: bool = True) -> dict:
     if not p["manifest"].exists():
         raise ArtifactError(f"{p['so']}: manifest {p['manifest'].name} is missing (incomplete or foreign artifact)")
     try:
-        manifest = json.loads(p["manifest"].read_text())
+        text = p["manifest"].read_text()
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{p['manifest']}: corrupted manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{p['manifest']}: format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}"
-                            f", this shiftadd reads version {FORMAT_VERSION}")
+                            f", this shiftadd reads version {FORMAT_VERSION} (recompile the model)")
+    if manifest.get("manifest_sha256") != manifest_digest(text):
+        raise ArtifactError(f"{p['manifest']}: corrupted manifest (its content does not match its manifest_sha256)")
     if verify:
         base = p["so"].parent
         for name, digest in manifest.get("files", {}).items():

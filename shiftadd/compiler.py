@@ -31,8 +31,11 @@ def _is_onnx(model: str) -> bool:
 
 
 def _input_specs(func) -> list[dict]:
+    import tvm
+
     n_in = int(func.attrs["num_input"])
-    return [{"name": v.name, "dtype": str(v.ty.dtype), "shape": [str(d) for d in v.ty.shape.values]}
+    return [{"name": v.name, "dtype": str(v.ty.dtype),
+             "shape": [str(int(d)) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in v.ty.shape.values]}
             for v in func.params[:n_in]]
 
 
@@ -121,7 +124,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             calib_len: int = 128, calib_mode: str = "one-pass", avg_bits: float | None = None,
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
-            scale_format: str = "fp16") -> CompileResult:
+            scale_format: str = "fp16", kv_cache: bool = True) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -140,12 +143,15 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     two binary orders) instead of two (float16 APoT with ``apot_terms`` terms). The AVX2 kernel's
     knobs come from the tuning database ``db`` (default ~/.cache/shiftadd/tuning.json, or
     $SHIFTADD_TUNING_DB); with ``tune`` the kernels missing there are tuned on this machine first and
-    saved, so the next compile does no search; without an entry the default knobs serve. ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    saved, so the next compile does no search; without an entry the default knobs serve. ``kv_cache``
+    (Hugging Face models) exports a prefill graph returning the keys/values and a ``decode`` graph taking
+    them back, compiled as functions ``main`` and ``decode`` of the one module over the same weights,
+    so generation runs the prompt once and then one token per step. ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
 
-    from .frontend import export_onnx, import_onnx, load_hf_model
+    from .frontend import export_onnx, export_onnx_with_cache, import_onnx, load_hf_model, merge_functions
     from .relax_passes import rewrite_lut_matmul
     from .targets import resolve_target, target_dict
 
@@ -170,6 +176,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     if calib_windows is not None and (calib_windows < 0 or calib_len < 2):
         raise ValueError(f"calibration needs windows >= 0 and calib_len >= 2, got {calib_windows} and {calib_len}")
     source = str(model)
+    extra, kv_spec = {}, None  # further functions (name -> ImportedModel) and the KV cache's geometry
     if _is_onnx(model):
         imported = import_onnx(model)
         model_name = Path(model).stem
@@ -185,9 +192,14 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         hf_model, tokenizer, src = load_hf_model(model)
         source, model_name = src.display, str(model)
         with tempfile.TemporaryDirectory(prefix="shiftadd-export-") as tmp:
-            onnx_path = export_onnx(hf_model, Path(tmp) / "model.onnx")
+            if kv_cache:
+                exported = export_onnx_with_cache(hf_model, tmp)
+                kv_spec = exported.spec()
+                imported = import_onnx(exported.prefill)
+                extra = {"decode": import_onnx(exported.decode)}
+            else:
+                imported = import_onnx(export_onnx(hf_model, Path(tmp) / "model.onnx"))
             del hf_model
-            imported = import_onnx(onnx_path)
     vocab_size, eos_ids = _vocab_and_eos(imported, tokenizer)
     if calib_windows is None:
         calib_windows = DEFAULT_CALIB_WINDOWS if (rewrite and tokenizer is not None) else 0
@@ -195,6 +207,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             log(f"calibration: {calib_windows} windows x {calib_len} wiki tokens ({calib_mode})" if calib_windows
                 else "no tokenizer: weight-only fit (pass tokenizer= / --tokenizer to calibrate on text)")
     mod, params, report, plan, tuning = imported.mod, imported.params, None, None, None
+    if extra:
+        mod = merge_functions(imported, extra)
     if rewrite:
         from .reparam import plan_fit
 
@@ -211,13 +225,17 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         knobs, tuning = _knob_source(kernel, tune, db)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
-                                                 knobs=knobs)
+                                                 knobs=knobs, also=tuple(extra))
         report.allocation = plan.allocation
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
     ex = build(mod, tgt)
     log(f"built in {time.time() - tb:.1f}s")
     func = mod["main"]
+    functions = {name: {"inputs": _input_specs(mod[name]),
+                        "outputs": imported.output_names if name == "main" else extra[name].output_names,
+                        "params": [v.name for v in mod[name].params[int(mod[name].attrs["num_input"]):]]}
+                 for name in ("main", *extra)}
     with ArtifactWriter(output) as w:
         export(ex, str(w.staged("so")), mod)
         blob = tvm.runtime.save_param_dict({k: tvm.runtime.tensor(np.ascontiguousarray(v)) for k, v in params.items()})
@@ -243,6 +261,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "inputs": _input_specs(func),
             "outputs": imported.output_names,
             "params": list(params),
+            "functions": functions,
+            "kv_cache": kv_spec,
             "tokenizer": tokenizer is not None,
             "vocab_size": vocab_size,
             "eos_token_ids": eos_ids,

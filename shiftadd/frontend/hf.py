@@ -72,31 +72,102 @@ def load_hf_model(spec: str):
     return model, tok, src
 
 
-def _export_wrapper(model):
-    """``(input_ids, attention_mask) -> logits`` around ``model`` (torch is imported lazily)."""
+def _cache_kwarg(model) -> str:
+    """The forward() keyword of the KV cache: ``cache`` in transformers 5, ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _stack_cache(cache):
+    """DynamicCache -> one tensor [layers, 2, batch, kv_heads, seq, head_dim]."""
     import torch
+
+    if hasattr(cache, "layers"):
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+    else:  # transformers 4.x
+        kv = list(zip(cache.key_cache, cache.value_cache))
+    return torch.stack([torch.stack([k, v]) for k, v in kv])
+
+
+def _export_wrapper(model, cache: bool = False, past: bool = False):
+    """Around ``model``: ``(input_ids, attention_mask) -> logits`` (``cache=False``), ``-> (logits,
+    present_key_values)`` (``cache=True``), or with ``past=True`` ``(input_ids, attention_mask,
+    past_key_values) -> (logits, present_key_values)``; the caches are single tensors
+    [layers, 2, batch, kv_heads, seq, head_dim] (one input and one output, whatever the depth)."""
+    import torch
+    from transformers import DynamicCache
+
+    kwarg = _cache_kwarg(model)
 
     class CausalLMWrapper(torch.nn.Module):
         """Builds the 4-D additive mask and position ids from shape-preserving ops (cumsum, compare,
         multiply), not with transformers' mask utilities: their Range/Expand/Where chains lose static
         ranks in TVM's ONNX importer. Positions come from the mask (left padding), as ``generate()``
-        does."""
+        does. With a past, the mask is first reshaped to [batch, past + seq] so that TVM sees the key
+        length as the same symbolic expression as the concatenated keys (from the raw input's own
+        length it cannot prove the two equal, and loses the shapes of attention)."""
 
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask):
-            pos = torch.cumsum(torch.ones_like(input_ids[0]), 0)
-            causal = (pos[None, :] <= pos[:, None]).to(torch.float32)
+        def forward(self, input_ids, attention_mask, past_key_values=None):
+            n_new = input_ids.shape[1]
+            if past_key_values is not None:
+                attention_mask = attention_mask.reshape(attention_mask.shape[0], past_key_values.shape[4] + n_new)
+            pos_k = torch.cumsum(torch.ones_like(attention_mask[0]), 0)
+            pos_q = pos_k if past_key_values is None else (
+                torch.cumsum(torch.ones_like(input_ids[0]), 0) + (attention_mask.shape[1] - n_new))
+            causal = (pos_k[None, :] <= pos_q[:, None]).to(torch.float32)
             keep = causal[None, None, :, :] * (attention_mask[:, None, None, :] > 0).to(torch.float32)
             mask4 = (1.0 - keep) * torch.finfo(torch.float32).min
-            position_ids = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)
+            if past_key_values is None:
+                position_ids = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)
+            else:  # left padding only: the new tokens follow the last kept position
+                position_ids = ((attention_mask.sum(-1, keepdim=True) - n_new)
+                                + torch.cumsum(torch.ones_like(input_ids), -1) - 1).clamp(min=0)
+            if not cache:
+                out = self.m(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
+                             use_cache=False, return_dict=False)
+                return out[0]
+            kv = DynamicCache()
+            if past_key_values is not None:
+                for i in range(past_key_values.shape[0]):
+                    kv.update(past_key_values[i, 0], past_key_values[i, 1], i)
             out = self.m(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
-                         use_cache=False, return_dict=False)
-            return out[0]
+                         use_cache=True, return_dict=True, **{kwarg: kv})
+            return out.logits, _stack_cache(kv)
 
     return CausalLMWrapper(model).eval()  # eval(): export restores the wrapper's training flag after
+
+
+@dataclass(frozen=True)
+class CacheExport:
+    """The two graphs of a KV-cached model and the cache's geometry."""
+
+    prefill: Path  # (input_ids, attention_mask) -> (logits, present_key_values)
+    decode: Path  # (input_ids, attention_mask, past_key_values) -> (logits, present_key_values)
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_context: int | None
+
+    def spec(self) -> dict:
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "max_context": self.max_context, "dtype": "float32",
+                "layout": "[layers, 2, batch, kv_heads, seq, head_dim]",
+                "input": "past_key_values", "output": "present_key_values"}
+
+
+def _max_context(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
@@ -124,3 +195,46 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
         )
     log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
     return path
+
+
+def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) -> CacheExport:
+    """Export the prefill graph (``prefill.onnx``) and the one-step-or-more decode graph with a past
+    (``decode.onnx``) into ``folder``. Both share the weights' names, so one params file serves both.
+    The decode graph is traced with 2 new tokens over a past of 3, so that no dimension is traced at 1
+    (a size-1 trace can be specialised into broadcasts that reject other sizes)."""
+    import warnings
+
+    import torch
+
+    folder = Path(folder)
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    t0 = time.time()
+    log(f"exporting {type(model).__name__} with a KV cache to ONNX (prefill + decode, opset {opset}) ...")
+    with torch.no_grad():
+        _, past = _export_wrapper(model, cache=True)(ids[:, :3], mask[:, :3])
+    layers, _, _, kv_heads, _, head_dim = (int(d) for d in past.shape)
+    kv_axes = {2: "batch", 4: "past"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prefill = folder / "prefill.onnx"
+        with atomic_path(prefill) as tmp:
+            torch.onnx.export(
+                _export_wrapper(model, cache=True), (ids, mask), str(tmp), dynamo=False, opset_version=opset,
+                input_names=["input_ids", "attention_mask"], output_names=["logits", "present_key_values"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                              "logits": {0: "batch", 1: "seq"}, "present_key_values": {2: "batch", 4: "seq"}})
+        decode = folder / "decode.onnx"
+        with atomic_path(decode) as tmp:
+            torch.onnx.export(
+                _export_wrapper(model, cache=True, past=True), (ids[:, 3:], mask, past), str(tmp), dynamo=False,
+                opset_version=opset, input_names=["input_ids", "attention_mask", "past_key_values"],
+                output_names=["logits", "present_key_values"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                              "past_key_values": kv_axes, "logits": {0: "batch", 1: "seq"},
+                              "present_key_values": {2: "batch", 4: "total"}})
+    log(f"exported {prefill.name} + {decode.name} ({layers} layers, {kv_heads} kv heads x {head_dim}) "
+        f"in {time.time() - t0:.1f}s")
+    return CacheExport(prefill, decode, layers, kv_heads, head_dim, _max_context(model))

@@ -159,3 +159,57 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> ImportedModel:
         params[var.name] = val.numpy() if hasattr(val, "numpy") else np.asarray(val)
     log(f"imported {where}: {len(model.graph.node)} ONNX nodes, {len(params)} weights, fixups {fixups}")
     return ImportedModel(mod, params, input_names, output_names, fixups)
+
+
+def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
+    """``base.mod`` plus each other import's ``main`` as a function of its own name (e.g. ``decode``),
+    all reading the same weight parameters: an other import must use weights of the same names and
+    values (it is an export of the same model), so one params file serves every function. Helper
+    functions the importer made (e.g. a ``maximum`` PrimFunc for shape arithmetic) come along: one
+    equal to the base's of that name is shared, a different one is renamed."""
+    import tvm
+    import tvm_ffi
+
+    funcs = {gv.name_hint: (gv, f) for gv, f in base.mod.functions_items()}
+    for name, other in others.items():
+        for w, v in other.params.items():
+            mine = base.params.get(w)
+            if mine is None or mine.shape != v.shape or not np.array_equal(mine, v):
+                raise ONNXImportError(f"function '{name}': weight '{w}' is not a weight of 'main' with the same "
+                                      f"value (the graphs must be exports of one model)")
+        mapping = {}
+        for gv, f in other.mod.functions_items():
+            if gv.name_hint == "main":
+                continue
+            have = funcs.get(gv.name_hint)
+            if have is not None and tvm_ffi.structural_equal(have[1], f):
+                mapping[gv.name_hint] = have[0]
+                continue
+            new_name = gv.name_hint if have is None else f"{gv.name_hint}_{name}"
+            mapping[gv.name_hint] = tvm.ir.GlobalVar(new_name)
+            funcs[new_name] = (mapping[gv.name_hint], f.with_attr("global_symbol", new_name)
+                               if f.attrs and "global_symbol" in f.attrs else f)
+        main = _RenameGlobals(mapping).visit_expr(other.mod["main"]) if mapping else other.mod["main"]
+        funcs[name] = (tvm.ir.GlobalVar(name), main.with_attr("global_symbol", name))
+    return tvm.IRModule({gv: f for gv, f in funcs.values()}, attrs=base.mod.attrs)
+
+
+def _rename_globals_class():
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class RenameGlobals(relax.PyExprMutator):
+        """Point calls at the merged module's GlobalVars (matched by name)."""
+
+        def __init__(self, mapping):
+            super().__init__()
+            self.mapping = mapping
+
+        def visit_global_var_(self, gv):
+            return self.mapping.get(gv.name_hint, gv)
+
+    return RenameGlobals
+
+
+def _RenameGlobals(mapping):  # noqa: N802 - a class made on first use (tvm imports lazily here)
+    return _rename_globals_class()(mapping)

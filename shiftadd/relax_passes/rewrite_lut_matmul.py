@@ -10,6 +10,7 @@ back. The replaced weight parameter is dropped if nothing else uses it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ def match_weight_operand(call, resolve):
 @relax.expr_functor.mutator
 class _LutMatmulRewriter(relax.PyExprMutator):
     def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians=None,
-                 fitted=None, layer_bits=None, kernel="f32", knobs=None):
+                 fitted=None, layer_bits=None, kernel="f32", knobs=None, kernels=None):
         super().__init__(mod)
         self.kernel = kernel
         self.knobs = knobs
@@ -152,8 +153,8 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         n_in = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
         self.weight_vars = {v.name: v for v in func.params[n_in:] if v.name in params}
         self.new_params: list[tuple[relax.Var, np.ndarray]] = []
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.n_const = 0
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {} if kernels is None else kernels
+        self.fits: dict[str, object] = {}  # weight name -> its fit, for the other functions
         self.done = 0
         self.progress = None
 
@@ -173,9 +174,9 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             if v is not None and v.same_as(expr):
                 return expr.name, self.params[expr.name]
             return None
-        if isinstance(expr, GenericConst):
-            self.n_const += 1
-            return f"const_{self.n_const}", expr.value.numpy()
+        if isinstance(expr, GenericConst):  # named by content: the same in every function
+            value = expr.value.numpy()
+            return f"const_{hashlib.sha1(value.tobytes()).hexdigest()[:12]}", value
         return None
 
     def _match(self, call):
@@ -240,6 +241,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         else:
             bw = fit_layer(w, cfg, h)
         rep.calibrated = h is not None or name in self.fitted
+        self.fits[name] = bw
         deq = bw.dequantize()
         colscale = None
         if isinstance(bw, ColumnBCQWeight):  # one-bit kernel over [x⊙α_1, ..., x⊙z] (pack.column_as_one_bit)
@@ -353,7 +355,7 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
                        skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
                        keep_dequantized: bool = False, func_name: str = "main", hessians: dict | None = None,
                        fitted: dict | None = None, layer_bits: dict | None = None, kernel: str = "f32",
-                       knobs=None):
+                       knobs=None, also: tuple[str, ...] = ()):
     """Apply the rewrite to ``func_name``. Returns (new module, new params dict, RewriteReport).
 
     ``params`` maps weight parameter names to values; the returned dict drops replaced weights
@@ -364,7 +366,9 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     ``layer_bits`` (weight name -> 2/3/4, from the allocator) overrides ``cfg.bits`` per layer.
     ``kernel`` 'avx2' uses the int8-table AVX2 micro-kernel (schedules/lut_avx2.py) wherever it reads
     the layout (float-table TIR kernel elsewhere); ``knobs(k, n, bits, group, offset, rows)`` returns
-    its (decode, batch) Knobs, e.g. from the tuning database.
+    its (decode, batch) Knobs, e.g. from the tuning database. ``also`` names further functions of the
+    module (e.g. ``decode``, the KV-cached step) rewritten with the same fits and packed weights, so all
+    functions share one set of parameters; the report covers ``func_name``.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
@@ -381,14 +385,31 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     with tqdm(desc=f"BCQ {label}", unit="matmul", disable=util.QUIET, leave=False) as bar:
         rw.progress = bar
         new_func = rw.visit_expr(func)
+    out = _with_params(rw, func_name, new_func)
+    packed = {v.name: a for v, a in rw.new_params}
+    for other in also:  # same fits, same kernels, same packed arrays: the params file is shared
+        rw2 = _LutMatmulRewriter(out, out[other], params, cfg, skip, vec, False, RewriteReport(), None,
+                                 {**(fitted or {}), **rw.fits}, layer_bits, kernel, knobs, kernels=rw.kernels)
+        out = _with_params(rw2, other, rw2.visit_expr(out[other]))
+        for v, a in rw2.new_params:
+            if v.name in packed and not np.array_equal(packed[v.name], a):
+                raise AssertionError(f"'{other}' packed '{v.name}' differently from '{func_name}'")
+            packed.setdefault(v.name, a)
+    out = relax.transform.DeadCodeElimination([func_name, *also])(out)
+    new_params: dict[str, np.ndarray] = {}
+    for f in (func_name, *also):
+        out, kept = _drop_unused_params(out, f, {**params, **packed})
+        new_params.update(kept)
+    log(report.summary())
+    return out, new_params, report
+
+
+def _with_params(rw, func_name, new_func):
+    """The rewriter's module with ``func_name`` replaced by ``new_func`` plus the packed-weight params."""
     new_func = relax.Function(list(new_func.params) + [v for v, _ in rw.new_params], new_func.body,
                               new_func.ret_ty, new_func.is_pure, new_func.attrs)
     rw.builder_.update_func(rw.builder_.get().get_global_var(func_name), new_func)
-    out = rw.builder_.get()
-    out = relax.transform.DeadCodeElimination([func_name])(out)
-    out, new_params = _drop_unused_params(out, func_name, {**params, **{v.name: a for v, a in rw.new_params}})
-    log(report.summary())
-    return out, new_params, report
+    return rw.builder_.get()
 
 
 def _drop_unused_params(mod, func_name, values):

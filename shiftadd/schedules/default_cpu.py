@@ -115,10 +115,25 @@ class CPUFallback(CPUScheduleRule):
             sch.parallel(outer)
             sch.decompose_reduction(block, r[0])
             return
-        outer = sch.fuse(*s) if len(s) > 1 else s[0]
+        lead = _fusable_prefix(sch, s)
+        outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         sch.parallel(outer)
         if r:
             sch.decompose_reduction(block, r[0])
+
+
+def _fusable_prefix(sch, loops):
+    """The leading loops to fuse into one parallel loop: up to the first whose extent is a compound
+    symbolic expression (``past + seq`` in a KV-cached decode step). Fusing across one makes every
+    index a chain of divisions by that expression, and LLVM then needs seconds per kernel (8.5 s for
+    one GQA reshape) for no run-time gain."""
+    lead = [loops[0]]
+    for lp in loops[1:]:
+        ext = sch.get(lp).extent
+        if not isinstance(ext, (tirx.IntImm, tirx.Var)):
+            break
+        lead.append(lp)
+    return lead
 
 
 def schedule_unscheduled(mod: tvm.IRModule, target) -> tvm.IRModule:
