@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -14,7 +15,8 @@ def _cmd_compile(a) -> int:
                      offset=not a.no_offset, tokenizer=a.tokenizer, calib_windows=a.calib,
                      calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
                      layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
-                     tune=a.tune, db=a.db, scale_format=a.scale_format)
+                     tune=a.tune, db=a.db, scale_format=a.scale_format,
+                     kv_cache=not a.no_kv_cache)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -38,6 +40,8 @@ def _cmd_compile(a) -> int:
 
 
 def _cmd_run(a) -> int:
+    if a.native:
+        return _run_native(a)
     from .runtime import load
 
     sess = load(a.artifact)
@@ -53,11 +57,39 @@ def _cmd_run(a) -> int:
             shown.append(True)
         print(piece, end="", flush=True)
 
-    res = sess.generate(prompt, max_new_tokens=a.max_new_tokens, stream=None if a.quiet else stream)
+    res = sess.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                        top_p=a.top_p, seed=a.seed, use_cache=not a.no_cache, stream=None if a.quiet else stream)
     print()
     n = len(res["new_ids"])
-    print(f"[{n} tokens in {res['seconds']:.2f}s, {n / max(res['seconds'], 1e-9):.2f} tokens/s; "
+    rate = f", decode {res['decode_tokens_per_s']:.1f} tokens/s" if res["decode_tokens_per_s"] else ""
+    cache = "KV cache" if sess.kv_cache and not a.no_cache else "no KV cache"
+    print(f"[{n} tokens in {res['seconds']:.2f}s ({cache}): prompt {res['prefill_seconds'] * 1e3:.0f} ms{rate}; "
           f"new ids: {' '.join(map(str, res['new_ids']))}]", file=sys.stderr)
+    return 0
+
+
+def _run_native(a) -> int:
+    """The same generation by the C++ runner (greedy; the tokenizer stays on the Python side)."""
+    import json
+
+    from .artifact import paths, read_manifest
+    from .runtime.native import build_runner, run_runner
+
+    if a.temperature or a.top_k or a.top_p != 1.0 or a.no_cache:
+        raise ValueError("--native decodes greedily with the cache: drop --temperature/--top-k/--top-p/--no-cache")
+    tok = None
+    if a.prompt is not None or read_manifest(a.artifact, verify=False).get("tokenizer"):
+        from transformers import AutoTokenizer
+
+        if not paths(a.artifact)["tokenizer"].is_dir():
+            raise ValueError(f"{a.artifact}: has no tokenizer: pass --ids instead of --prompt")
+        tok = AutoTokenizer.from_pretrained(str(paths(a.artifact)["tokenizer"]))
+    ids = [int(t) for t in a.ids.replace(",", " ").split()] if a.ids is not None else tok(a.prompt)["input_ids"]
+    out = run_runner(a.artifact, ids, a.max_new_tokens, threads=int(os.environ.get("TVM_NUM_THREADS", 0)) or None,
+                     binary=build_runner())
+    print((a.prompt or "") + (tok.decode(out["ids"], skip_special_tokens=True) if tok else ""))
+    print(f"[shiftadd-run: new ids: {' '.join(map(str, out['ids']))}; timing {json.dumps(out['timing'])}]",
+          file=sys.stderr)
     return 0
 
 
@@ -91,6 +123,8 @@ def main(argv=None) -> int:
     c.add_argument("--block-rows", type=int, default=64, help="rows sharing a scale in the block layout (default 64)")
     c.add_argument("--kernel", choices=("auto", "avx2", "f32"), default="auto",
                    help="LUT kernel: AVX2 int8 tables (auto on AVX2 CPUs) or portable float tables")
+    c.add_argument("--no-kv-cache", action="store_true",
+                   help="compile main only (no decode function: generation reruns the sequence per token)")
     c.add_argument("--scale-format", choices=("fp16", "e5m2"), default="fp16",
                    help="scale/offset storage: float16 APoT (default) or one-byte float8 e5m2 (APoT within 2 orders)")
     c.add_argument("--tune", action="store_true",
@@ -118,13 +152,20 @@ def main(argv=None) -> int:
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)
 
-    r = sub.add_parser("run", help="generate text greedily with a compiled artifact")
+    r = sub.add_parser("run", help="generate text with a compiled artifact (greedy unless --temperature > 0)")
     r.add_argument("artifact")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
     g.add_argument("--ids", help="prompt as token ids, e.g. '1 2 3'")
     r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    r.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1: all)")
+    r.add_argument("--seed", type=int, default=None, help="seed of the sampler (same seed, same text)")
+    r.add_argument("--no-cache", action="store_true", help="rerun the whole sequence per token (reference)")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
+    r.add_argument("--native", action="store_true",
+                   help="generate with the C++ runner shiftadd-run (built with cmake on first use; greedy)")
     r.set_defaults(fn=_cmd_run)
 
     e = sub.add_parser("eval", help="perplexity on held-out text of a compiled .so, an ONNX file (ONNX Runtime) "
@@ -152,7 +193,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as e:
         print(f"shiftadd {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

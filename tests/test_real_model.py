@@ -13,26 +13,40 @@ WINDOWS, WINDOW = 4, 128
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from shiftadd.frontend import export_onnx, load_hf_model
+def smollm2():
+    from shiftadd.frontend import load_hf_model
 
     model, tok, _ = load_hf_model("smollm2")
-    path = export_onnx(model, tmp_path_factory.mktemp("smollm2") / "smollm2.onnx")
     ids = token_windows(tok, wiki_split("eval"), WINDOW, WINDOWS)
-    return model, tok, path, ids
+    return model, tok, ids
 
 
 @pytest.mark.parametrize("bits, calib, floor", [(4, 0, 0.65), (3, 8, 0.45)])
 def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_path):
     """4-bit weight-only; 3-bit calibrated (one pass over 8 x 128 wiki tokens: the fast mode, to keep
     CI short; docs/QUALITY.md has the sequential default)."""
-    model, tok, path, ids = smollm2
-    res = shiftadd.compile(str(path), tmp_path / f"smollm2-q{bits}.so", bits=bits, tokenizer=tok,
-                           calib_windows=calib, calib_mode="one-pass")
+    model, tok, ids = smollm2
+    res = shiftadd.compile("smollm2", tmp_path / f"smollm2-q{bits}.so", bits=bits, calib_windows=calib,
+                           calib_mode="one-pass")
     assert len(res.report.rewritten) == 30 * 7 and [r.name for r in res.report.kept] == ["lm_head.weight"]
     sess = shiftadd.load(res.so)
     gen = sess.generate("The capital of France is", max_new_tokens=8)
     assert len(gen["new_ids"]) >= 1 and isinstance(gen["text"], str)
+    # the KV cache: same tokens as rerunning the sequence, and every decode step's logits equal main's
+    assert sess.kv_cache is not None
+    assert gen["new_ids"] == sess.generate("The capital of France is", max_new_tokens=8, use_cache=False)["new_ids"]
+    seq = np.asarray([gen["prompt_ids"] + gen["new_ids"]], np.int64)
+    n0 = len(gen["prompt_ids"])
+    full = sess.run(["logits"], {"input_ids": seq, "attention_mask": np.ones_like(seq)})[0]
+    _, past = sess.run(None, {"input_ids": seq[:, :n0], "attention_mask": np.ones((1, n0), np.int64)})
+    worst = 0.0
+    for j in range(n0, seq.shape[1]):
+        lg, past = sess.run(None, {"input_ids": seq[:, j:j + 1], "attention_mask": np.ones((1, j + 1), np.int64),
+                                   "past_key_values": past}, function="decode")
+        worst = max(worst, float(np.abs(lg[0, -1] - full[0, j]).max()))
+    print(f"\nSmolLM2 {bits}-bit: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} "
+          f"(logits up to {np.abs(full).max():.1f})")
+    assert worst <= 1e-4 * max(1.0, float(np.abs(full).max()))
     r = agreement(sess, model, ids, progress=False)
     print(f"\nSmolLM2-135M {bits}-bit group 64, calibration windows {calib}: top-1 agreement {100 * r['top1_agreement']:.2f} % over "
           f"{r['tokens']} tokens; perplexity {r['ppl']:.2f} (float {r['ppl_float']:.2f}); "

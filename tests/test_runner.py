@@ -166,3 +166,18 @@ def test_build_runner_reuses_the_build(runner):
     from shiftadd.runtime.native import build_runner
 
     assert build_runner() == runner and runner.is_file()
+
+
+def test_cli_run_native_equals_python(runner, artifacts, reference):
+    """``shiftadd run --native`` (the runner) and ``shiftadd run`` (Python) report the same new ids."""
+    import sys
+
+    args = [sys.executable, "-m", "shiftadd.cli", "run", str(artifacts["hf"]), "--ids", " ".join(map(str, IDS)),
+            "--max-new-tokens", "8"]
+    native = subprocess.run(args + ["--native"], capture_output=True, text=True)
+    python = subprocess.run(args, capture_output=True, text=True)
+    assert native.returncode == 0 and python.returncode == 0, native.stderr + python.stderr
+    want = "new ids: " + " ".join(map(str, reference["hf"]))
+    assert want in native.stderr and want in python.stderr
+    bad = subprocess.run(args + ["--native", "--temperature", "0.5"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--native decodes greedily" in bad.stderr
