@@ -1,8 +1,8 @@
 """End-to-end generation speed (issues 4 and 5): SmolLM2-135M compiled by shiftadd at 2/3/4 bits with
 the KV cache, against the same model in ONNX Runtime fp32 and ONNX Runtime int4 (MatMulNBits, RTN
 block 128, accuracy_level 4), both with their own KV cache: the same prefill/decode ONNX graphs our
-compile starts from (``export_onnx_with_cache``), the cache passed back as ``past_key_values`` each
-step, as ONNX Runtime users do. Every weight matmul is low-bit in the quantized rows (lm_head
+compile starts from (``export_onnx_with_cache``), each layer's ``present.{i}.key/value`` passed back
+as ``past_key_values.{i}.key/value`` each step, as ONNX Runtime users do. Every weight matmul is low-bit in the quantized rows (lm_head
 included: it is the largest matmul).
 
 One generation = prefill of --prompt tokens, then --new tokens decoded greedily one at a time.
@@ -88,19 +88,20 @@ class OrtGenerator:
 
     def __init__(self, prefill: Path, decode: Path):
         self.pre, self.dec = ort_session(prefill), ort_session(decode)
+        self.past_names = [i.name for i in self.dec.get_inputs()][2:]
 
     def __call__(self, ids: np.ndarray, new: int) -> list[float]:
         times = []
         t = time.perf_counter()
-        logits, past = self.pre.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        logits, *past = self.pre.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         n = ids.shape[1]
         for _ in range(new - 1):
             nxt = np.array([[int(np.argmax(logits[0, -1]))]], np.int64)
             times.append(time.perf_counter() - t)
             t = time.perf_counter()
             n += 1
-            logits, past = self.dec.run(None, {"input_ids": nxt, "attention_mask": np.ones((1, n), np.int64),
-                                               "past_key_values": past})
+            logits, *past = self.dec.run(None, {"input_ids": nxt, "attention_mask": np.ones((1, n), np.int64),
+                                                **dict(zip(self.past_names, past))})
         times.append(time.perf_counter() - t)
         return times
 

@@ -30,13 +30,15 @@ def _is_onnx(model: str) -> bool:
     return str(model).lower().endswith(".onnx")
 
 
-def _input_specs(func) -> list[dict]:
+def _input_specs(func, names: list[str] | None = None) -> list[dict]:
+    """Name (the ONNX graph's: TVM's importer turns dots into underscores), dtype and shape of each input."""
     import tvm
 
     n_in = int(func.attrs["num_input"])
-    return [{"name": v.name, "dtype": str(v.ty.dtype),
+    names = names or [v.name for v in func.params[:n_in]]
+    return [{"name": name, "dtype": str(v.ty.dtype),
              "shape": [str(int(d)) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in v.ty.shape.values]}
-            for v in func.params[:n_in]]
+            for name, v in zip(names, func.params[:n_in])]
 
 
 def _vocab_and_eos(imported, tokenizer):
@@ -84,14 +86,14 @@ def export(ex, path: str, mod) -> None:
         ex.export_library(path)
 
 
-def _knob_source(kernel: str, tune: bool, db):
+def _knob_source(kernel: str, tune: bool, db, target=None):
     """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up)."""
     summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0}
     if kernel != "avx2":
         return None, summary
     from .schedules.tuning import TuningDB, tune_missing
 
-    tdb = TuningDB.open(db)
+    tdb = TuningDB.open(db, target=target)
     summary["db"] = str(tdb.path)
 
     def knobs(*key):
@@ -222,7 +224,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             batches = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
         plan = plan_fit(imported, cfg, tgt, skip=tuple(skip), batches=batches, mode=calib_mode,
                         avg_bits=avg_bits, allocator=allocator)
-        knobs, tuning = _knob_source(kernel, tune, db)
+        knobs, tuning = _knob_source(kernel, tune, db, tgt)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
                                                  knobs=knobs, also=tuple(extra))
@@ -232,7 +234,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     ex = build(mod, tgt)
     log(f"built in {time.time() - tb:.1f}s")
     func = mod["main"]
-    functions = {name: {"inputs": _input_specs(mod[name]),
+    imports = {"main": imported, **extra}
+    functions = {name: {"inputs": _input_specs(mod[name], imports[name].input_names),
                         "outputs": imported.output_names if name == "main" else extra[name].output_names,
                         "params": [v.name for v in mod[name].params[int(mod[name].attrs["num_input"]):]]}
                  for name in ("main", *extra)}
@@ -258,7 +261,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "avg_bits": report.average_bits() if report else None,
             "allocation": {"budget": avg_bits, "allocator": allocator} if avg_bits is not None and rewrite else None,
             "skip": list(skip) if rewrite else [],
-            "inputs": _input_specs(func),
+            "inputs": _input_specs(func, imported.input_names),
             "outputs": imported.output_names,
             "params": list(params),
             "functions": functions,

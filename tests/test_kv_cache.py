@@ -33,15 +33,19 @@ def compiled(tmp_path_factory):
     return get
 
 
+def _past(sess, tensors) -> dict:
+    return dict(zip(sess.kv_cache["inputs"], tensors))
+
+
 def _steps(sess, ids, mask, new_cols):
     """Prefill on (ids, mask), then decode the columns of ``new_cols`` one at a time; returns the logits
-    of every decode step [B, steps, V] and the final cache."""
-    logits, past = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    of every decode step [B, steps, V] and the final cache (each layer's key and value)."""
+    logits, *past = sess.run(None, {"input_ids": ids, "attention_mask": mask})
     out = []
     for j in range(new_cols.shape[1]):
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
-        lg, past = sess.run(None, {"input_ids": new_cols[:, j:j + 1], "attention_mask": mask,
-                                   "past_key_values": past}, function="decode")
+        lg, *past = sess.run(None, {"input_ids": new_cols[:, j:j + 1], "attention_mask": mask, **_past(sess, past)},
+                             function="decode")
         out.append(lg[:, -1])
     return np.stack(out, 1), past
 
@@ -64,10 +68,11 @@ def test_decode_with_cache_equals_rerun(compiled, family):
     full = sess.run(["logits"], {"input_ids": np.concatenate([ids, new], 1), "attention_mask": full_mask})[0]
     want = full[:, ids.shape[1]:]
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    assert past.shape == (spec["layers"], 2, 2, spec["kv_heads"], 13, spec["head_dim"])
+    assert len(past) == 2 * spec["layers"]
+    assert all(p.shape == (2, spec["kv_heads"], 13, spec["head_dim"]) for p in past)
     # several new tokens in one decode call (speculative / chunked prefill) equal one at a time
-    logits, past0 = sess.run(None, {"input_ids": ids, "attention_mask": mask})
-    chunk = sess.run(["logits"], {"input_ids": new, "attention_mask": full_mask, "past_key_values": past0},
+    logits, *past0 = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    chunk = sess.run(["logits"], {"input_ids": new, "attention_mask": full_mask, **_past(sess, past0)},
                      function="decode")[0]
     assert np.abs(chunk - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     a = sess.generate([5, 9, 11, 3], max_new_tokens=10)
@@ -108,11 +113,14 @@ def test_functions_share_the_weights(compiled):
     assert set(f) == {"main", "decode"} and f["main"]["params"] == f["decode"]["params"]
     assert any(n.endswith(".codes") for n in f["decode"]["params"])
     assert not any(n.endswith("proj.weight") for n in f["decode"]["params"])  # every projection rewritten
-    assert [i["name"] for i in f["decode"]["inputs"]] == ["input_ids", "attention_mask", "past_key_values"]
-    assert f["main"]["outputs"] == f["decode"]["outputs"] == ["logits", "present_key_values"]
     spec = sess.kv_cache
-    assert f["decode"]["inputs"][2]["shape"] == [str(spec["layers"]), "2", "batch", str(spec["kv_heads"]), "past",
-                                                str(spec["head_dim"])]
+    names = [f"past_key_values.{i}.{kv}" for i in range(spec["layers"]) for kv in ("key", "value")]
+    assert [i["name"] for i in f["decode"]["inputs"]] == ["input_ids", "attention_mask", *names] == \
+        ["input_ids", "attention_mask", *spec["inputs"]]
+    assert f["main"]["outputs"] == f["decode"]["outputs"] == ["logits", *spec["outputs"]]
+    assert spec["outputs"][:2] == ["present.0.key", "present.0.value"]
+    for i in f["decode"]["inputs"][2:]:
+        assert i["shape"] == ["batch", str(spec["kv_heads"]), "past", str(spec["head_dim"])]
     assert spec["max_context"] == 64
     for a, b in zip(sess._args["main"], sess._args["decode"]):  # the same tensors, not copies
         assert a is b

@@ -38,11 +38,11 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
     seq = np.asarray([gen["prompt_ids"] + gen["new_ids"]], np.int64)
     n0 = len(gen["prompt_ids"])
     full = sess.run(["logits"], {"input_ids": seq, "attention_mask": np.ones_like(seq)})[0]
-    _, past = sess.run(None, {"input_ids": seq[:, :n0], "attention_mask": np.ones((1, n0), np.int64)})
+    _, *past = sess.run(None, {"input_ids": seq[:, :n0], "attention_mask": np.ones((1, n0), np.int64)})
     worst = 0.0
     for j in range(n0, seq.shape[1]):
-        lg, past = sess.run(None, {"input_ids": seq[:, j:j + 1], "attention_mask": np.ones((1, j + 1), np.int64),
-                                   "past_key_values": past}, function="decode")
+        lg, *past = sess.run(None, {"input_ids": seq[:, j:j + 1], "attention_mask": np.ones((1, j + 1), np.int64),
+                                    **dict(zip(sess.kv_cache["inputs"], past))}, function="decode")
         worst = max(worst, float(np.abs(lg[0, -1] - full[0, j]).max()))
     print(f"\nSmolLM2 {bits}-bit: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} "
           f"(logits up to {np.abs(full).max():.1f})")

@@ -156,7 +156,8 @@ def test_bad_inputs_get_clear_errors(artifact):
     sess = shiftadd.load(artifact)
     ids = np.array([[1, 2, 3]], np.int64)
     one = np.ones_like(ids)
-    _, past = sess.run(None, {"input_ids": ids, "attention_mask": one})
+    _, *present = sess.run(None, {"input_ids": ids, "attention_mask": one})
+    past = dict(zip(sess.kv_cache["inputs"], present))
     cases = [
         (lambda: sess.run(None, {"input_ids": ids.astype(np.int32), "attention_mask": one}), TypeError,
          "input 'input_ids': expected dtype int64"),
@@ -166,11 +167,14 @@ def test_bad_inputs_get_clear_errors(artifact):
         (lambda: sess.run(None, {"input_ids": ids + VOCAB, "attention_mask": one}), ValueError,
          rf"token ids must be in \[0, {VOCAB}\)"),
         (lambda: sess.run(None, {"input_ids": -ids, "attention_mask": one}), ValueError, "token ids"),
-        (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": one, "past_key_values": past},
+        (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": one, **past},
                           function="decode"), ValueError, r"expected 4 columns \(past 3 \+ new 1\)"),
         (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 4), np.int64),
-                                 "past_key_values": past[:, :, :, :1]}, function="decode"), ValueError,
-         "input 'past_key_values': expected shape"),
+                                 **past, "past_key_values.1.value": present[3][:, :1]}, function="decode"), ValueError,
+         "input 'past_key_values.1.value': expected shape"),
+        (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 4), np.int64),
+                                 **past, "past_key_values.1.key": present[2][:, :, :2]}, function="decode"), ValueError,
+         "dimension 'past' is 2 but 3"),
         (lambda: sess.run(None, {"input_ids": ids, "attention_mask": one}, function="encode"), ValueError,
          "unknown function 'encode'"),
         (lambda: sess.run(["scores"], {"input_ids": ids, "attention_mask": one}), ValueError, "unknown output"),

@@ -55,7 +55,7 @@ class Session:
         self._local = threading.local()
         self._vm()  # fail now, not on the first run, if the library is no VM executable
         try:
-            loaded = tvm.runtime.load_param_dict(p["params"].read_bytes())
+            loaded = tvm.runtime.load_param_dict_from_file(str(p["params"]))  # no second copy in memory
             weights = {n: loaded[n] for n in self.manifest["params"]}  # one copy, shared by every function
             self._args = {f: [weights[n] for n in spec["params"]] for f, spec in self.functions.items()}
         except KeyError as e:
@@ -127,11 +127,11 @@ class Session:
             arrays.append(a)
         by_name = dict(zip(names, arrays))
         self._check_ids(by_name.get("input_ids"))
-        past = by_name.get("past_key_values")
-        if past is not None and "attention_mask" in by_name:
-            total = past.shape[4] + by_name["input_ids"].shape[1]
+        past = by_name.get("past_key_values.0.key")
+        if past is not None and "attention_mask" in by_name and "input_ids" in by_name:
+            total = past.shape[2] + by_name["input_ids"].shape[1]  # the 'past' dim is shared by every layer
             if by_name["attention_mask"].shape[1] != total:
-                raise ValueError(f"input 'attention_mask': expected {total} columns (past {past.shape[4]} + "
+                raise ValueError(f"input 'attention_mask': expected {total} columns (past {past.shape[2]} + "
                                  f"new {by_name['input_ids'].shape[1]}), got shape {by_name['attention_mask'].shape}")
         seq = by_name["attention_mask"].shape[1] if "attention_mask" in by_name else None
         if self.max_context and seq and seq > self.max_context:
@@ -192,7 +192,8 @@ class Session:
 
     def generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler, use_cache: bool = True):
         """Yield (token id, seconds of its step). With the cache: ``main`` on the prompt once (it also
-        returns every layer's keys/values), then ``decode`` on one token and the cache per step."""
+        returns every layer's keys and values), then ``decode`` on one token and those per step; they stay
+        TVM tensors between steps (no copies through numpy)."""
         import tvm
 
         eos = set(self.manifest.get("eos_token_ids") or [])
@@ -207,12 +208,12 @@ class Session:
                 ids_t = np.asarray([seq], dtype=np.int64)
                 out = self._call("main", self._check_feed("main", {"input_ids": ids_t,
                                                                    "attention_mask": np.ones_like(ids_t)}))
-                logits, past = out[0].numpy()[0, -1], out[1]
+                logits, past = out[0].numpy()[0, -1], out[1:]
             else:
                 new = tvm.runtime.tensor(np.asarray([[seq[-1]]], dtype=np.int64), self.device)
                 mask = tvm.runtime.tensor(np.ones((1, len(seq)), dtype=np.int64), self.device)
-                out = self._call("decode", [new, mask, past])
-                logits, past = out[0].numpy()[0, -1], out[1]
+                out = self._call("decode", [new, mask, *past])
+                logits, past = out[0].numpy()[0, -1], out[1:]
             nxt = sampler(logits)
             seq.append(nxt)
             yield nxt, time.perf_counter() - ts

@@ -193,14 +193,18 @@ class Model {
   const Manifest& manifest() const { return m_; }
   bool has_cache() const { return m_.decode.has_value(); }
 
+  /*! \brief Each layer's keys/values by suffix ("0.key"): output present.<s>, input past_key_values.<s>. */
+  using Cache = std::map<std::string, ffi::Tensor>;
+  static constexpr const char* kPast = "past_key_values.";
+  static constexpr const char* kPresent = "present.";
+
   struct Step {
     int64_t next;
-    ffi::Optional<ffi::Tensor> present;
+    Cache present;
   };
 
   /*! \brief One call of main (prefill / full rerun) or decode (with \p past). */
-  Step Run(bool decode, const std::vector<int64_t>& ids, int64_t mask_len,
-           const ffi::Optional<ffi::Tensor>& past) {
+  Step Run(bool decode, const std::vector<int64_t>& ids, int64_t mask_len, const Cache& past) {
     const Bound& f = decode ? *decode_ : main_;
     ffi::Tensor ids_t = IdsTensor(ids);
     ffi::Tensor mask_t = IdsTensor(std::vector<int64_t>(mask_len, 1));
@@ -210,8 +214,10 @@ class Model {
         args.emplace_back(ids_t);
       } else if (in.name == "attention_mask") {
         args.emplace_back(mask_t);
-      } else {  // past_key_values (checked in Bind)
-        args.emplace_back(past.value());
+      } else {  // past_key_values.<s> (checked in Bind)
+        auto it = past.find(in.name.substr(std::strlen(kPast)));
+        if (it == past.end()) throw RunnerError("no cache tensor for input '" + in.name + "'");
+        args.emplace_back(it->second);
       }
     }
     for (const ffi::Tensor& w : f.weights) args.emplace_back(w);
@@ -234,8 +240,10 @@ class Model {
       if (!t) throw RunnerError("function '" + f.spec.name + "': output " + what + " is not a tensor");
       return *t;
     };
-    Step step{LastArgmax(output(f.logits_idx, "logits"), f.spec.name), std::nullopt};
-    if (has_cache()) step.present = output(f.present_idx, "present_key_values");
+    Step step{LastArgmax(output(f.logits_idx, "logits"), f.spec.name), {}};
+    if (has_cache()) {
+      for (const auto& [suffix, idx] : f.present) step.present[suffix] = output(idx, (kPresent + suffix).c_str());
+    }
     return step;
   }
 
@@ -244,7 +252,8 @@ class Model {
     FunctionSpec spec;
     ffi::Function fn;
     std::vector<ffi::Tensor> weights;
-    int logits_idx = 0, present_idx = -1;
+    int logits_idx = 0;
+    std::map<std::string, int> present;  // suffix ("0.key") -> output index of present.<suffix>
   };
 
   static ffi::Function Lookup(const ffi::Module& mod, const std::string& name, const std::string& file) {
@@ -254,13 +263,15 @@ class Model {
   }
 
   void LoadParams() {
-    std::ifstream in(m_.params_path, std::ios::binary);
-    if (!in) throw RunnerError(m_.params_path + ": cannot open the weights file");
-    std::string blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    auto load = ffi::Function::GetGlobal("runtime.LoadParams");
-    if (!load) throw RunnerError("the TVM runtime has no runtime.LoadParams (libtvm_runtime.so too old?)");
+    // From the file: reading it into memory first would hold the 180 MB of SmolLM2's weights three
+    // times at the peak (file bytes, their copy into ffi::Bytes, the tensors).
+    std::ifstream probe(m_.params_path, std::ios::binary);
+    if (!probe) throw RunnerError(m_.params_path + ": cannot open the weights file");
+    probe.close();
+    auto load = ffi::Function::GetGlobal("runtime.LoadParamsFromFile");
+    if (!load) throw RunnerError("the TVM runtime has no runtime.LoadParamsFromFile (libtvm_runtime.so too old?)");
     auto map = WithContext(m_.params_path + ": cannot be read as a TVM parameter file", [&] {
-      return (*load)(ffi::Bytes(blob)).cast<ffi::Map<ffi::String, ffi::Tensor>>();
+      return (*load)(ffi::String(m_.params_path)).cast<ffi::Map<ffi::String, ffi::Tensor>>();
     });
     for (const auto& kv : map) params_.emplace(std::string(kv.first), kv.second);
     for (const std::string& name : m_.params) {
@@ -280,22 +291,24 @@ class Model {
     }
     b.fn = *fn;
     bool decode = spec.name == "decode";
+    auto is_past = [](const std::string& n) { return n.rfind(kPast, 0) == 0 && n.size() > std::strlen(kPast); };
     for (const InputSpec& in : spec.inputs) {
       bool ok = (in.name == "input_ids" || in.name == "attention_mask") ? in.dtype == "int64"
-                : (decode && in.name == "past_key_values") ? in.dtype == "float32"
-                                                           : false;
+                : (decode && is_past(in.name)) ? in.dtype == "float32"
+                                               : false;
       if (!ok) {
         throw RunnerError(m_.path + ": function '" + spec.name + "' input '" + in.name + "' (" + in.dtype +
                           ") is not one the runner can feed (input_ids/attention_mask int64" +
-                          (decode ? ", past_key_values float32)" : ")"));
+                          (decode ? ", past_key_values.* float32)" : ")"));
       }
     }
     auto has_input = [&](const char* n) {
       return std::any_of(spec.inputs.begin(), spec.inputs.end(), [&](const InputSpec& i) { return i.name == n; });
     };
-    if (!has_input("input_ids") || (decode && !has_input("past_key_values"))) {
+    bool has_past = std::any_of(spec.inputs.begin(), spec.inputs.end(), [&](const InputSpec& i) { return is_past(i.name); });
+    if (!has_input("input_ids") || (decode && !has_past)) {
       throw RunnerError(m_.path + ": function '" + spec.name + "' must take input_ids" +
-                        (decode ? " and past_key_values" : ""));
+                        (decode ? " and past_key_values.*" : ""));
     }
     for (const std::string& name : spec.params) {
       auto it = params_.find(name);
@@ -310,10 +323,15 @@ class Model {
       return it == spec.outputs.end() ? -1 : static_cast<int>(it - spec.outputs.begin());
     };
     b.logits_idx = std::max(index("logits"), 0);
-    if (m_.decode) {
-      b.present_idx = index("present_key_values");
-      if (b.present_idx < 0) {
-        throw RunnerError(m_.path + ": function '" + spec.name + "' has no output 'present_key_values'");
+    if (m_.decode) {  // every past input of decode must come back as a present output of this function
+      for (int i = 0; i < static_cast<int>(spec.outputs.size()); ++i) {
+        if (spec.outputs[i].rfind(kPresent, 0) == 0) b.present[spec.outputs[i].substr(std::strlen(kPresent))] = i;
+      }
+      for (const InputSpec& in : m_.decode->inputs) {
+        if (is_past(in.name) && !b.present.count(in.name.substr(std::strlen(kPast)))) {
+          throw RunnerError(m_.path + ": function '" + spec.name + "' has no output 'present." +
+                            in.name.substr(std::strlen(kPast)) + "' for decode's input '" + in.name + "'");
+        }
       }
     }
     // The executable's own arity, when it tells: a clear message instead of a VM argument error.
@@ -380,7 +398,7 @@ int Run(int argc, char** argv) {
   std::vector<int64_t> seq = opt.ids, out;
   std::vector<double> step_ms;
   auto t0 = Clock::now();
-  Model::Step step = model.Run(false, seq, static_cast<int64_t>(seq.size()), std::nullopt);
+  Model::Step step = model.Run(false, seq, static_cast<int64_t>(seq.size()), {});
   double prefill_ms = Ms(t0, Clock::now());
   auto is_eos = [&](int64_t id) {
     return std::find(m.eos_token_ids.begin(), m.eos_token_ids.end(), id) != m.eos_token_ids.end();
@@ -393,7 +411,7 @@ int Run(int argc, char** argv) {
     if (model.has_cache()) {  // one new token against the cache
       step = model.Run(true, {step.next}, static_cast<int64_t>(seq.size()), step.present);
     } else {  // no cache: rerun main over the whole sequence
-      step = model.Run(false, seq, static_cast<int64_t>(seq.size()), std::nullopt);
+      step = model.Run(false, seq, static_cast<int64_t>(seq.size()), {});
     }
     step_ms.push_back(Ms(ts, Clock::now()));
   }
