@@ -21,10 +21,12 @@ def copies_for(nbytes: int, cold_bytes: int, most: int = 64) -> int:
 
 
 def interleaved(cands: dict[str, list[Callable[[], object]]], rounds: int, warmup: int = 1,
-                seed: int = 0, budget_s: float | None = None, min_samples: int = 5) -> dict[str, np.ndarray]:
+                seed: int = 0, budget_s: float | None = None, min_samples: int = 5,
+                deadline: float | None = None) -> dict[str, np.ndarray]:
     """Seconds per call for each candidate: ``rounds`` x len(copies) samples, interleaved. With
     ``budget_s``, a candidate that has spent that long and has ``min_samples`` sits out later rounds
-    (a 70 ms fallback kernel need not be sampled as often as a 0.05 ms one)."""
+    (a 70 ms fallback kernel need not be sampled as often as a 0.05 ms one). Past ``deadline``
+    (a ``time.perf_counter()`` value) no further round starts; the first always runs."""
     rng = random.Random(seed)
     for fns in cands.values():
         for _ in range(warmup):
@@ -33,7 +35,9 @@ def interleaved(cands: dict[str, list[Callable[[], object]]], rounds: int, warmu
     times: dict[str, list[float]] = {name: [] for name in cands}
     names = list(cands)
     clock = time.perf_counter
-    for _ in range(rounds):
+    for r in range(rounds):
+        if r and deadline is not None and clock() > deadline:
+            break
         rng.shuffle(names)
         for name in names:
             if budget_s is not None and len(times[name]) >= min_samples and sum(times[name]) > budget_s:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +26,8 @@ from . import lut_avx2 as L
 from .timing import copies_for, interleaved, median_ms
 
 BATCH_M = 32
-VERSION = 1
+PHASES = {"decode": 1, "batch": BATCH_M}  # phase -> activation rows it is timed at
+VERSION = 2
 
 
 def default_path() -> Path:
@@ -33,23 +35,23 @@ def default_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "shiftadd" / "tuning.json"
 
 
-def context() -> dict:
-    """What an entry is only valid for."""
+def context(target=None) -> dict:
+    """What an entry is only valid for: the target's CPU model (LLVM ``mcpu``) and the kernel's
+    features on it, the TVM version, the micro-kernel source and knob grid, threads and pool spin.
+    ``target``: a TVM Target or spec ('cpu' = this machine, the default; for RPC tuning, the remote's)."""
     import tvm
     from tvm.target import codegen
 
-    model = ""
+    from ..targets import resolve_target
+
+    tgt = resolve_target(target or "cpu") if target is None or isinstance(target, str) else target
+    mcpu = str(tgt.attrs.get("mcpu", "generic"))
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cpu = str(codegen.llvm_get_system_cpu())
-    feats = ",".join(f for f in L.FEATURES)
+        feats = ",".join(f for f in L.FEATURES if codegen.target_has_features([f], tgt))
+    except Exception:  # noqa: BLE001 - not an x86 target
+        feats = ""
     src = hashlib.sha256(L.SOURCE.read_bytes() + repr(L.KNOB_SPACE).encode()).hexdigest()[:16]
-    return {"version": VERSION, "tvm": tvm.__version__, "cpu": f"{model} ({cpu}; {feats})", "kernel": src,
+    return {"version": VERSION, "tvm": tvm.__version__, "cpu": f"{mcpu}; {feats}", "kernel": src,
             "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0),
             # whether TVM's idle workers spin decides if waking the second thread pays for small kernels
             "spin": os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "default")}
@@ -62,9 +64,9 @@ def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int) -> st
 class TuningDB:
     """``{"context": {...}, "entries": {key: {"decode": knobs, "batch": knobs, "ms": {...}}}}``."""
 
-    def __init__(self, path: Path, data: dict | None = None):
+    def __init__(self, path: Path, data: dict | None = None, target=None):
         self.path = Path(path)
-        self.ctx = context()
+        self.ctx = context(target)
         self.entries: dict = {}
         self.stale = 0
         if data:
@@ -78,25 +80,40 @@ class TuningDB:
                               f"context ({', '.join(diff)} differ); ignoring them", stacklevel=3)
 
     @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> "TuningDB":
+    def open(cls, path: str | os.PathLike | None = None, target=None) -> "TuningDB":
+        """The database at ``path`` (a file, or a folder holding ``tuning.json``) for ``target``."""
         p = Path(path) if path else default_path()
         if p.is_dir() or (path and not p.suffix):
             p = p / "tuning.json"
+        if p.exists() and not p.is_file():
+            raise ValueError(f"tuning database {p}: not a file")
         if not p.exists():
-            return cls(p)
+            return cls(p, target=target)
         try:
             data = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"tuning database {p}: not readable JSON ({e}); delete it or pass another --db") from None
         if not isinstance(data, dict) or not isinstance(data.get("entries", {}), dict):
             raise ValueError(f"tuning database {p}: expected an object with 'context' and 'entries'")
-        return cls(p, data)
+        return cls(p, data, target=target)
 
     def get(self, k, n, bits, group, offset, rows) -> tuple[L.Knobs, L.Knobs] | None:
+        """(decode, batch) knobs of a fully tuned kernel, else None."""
         e = self.entries.get(key_of(k, n, bits, group, offset, rows))
-        if e is None:
+        if e is None or any(ph not in e for ph in PHASES):
             return None
         return L.Knobs(**e["decode"]), L.Knobs(**e["batch"])
+
+    def has_phase(self, key: str, phase: str) -> bool:
+        return phase in self.entries.get(key, {})
+
+    def put_phase(self, key: str, phase: str, knobs: L.Knobs, ms: dict, measured_by: str) -> None:
+        """Record one phase (decode: M = 1, batch: M = BATCH_M) of a kernel and save at once."""
+        e = self.entries.setdefault(key, {"ms": {}})
+        e[phase] = asdict(knobs)
+        e["ms"][phase] = ms
+        e.setdefault("measured_by", {})[phase] = measured_by
+        self.save()
 
     def knobs(self, k, n, bits, group, offset, rows) -> tuple[L.Knobs, L.Knobs]:
         return self.get(k, n, bits, group, offset, rows) or (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
@@ -110,49 +127,73 @@ class TuningDB:
             tmp.write_text(json.dumps({"context": self.ctx, "entries": self.entries}, indent=1, sort_keys=True))
 
 
-def _candidates(m: int) -> list[L.Knobs]:
+def candidates(m: int) -> list[L.Knobs]:
     if m == 1:  # activation-row tiling does nothing for one row
         return [kn for kn in L.KNOB_SPACE if kn.mt == 1]
     return [kn for kn in L.KNOB_SPACE if kn.rbk <= 4 and (kn.mt > 1 or kn.rbk == 4)]
 
 
-def tune_kernel(k, n, bits, group, offset, rows, cold_mib: int = 64, rounds: int = 5, seed: int = 0) -> dict:
-    """Time every knob candidate at M = 1 and M = BATCH_M on random weights of this shape; returns
-    the database entry (best knobs and the median ms of every candidate)."""
-    import tvm
+class LocalMeasurer:
+    """Times candidates in this process: interleaved medians over cold copies of random weights."""
 
-    from ..targets import resolve_target
+    name = "local"
 
-    L.load_in_process()
-    rng = np.random.default_rng(seed)
-    packed = L.random_packed(k, n, bits, group, offset, rows, rng=rng)
-    nbytes = sum(a.nbytes for a in packed)
-    copies = [[tvm.runtime.tensor(a) for a in packed] for _ in range(copies_for(nbytes, cold_mib * 2**20, 16))]
-    target = resolve_target("cpu")
-    entry = {"ms": {}}
-    for m, field in ((1, "decode"), (BATCH_M, "batch")):
-        x = tvm.runtime.tensor(rng.standard_normal((m, k), dtype=np.float32))
-        y = tvm.runtime.empty((m, n), "float32")
-        cands = {}
-        for kn in _candidates(m):
-            f = L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn)
-            fn = tvm.compile(tvm.IRModule({"main": f}), target)["main"]
-            cands[kn.tag()] = ([(lambda fn=fn, p=p: fn(x, *p, y)) for p in copies], kn)
-        times = interleaved({t: c[0] for t, c in cands.items()}, rounds=rounds if m == 1 else max(2, rounds // 2))
-        med = {t: median_ms(v) for t, v in times.items()}
-        best = min(med, key=med.get)
-        entry[field] = asdict(cands[best][1])
-        entry["ms"][field] = med
-    return entry
+    def __init__(self, cold_mib: int = 64, rounds: int = 5, seed: int = 0):
+        self.cold_mib, self.rounds, self.seed = cold_mib, rounds, seed
+
+    def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
+        import tvm
+
+        from ..targets import resolve_target
+
+        L.load_in_process()
+        rng = np.random.default_rng(self.seed)
+        packed = L.random_packed(*kk, rng=rng)
+        nbytes = sum(a.nbytes for a in packed)
+        copies = [[tvm.runtime.tensor(a) for a in packed]
+                  for _ in range(copies_for(nbytes, self.cold_mib * 2**20, 16))]
+        target = resolve_target("cpu")
+        x = tvm.runtime.tensor(rng.standard_normal((m, kk[0]), dtype=np.float32))
+        y = tvm.runtime.empty((m, kk[1]), "float32")
+        fns = {}
+        for kn in cands:
+            fn = tvm.compile(tvm.IRModule({"main": L.make_lut_avx2(*kk, kn, kn)}), target)["main"]
+            fns[kn.tag()] = [(lambda fn=fn, p=p: fn(x, *p, y)) for p in copies]
+        times = interleaved(fns, rounds=self.rounds if m == 1 else max(2, self.rounds // 2), deadline=deadline)
+        return {t: median_ms(v) for t, v in times.items()}
+
+
+def tune_phases(db: TuningDB, keys: list[tuple], measurer=None, budget_s: float | None = None,
+                progress=log) -> dict:
+    """Tune every (kernel, phase) missing from ``db``, saving after each, until done or ``budget_s``
+    runs out. A phase is started only while its estimated time (the mean of the phases before it,
+    per candidate) fits in what is left, and its timing loop stops at the deadline, so the budget
+    holds to about one timing round. Returns a summary (phases done, left, seconds)."""
+    measurer = measurer or LocalMeasurer()
+    t0 = time.perf_counter()
+    deadline = None if budget_s is None else t0 + budget_s
+    todo = [(kk, ph) for kk in dict.fromkeys(keys) for ph in PHASES if not db.has_phase(key_of(*kk), ph)]
+    done, per_cand = 0, []
+    for i, (kk, ph) in enumerate(todo, 1):
+        cands = candidates(PHASES[ph])
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and (left <= 0 or (per_cand and np.mean(per_cand) * len(cands) > left)):
+            break
+        ts = time.perf_counter()
+        ms = measurer.measure(kk, PHASES[ph], cands, deadline)
+        per_cand.append((time.perf_counter() - ts) / len(cands))
+        best = min(ms, key=ms.get)
+        db.put_phase(key_of(*kk), ph, next(c for c in cands if c.tag() == best), ms, measurer.name)
+        done += 1
+        left = "" if deadline is None else f", {max(0.0, deadline - time.perf_counter()):.0f} s left"
+        progress(f"tuned {i}/{len(todo)} {key_of(*kk)} {ph}: best {best} {ms[best]:.3f} ms "
+                 f"(of {len(ms)}; worst {max(ms.values()):.3f} ms){left}")
+    return {"phases_done": done, "phases_left": len(todo) - done, "seconds": time.perf_counter() - t0,
+            "kernels": len(dict.fromkeys(keys))}
 
 
 def tune_missing(db: TuningDB, keys: list[tuple], **kw) -> int:
-    """Tune every kernel key not yet in ``db`` (saving after each); returns how many were tuned."""
+    """Tune every kernel key not yet complete in ``db`` (no budget); returns how many were tuned."""
     todo = [kk for kk in dict.fromkeys(keys) if db.get(*kk) is None]
-    for i, kk in enumerate(todo, 1):
-        entry = tune_kernel(*kk, **kw)
-        db.put(key_of(*kk), entry)
-        d, b = entry["decode"], entry["batch"]
-        log(f"tuned {i}/{len(todo)} {key_of(*kk)}: decode {L.Knobs(**d).tag()} {entry['ms']['decode'][L.Knobs(**d).tag()]:.3f} ms, "
-            f"batch {L.Knobs(**b).tag()} {entry['ms']['batch'][L.Knobs(**b).tag()]:.3f} ms")
-    return len(todo)
+    tune_phases(db, todo, LocalMeasurer(**kw))
+    return sum(db.get(*kk) is not None for kk in todo)
