@@ -93,6 +93,17 @@ def _run_native(a) -> int:
     return 0
 
 
+def _cmd_tune(a) -> int:
+    from .tune import tune
+
+    r = tune(a.model, db=a.db, target=a.target, budget=a.budget, rpc=a.rpc, key=a.key, bits=a.bits,
+             group=a.group, offset=not a.no_offset, layout=a.layout, block_rows=a.block_rows, skip=tuple(a.skip),
+             avg_bits=a.avg_bits, parallel=a.parallel)
+    print(f"{r['complete']}/{r['kernels']} kernels tuned in {r['db']} ({r['phases_done']} phases measured now by "
+          f"{r['measured_by']}, {r['phases_left']} left{' (budget reached: rerun to resume)' if r['phases_left'] else ''})")
+    return 0
+
+
 def _cmd_eval(a) -> int:
     from .perplexity import eval_perplexity
 
@@ -181,19 +192,38 @@ def main(argv=None) -> int:
     e.add_argument("--out", default="results", help="results folder: perplexity.md/.json/.png (default results/)")
     e.set_defaults(fn=_cmd_eval)
 
-    for name, issue in (("tune", "autotuning"), ("bench", "benchmarks: see bench/")):
+    t = sub.add_parser("tune", help="tune the LUT kernels a model needs into the database (budget, resume, RPC)")
+    t.add_argument("model", metavar="MODEL_OR_ONNX")
+    t.add_argument("--db", default=None, help="database file or folder (default ~/.cache/shiftadd/tuning.json "
+                                              "or $SHIFTADD_TUNING_DB); compile --db reads it")
+    t.add_argument("--target", default="cpu", help="'cpu' (this machine) or a TVM target JSON (the RPC devices' CPU)")
+    t.add_argument("--budget", default=None, help="time limit, e.g. 20m, 90s, 1h (default: none)")
+    t.add_argument("--rpc", default=None, metavar="HOST:PORT", help="measure on the servers of this TVM RPC tracker")
+    t.add_argument("--key", default=None, help="the RPC key the servers registered with (with --rpc)")
+    t.add_argument("--parallel", type=int, default=None, help="RPC servers to use at once (default: all free)")
+    t.add_argument("--bits", type=int, default=3)
+    t.add_argument("--avg-bits", type=float, default=None, help="tune 2, 3 and 4 bits (mixed allocation)")
+    t.add_argument("--group", type=int, default=64)
+    t.add_argument("--layout", choices=("row-group", "block"), default="row-group")
+    t.add_argument("--block-rows", type=int, default=64)
+    t.add_argument("--no-offset", action="store_true")
+    t.add_argument("--skip", action="append", default=None, help="regex of matmuls left float (default lm_head)")
+    t.set_defaults(fn=_cmd_tune)
+
+    for name, issue in (("bench", "benchmarks: see bench/"),):
         s = sub.add_parser(name, help=f"{issue} (not available yet)")
         s.set_defaults(fn=lambda a, n=name, i=issue: (print(f"shiftadd {n}: not implemented yet ({i})",
                                                             file=sys.stderr), 2)[1])
     a = p.parse_args(argv)
-    if a.cmd == "compile" and a.skip is None:
+    if a.cmd in ("compile", "tune") and a.skip is None:
         a.skip = ["lm_head"]
     try:
         return a.fn(a)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted" + (": every finished phase is in the database; rerun to resume" if a.cmd == "tune" else ""),
+              file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, ConnectionError) as e:
         print(f"shiftadd {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

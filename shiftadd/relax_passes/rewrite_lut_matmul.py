@@ -304,8 +304,9 @@ def layer_config(cfg: BCQConfig, layer_bits: dict | None, name: str) -> BCQConfi
     return cfg if b is None or b == cfg.bits else replace(cfg, bits=int(b))
 
 
-def _weight_matmul_ks(func, params, skip) -> list[int]:
-    """Input sizes K of the weight matmuls the rewrite would touch (a cheap scan, before quantizing)."""
+def weight_matmul_shapes(func, params, skip) -> list[tuple[str, int, int]]:
+    """(weight name, K, N) of every weight matmul the rewrite would touch, in model order: a cheap scan
+    before quantizing (group checks; the tuner's list of kernels)."""
     bound = {}
     for block in func.body.blocks:
         for b in block.bindings:
@@ -318,7 +319,7 @@ def _weight_matmul_ks(func, params, skip) -> list[int]:
             e = bound[e]
         return e
 
-    ks = []
+    out = []
     for value in bound.values():
         m = match_weight_operand(value, resolve)
         if m is None:
@@ -331,8 +332,13 @@ def _weight_matmul_ks(func, params, skip) -> list[int]:
         else:
             continue
         if len(shape) == 2 and not any(p.search(name) for p in pats):
-            ks.append(int(shape[1] if transposed else shape[0]))
-    return ks
+            k, n = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+            out.append((name, int(k), int(n)))
+    return out
+
+
+def _weight_matmul_ks(func, params, skip) -> list[int]:
+    return [k for _, k, _ in weight_matmul_shapes(func, params, skip)]
 
 
 def _check_group(cfg: BCQConfig, ks: list[int]) -> None:

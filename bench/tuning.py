@@ -1,0 +1,173 @@
+"""Tuning, whole model (issue 6): SmolLM2-135M at 3 bits, untuned (default knobs) vs tuned
+(``shiftadd tune`` into a fresh database), per kernel class and end to end.
+
+1. ``shiftadd.tune.tune("smollm2", db, bits=3, budget=--budget)``: the tuning time spent.
+2. Two compiles of the same model (weight-only fit: the weights are identical), one reading an empty
+   database (every kernel on its default knobs), one reading the tuned database.
+3. Per kernel class: each decode step's VM calls are timed by a VM instrument (before/after every
+   call: the times include a few microseconds of callback each, alike for both), summed per class,
+   median over --profile-steps steps. End to end: un-instrumented decode steps after a --prompt-token
+   prompt, models alternated over --rounds rounds, median ms per token.
+
+    python bench/tuning.py [--budget 20m] [--rounds 5]
+
+Writes out/bench/tuning.{md,json,png}. Float operators (attention, norms, lm_head) run dlight's and our
+default schedules in both builds: only the LUT kernels are tuned (MetaSchedule is not wired in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+
+from shiftadd.util import atomic_path, log  # noqa: E402
+
+CLASSES = ("LUT matmul (ours)", "float matmul (attention, lm_head)", "softmax", "norm", "other ops", "VM builtins")
+
+
+def kernel_class(symbol: str) -> str:
+    s = symbol.lower()
+    if s.startswith("shiftadd_lut"):
+        return CLASSES[0]
+    if s.startswith("vm.builtin") or "." in s:
+        return CLASSES[5]
+    if "matmul" in s:
+        return CLASSES[1]
+    if "softmax" in s:
+        return CLASSES[2]
+    if "mean" in s or "rsqrt" in s or "sqrt" in s or "norm" in s:
+        return CLASSES[3]
+    return CLASSES[4]
+
+
+def profile_steps(sess, prompt: list[int], steps: int) -> dict[str, float]:
+    """Median ms per decode step in each kernel class (instrumented VM)."""
+    import tvm
+
+    vm = sess._vm()
+    ids = np.asarray([prompt], np.int64)
+    out = sess._call("main", sess._check_feed("main", {"input_ids": ids, "attention_mask": np.ones_like(ids)}))
+    past = out[1:]
+    per_step = []
+    acc: dict[str, float] = defaultdict(float)
+    starts: list[float] = []
+
+    def instrument(func, symbol, before, ret, *args):
+        if before:
+            starts.append(time.perf_counter())
+        else:
+            acc[kernel_class(str(symbol))] += time.perf_counter() - starts.pop()
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        n = len(prompt)
+        for _ in range(steps):
+            acc.clear()
+            n += 1
+            new = tvm.runtime.tensor(np.array([[42]], np.int64))
+            mask = tvm.runtime.tensor(np.ones((1, n), np.int64))
+            past = sess._call("decode", [new, mask, *past])[1:]
+            per_step.append(dict(acc))
+    finally:
+        sess._local.vm = None  # a fresh VM for the timed runs, without the instrument
+    return {c: float(np.median([s.get(c, 0.0) for s in per_step]) * 1e3) for c in CLASSES}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", default="20m")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--profile-steps", type=int, default=16)
+    ap.add_argument("--work", default="out/tuning")
+    ap.add_argument("--out", default="out/bench")
+    ap.add_argument("--keep-db", action="store_true", help="reuse the database of an earlier run (resume)")
+    a = ap.parse_args(argv)
+
+    import shiftadd
+    from shiftadd.runtime.sampling import Sampler
+    from shiftadd.tune import tune
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    db, empty = work / "tuning.json", work / "empty.json"
+    if not a.keep_db:
+        db.unlink(missing_ok=True)
+    empty.unlink(missing_ok=True)
+    summary = tune("smollm2", db=db, bits=3, budget=a.budget)
+    arts = {}
+    for label, d in (("untuned", empty), ("tuned", db)):
+        so = work / f"smollm2-q3-{label}.so"
+        res = shiftadd.compile("smollm2", so, bits=3, calib_windows=0, db=d)
+        arts[label] = (shiftadd.load(so), res.manifest["tuning"])
+    prompt = np.random.default_rng(0).integers(100, 40000, a.prompt).tolist()
+    same = arts["untuned"][0].generate(prompt, 8)["new_ids"] == arts["tuned"][0].generate(prompt, 8)["new_ids"]
+    classes = {label: profile_steps(s, prompt, a.profile_steps) for label, (s, _) in arts.items()}
+    steps: dict[str, list[float]] = {k: [] for k in arts}
+    for r in range(a.rounds):
+        log(f"round {r + 1}/{a.rounds}")
+        for label in (list(arts) if r % 2 == 0 else list(arts)[::-1]):
+            sess = arts[label][0]
+            steps[label] += [dt for _, dt in sess.generate_ids(prompt, a.new, Sampler())][1:]
+    e2e = {k: float(np.median(v) * 1e3) for k, v in steps.items()}
+    rows = []
+    tot = {k: sum(v.values()) for k, v in classes.items()}
+    for c in CLASSES:
+        u, t = classes["untuned"][c], classes["tuned"][c]
+        rows.append({"class": c, "untuned_ms": u, "tuned_ms": t, "untuned_share": u / tot["untuned"],
+                     "tuned_share": t / tot["tuned"], "speedup": u / t if t else None})
+    lines = [f"SmolLM2-135M 3-bit (weight-only fit), decode after a {a.prompt}-token prompt, "
+             f"{os.environ['TVM_NUM_THREADS']} threads. Tuning: {summary['complete']}/{summary['kernels']} LUT "
+             f"kernels, {summary['phases_done']} phases in {summary['seconds']:.0f} s (budget {a.budget}); "
+             f"compile lookups untuned {arts['untuned'][1]}, tuned {arts['tuned'][1]}; same greedy tokens: {same}\n",
+             "| kernel class | untuned ms/step | tuned ms/step | share untuned | share tuned | speed-up |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else ""
+        lines.append(f"| {r['class']} | {r['untuned_ms']:.2f} | {r['tuned_ms']:.2f} | {100 * r['untuned_share']:.1f} % | "
+                     f"{100 * r['tuned_share']:.1f} % | {sp} |")
+    lines.append(f"| total (instrumented) | {tot['untuned']:.2f} | {tot['tuned']:.2f} | | | "
+                 f"{tot['untuned'] / tot['tuned']:.2f}x |")
+    lines += ["", f"End to end (not instrumented, median of {a.rounds} rounds x {a.new - 1} steps): untuned "
+                  f"{e2e['untuned']:.2f} ms/token ({1e3 / e2e['untuned']:.1f} tokens/s), tuned {e2e['tuned']:.2f} "
+                  f"ms/token ({1e3 / e2e['tuned']:.1f} tokens/s): {e2e['untuned'] / e2e['tuned']:.2f}x"]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(a.out)
+    with atomic_path(out / "tuning.md") as tmp:
+        tmp.write_text(f"`{' '.join(['python', *sys.argv])}`\n\n" + text + "\n")
+    with atomic_path(out / "tuning.json") as tmp:
+        tmp.write_text(json.dumps({"tuning": summary, "classes": rows, "e2e_ms": e2e, "same_tokens": same}, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    left = np.zeros(2)
+    for r in rows:
+        vals = np.array([r["untuned_ms"], r["tuned_ms"]])
+        ax.barh(["untuned", "tuned"], vals, left=left, label=r["class"])
+        left += vals
+    ax.set_xlabel("ms per decode step, by kernel class (instrumented)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "tuning.png", dpi=100)
+    plt.close(fig)
+    log(f"wrote {out / 'tuning.md'}, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``shiftadd tune``: find the distinct LUT kernels a model compiles to and tune them into the database,
+within a time budget, locally or on remote machines over TVM RPC. Resumable: every finished phase
+(decode knobs at M = 1, batch knobs at M = 32) of every kernel is saved at once, and a rerun skips
+what the database already holds."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from .quant import BCQConfig
+from .util import log
+
+
+def parse_budget(spec) -> float | None:
+    """'20m', '90s', '1h', '1h30m', '300' (seconds) -> seconds; None/'none' -> no budget."""
+    if spec is None or str(spec).lower() in ("", "none"):
+        return None
+    text = str(spec).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not parts or not any(parts.groups()):
+        raise ValueError(f"--budget: expected a duration like 20m, 90s, 1h30m or seconds, got {spec!r}")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = 3600 * h + 60 * m + s
+    if seconds <= 0:
+        raise ValueError(f"--budget must be positive, got {spec!r}")
+    return seconds
+
+
+def model_matmuls(model: str) -> list[tuple[str, int, int]]:
+    """(weight name, K, N) of the weight matmuls of ``model`` (HF id/folder, GGUF, 'smollm2', .onnx)."""
+    from .frontend import export_onnx, import_onnx, load_hf_model
+    from .relax_passes.rewrite_lut_matmul import weight_matmul_shapes
+
+    if str(model).lower().endswith(".onnx"):
+        imported = import_onnx(model)
+    else:
+        hf, _, _ = load_hf_model(model)
+        with tempfile.TemporaryDirectory(prefix="shiftadd-tune-") as tmp:
+            imported = import_onnx(export_onnx(hf, Path(tmp) / "model.onnx"))
+    return weight_matmul_shapes(imported.mod["main"], imported.params, ())
+
+
+def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None) -> list[tuple]:
+    """Tuning keys (K, N, bits, group, offset, rows per scale) of the AVX2 kernels these matmuls compile
+    to under ``cfg`` (``bits_set``: every bit width a per-layer allocation may pick). Layouts the AVX2
+    kernel does not read (odd groups, the column layout) have nothing to tune."""
+    from .schedules import lut_avx2 as L
+
+    if cfg.layout == "column":
+        raise ValueError("tune: the column layout runs a one-bit kernel over pre-scaled inputs; tune the "
+                         "row-group or block layout")
+    pats = [re.compile(p) for p in skip]
+    keys = []
+    for name, k, n in matmuls:
+        if any(p.search(name) for p in pats):
+            continue
+        group, rows = (cfg.group_for(k), 1) if cfg.layout == "row-group" else (8, cfg.block_rows)
+        if not L.supports(group, rows):
+            continue
+        for b in bits_set or (cfg.bits,):
+            keys.append((k, n, b, group, cfg.offset, rows))
+    return list(dict.fromkeys(keys))
+
+
+def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None = None, key: str | None = None,
+         bits: int = 3, group: int = 64, offset: bool = True, layout: str = "row-group", block_rows: int = 64,
+         skip=("lm_head",), avg_bits: float | None = None, rounds: int = 5, repeat: int = 20,
+         parallel: int | None = None) -> dict:
+    """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and
+    return a summary. ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
+    tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU)."""
+    from .schedules import lut_avx2 as L
+    from .schedules.tuning import TuningDB, tune_phases
+    from .targets import resolve_target
+
+    budget_s = parse_budget(budget)
+    tgt = resolve_target(target)
+    if not L.target_supported(tgt):
+        raise ValueError(f"tune: target {tgt.attrs.get('mcpu', '?')!r} lacks AVX2/FMA/F16C: the tunable LUT "
+                         "kernel does not run there")
+    if (key is not None) and rpc is None:
+        raise ValueError("--key needs --rpc HOST:PORT (the tracker the servers registered with)")
+    cfg = BCQConfig(bits=bits, group=group, offset=offset, layout=layout, block_rows=block_rows)
+    if avg_bits is not None:
+        from .quant.allocate import CHOICES, _check_budget
+
+        _check_budget(avg_bits, CHOICES)
+    if rpc is not None:
+        from .schedules.rpc import RPCMeasurer
+
+        measurer = RPCMeasurer(rpc, key, tgt, repeat=repeat, parallel=parallel)
+    else:
+        if str(target) not in ("cpu", "llvm", "host") and not L.target_supported(resolve_target("cpu")):
+            raise ValueError("tune: measuring locally needs this machine to be the target; use --rpc")
+        from .schedules.tuning import LocalMeasurer
+
+        measurer = LocalMeasurer(rounds=rounds)
+    try:
+        tdb = TuningDB.open(db, target=tgt)
+        t0 = time.time()
+        keys = kernel_keys(model_matmuls(model), cfg, skip, (2, 3, 4) if avg_bits is not None else None)
+        have = sum(tdb.get(*kk) is not None for kk in keys)
+        log(f"tune: {len(keys)} distinct kernels ({have} already in {tdb.path}), measured {measurer.name}, "
+            f"budget {'none' if budget_s is None else f'{budget_s:.0f} s'}")
+        left = None if budget_s is None else budget_s - (time.time() - t0)
+        if left is not None and left <= 0:
+            raise TimeoutError(f"--budget {budget}: spent reading the model ({time.time() - t0:.0f} s) before tuning")
+        summary = tune_phases(tdb, keys, measurer, left)
+    finally:
+        if hasattr(measurer, "close"):
+            measurer.close()
+    summary.update(db=str(tdb.path), measured_by=measurer.name, complete=sum(tdb.get(*kk) is not None for kk in keys),
+                   seconds_total=time.time() - t0)
+    log(f"tune: {summary['complete']}/{len(keys)} kernels complete in {tdb.path} "
+        f"({summary['phases_done']} phases measured now, {summary['phases_left']} left) in {summary['seconds_total']:.0f} s")
+    return summary
+
+
+def env_threads() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS", "0") or 0)
