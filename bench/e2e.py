@@ -118,15 +118,16 @@ class OursGenerator:
 
 
 def runner_vs_python(so: Path, ids: list[int], new: int, reps: int) -> list[dict]:
-    """Start-up and peak memory of a fresh process: the C++ runner vs ``shiftadd.load`` + generate."""
+    """Start-up and peak memory of a fresh process: the C++ runner vs ``shiftadd.load`` + generate. Peak
+    memory is VmHWM (ru_maxrss of a child counts this big parent's memory at fork time on Linux)."""
     from shiftadd.runtime.native import build_runner, run_runner
 
     binary = build_runner()
-    probe = ("import json,resource,sys,time; t=time.perf_counter(); import shiftadd; s=shiftadd.load(sys.argv[1]); "
+    probe = ("import json,re,sys,time; t=time.perf_counter(); import shiftadd; s=shiftadd.load(sys.argv[1]); "
              "t1=time.perf_counter(); r=s.generate([int(x) for x in sys.argv[2].split()], int(sys.argv[3])); "
              "d=r['step_seconds']; print(json.dumps({'load_s': t1-t, 'prefill_ms': d[0]*1e3, "
              "'decode_ms_per_token': sorted(d[1:])[len(d[1:])//2]*1e3 if len(d)>1 else None, 'ids': r['new_ids'], "
-             "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))")
+             "'peak_rss_mb': int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))/1024}))")
     rows = {"C++ runner (shiftadd-run)": [], "Python (shiftadd.load)": []}
     for _ in range(reps):
         out = run_runner(so, ids, new, threads=THREADS, binary=binary)
