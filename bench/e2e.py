@@ -29,6 +29,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
+from _report import write_report  # noqa: E402
 from shiftadd.util import atomic_path, log  # noqa: E402
 
 THREADS = 2
@@ -200,11 +201,7 @@ def main(argv=None) -> int:
                      f"{p['peak_rss_mb']:.0f} |")
     text = "\n".join(lines)
     print(text)
-    out = Path(a.out)
-    with atomic_path(out / "e2e.md") as tmp:
-        tmp.write_text(f"`{' '.join(['python', *sys.argv])}`\n\n" + text + "\n")
-    with atomic_path(out / "e2e.json") as tmp:
-        tmp.write_text(json.dumps({"generation": rows, "process": proc}, indent=1))
+    out = write_report(a.out, "e2e", text, {"generation": rows, "process": proc})
     import matplotlib
 
     matplotlib.use("Agg")

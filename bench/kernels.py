@@ -34,7 +34,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from shiftadd.schedules.timing import copies_for, interleaved, median_ms  # noqa: E402
-from shiftadd.util import atomic_path, log  # noqa: E402
+from _report import write_report  # noqa: E402
+from shiftadd.util import log  # noqa: E402
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "576x576", "576x1536", "1536x576", "576x49152"]  # K x N
 THREADS = 2
@@ -333,11 +334,7 @@ def main(argv=None) -> int:
     peer_ratios(rows)
     text = summary(rows, bw) + "\n\n" + table(rows, bw)
     print(text)
-    out = Path(a.out)
-    with atomic_path(out / "kernels.md") as tmp:
-        tmp.write_text(f"`{' '.join(['python', *sys.argv])}`\n\n" + text + "\n")
-    with atomic_path(out / "kernels.json") as tmp:
-        tmp.write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows}, indent=1))
+    out = write_report(a.out, "kernels", text, {"bandwidth_gbs": bw, "rows": rows})
     plot(rows, out / "kernels.png")
     log(f"wrote {out / 'kernels.md'}, .json, .png")
     return 0

@@ -18,7 +18,6 @@ default schedules in both builds: only the LUT kernels are tuned (MetaSchedule i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,8 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
-from shiftadd.util import atomic_path, log  # noqa: E402
+from _report import write_report  # noqa: E402
+from shiftadd.util import log  # noqa: E402
 
 CLASSES = ("LUT matmul (ours)", "float matmul (attention, lm_head)", "softmax", "norm", "other ops", "VM builtins")
 
@@ -144,11 +144,7 @@ def main(argv=None) -> int:
                   f"ms/token ({1e3 / e2e['tuned']:.1f} tokens/s): {e2e['untuned'] / e2e['tuned']:.2f}x"]
     text = "\n".join(lines)
     print(text)
-    out = Path(a.out)
-    with atomic_path(out / "tuning.md") as tmp:
-        tmp.write_text(f"`{' '.join(['python', *sys.argv])}`\n\n" + text + "\n")
-    with atomic_path(out / "tuning.json") as tmp:
-        tmp.write_text(json.dumps({"tuning": summary, "classes": rows, "e2e_ms": e2e, "same_tokens": same}, indent=1))
+    out = write_report(a.out, "tuning", text, {"tuning": summary, "classes": rows, "e2e_ms": e2e, "same_tokens": same})
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,7 +5,6 @@ what the database already holds."""
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -119,6 +118,3 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
         f"({summary['phases_done']} phases measured now, {summary['phases_left']} left) in {summary['seconds_total']:.0f} s")
     return summary
 
-
-def env_threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS", "0") or 0)

@@ -174,6 +174,16 @@ def _max_context(model) -> int | None:
     return None
 
 
+def _trace_batch(model, seq: int):
+    """Random ids [2, seq] and a mask whose second row is left-padded by 2: what the exports trace."""
+    import torch
+
+    ids = torch.randint(0, int(model.config.vocab_size), (2, seq))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    return ids, mask
+
+
 def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
     """Export ``model`` to ONNX at ``path`` (written atomically). Inputs ``input_ids`` and
     ``attention_mask`` (int64 [batch, seq]); output ``logits`` (float32 [batch, seq, vocab])."""
@@ -183,10 +193,7 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
 
     path = Path(path)
     wrapper = _export_wrapper(model)
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (2, 8))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    ids, mask = _trace_batch(model, 8)
     t0 = time.time()
     log(f"exporting {type(model).__name__} to ONNX (opset {opset}) ...")
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
@@ -211,10 +218,7 @@ def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) ->
     import torch
 
     folder = Path(folder)
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (2, 5))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    ids, mask = _trace_batch(model, 5)
     t0 = time.time()
     log(f"exporting {type(model).__name__} with a KV cache to ONNX (prefill + decode, opset {opset}) ...")
     with torch.no_grad():

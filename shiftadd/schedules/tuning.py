@@ -27,7 +27,7 @@ from .timing import copies_for, interleaved, median_ms
 
 BATCH_M = 32
 PHASES = {"decode": 1, "batch": BATCH_M}  # phase -> activation rows it is timed at
-VERSION = 2
+VERSION = 3
 
 
 def default_path() -> Path:
@@ -37,7 +37,9 @@ def default_path() -> Path:
 
 def context(target=None) -> dict:
     """What an entry is only valid for: the target's CPU model (LLVM ``mcpu``) and the kernel's
-    features on it, the TVM version, the micro-kernel source and knob grid, threads and pool spin.
+    features on it, the TVM version, the micro-kernel source and knob grid, and threads. (The thread
+    pool's spin setting was part of it, but a SmolLM2 compile after a tuning job in one process saw a
+    different value and ignored the whole database; it changes which knobs win, never correctness.)
     ``target``: a TVM Target or spec ('cpu' = this machine, the default; for RPC tuning, the remote's)."""
     import tvm
     from tvm.target import codegen
@@ -52,9 +54,7 @@ def context(target=None) -> dict:
         feats = ""
     src = hashlib.sha256(L.SOURCE.read_bytes() + repr(L.KNOB_SPACE).encode()).hexdigest()[:16]
     return {"version": VERSION, "tvm": tvm.__version__, "cpu": f"{mcpu}; {feats}", "kernel": src,
-            "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0),
-            # whether TVM's idle workers spin decides if waking the second thread pays for small kernels
-            "spin": os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "default")}
+            "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0)}
 
 
 def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int) -> str:
