@@ -50,13 +50,10 @@ def kernel_class(symbol: str) -> str:
 
 
 def profile_steps(sess, prompt: list[int], steps: int) -> dict[str, float]:
-    """Median ms per decode step in each kernel class (instrumented VM)."""
-    import tvm
+    """Median ms per decode step in each kernel class: the session's own cached generation
+    (``generate_ids``) on an instrumented VM, the prefill step left out."""
+    from shiftadd.runtime.sampling import Sampler
 
-    vm = sess._vm()
-    ids = np.asarray([prompt], np.int64)
-    out = sess._call("main", sess._check_feed("main", {"input_ids": ids, "attention_mask": np.ones_like(ids)}))
-    past = out[1:]
     per_step = []
     acc: dict[str, float] = defaultdict(float)
     starts: list[float] = []
@@ -68,19 +65,14 @@ def profile_steps(sess, prompt: list[int], steps: int) -> dict[str, float]:
             acc[kernel_class(str(symbol))] += time.perf_counter() - starts.pop()
         return 0
 
-    vm.set_instrument(instrument)
+    sess._vm().set_instrument(instrument)
     try:
-        n = len(prompt)
-        for _ in range(steps):
-            acc.clear()
-            n += 1
-            new = tvm.runtime.tensor(np.array([[42]], np.int64))
-            mask = tvm.runtime.tensor(np.ones((1, n), np.int64))
-            past = sess._call("decode", [new, mask, *past])[1:]
+        for _ in sess.generate_ids(prompt, steps + 1, Sampler()):
             per_step.append(dict(acc))
+            acc.clear()
     finally:
         sess._local.vm = None  # a fresh VM for the timed runs, without the instrument
-    return {c: float(np.median([s.get(c, 0.0) for s in per_step]) * 1e3) for c in CLASSES}
+    return {c: float(np.median([s.get(c, 0.0) for s in per_step[1:]]) * 1e3) for c in CLASSES}
 
 
 def main(argv=None) -> int:

@@ -137,8 +137,7 @@ class Session:
         if self.max_context and seq and seq > self.max_context:
             raise ValueError(f"input 'attention_mask': {seq} positions exceed the model's context of "
                              f"{self.max_context}")
-        return [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a), self.device)
-                for a in arrays]
+        return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
     def _check_ids(self, ids) -> None:
         vocab = self.manifest.get("vocab_size")
