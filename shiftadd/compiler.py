@@ -120,6 +120,40 @@ def pick_kernel(kernel: str, target) -> str:
     return kernel
 
 
+def import_model(model: str, tokenizer=None, kv_cache: bool = True):
+    """Export (Hugging Face models) and import ``model``: (imported main, further functions by name,
+    KV cache geometry or None, tokenizer, source text, model name). With ``kv_cache`` an HF model is
+    exported twice (prefill ``main`` returning the cache, ``decode`` taking it back)."""
+    from .frontend import export_onnx, export_onnx_with_cache, import_onnx, load_hf_model
+
+    source = str(model)
+    extra, kv_spec = {}, None  # further functions (name -> ImportedModel) and the KV cache's geometry
+    if _is_onnx(model):
+        imported = import_onnx(model)
+        model_name = Path(model).stem
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            from .frontend import resolve_model
+
+            src = resolve_model(tokenizer)
+            kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(src.path, **kw)
+    else:
+        hf_model, tokenizer, src = load_hf_model(model)
+        source, model_name = src.display, str(model)
+        with tempfile.TemporaryDirectory(prefix="shiftadd-export-") as tmp:
+            if kv_cache:
+                exported = export_onnx_with_cache(hf_model, tmp)
+                kv_spec = exported.spec()
+                imported = import_onnx(exported.prefill)
+                extra = {"decode": import_onnx(exported.decode)}
+            else:
+                imported = import_onnx(export_onnx(hf_model, Path(tmp) / "model.onnx"))
+            del hf_model
+    return imported, extra, kv_spec, tokenizer, source, model_name
+
+
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
@@ -153,7 +187,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     """
     import tvm
 
-    from .frontend import export_onnx, export_onnx_with_cache, import_onnx, load_hf_model, merge_functions
+    from .frontend import merge_functions
     from .relax_passes import rewrite_lut_matmul
     from .targets import resolve_target, target_dict
 
@@ -177,31 +211,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         _check_budget(avg_bits, CHOICES)
     if calib_windows is not None and (calib_windows < 0 or calib_len < 2):
         raise ValueError(f"calibration needs windows >= 0 and calib_len >= 2, got {calib_windows} and {calib_len}")
-    source = str(model)
-    extra, kv_spec = {}, None  # further functions (name -> ImportedModel) and the KV cache's geometry
-    if _is_onnx(model):
-        imported = import_onnx(model)
-        model_name = Path(model).stem
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            from .frontend import resolve_model
-
-            src = resolve_model(tokenizer)
-            kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(src.path, **kw)
-    else:
-        hf_model, tokenizer, src = load_hf_model(model)
-        source, model_name = src.display, str(model)
-        with tempfile.TemporaryDirectory(prefix="shiftadd-export-") as tmp:
-            if kv_cache:
-                exported = export_onnx_with_cache(hf_model, tmp)
-                kv_spec = exported.spec()
-                imported = import_onnx(exported.prefill)
-                extra = {"decode": import_onnx(exported.decode)}
-            else:
-                imported = import_onnx(export_onnx(hf_model, Path(tmp) / "model.onnx"))
-            del hf_model
+    imported, extra, kv_spec, tokenizer, source, model_name = import_model(model, tokenizer, kv_cache)
     vocab_size, eos_ids = _vocab_and_eos(imported, tokenizer)
     if calib_windows is None:
         calib_windows = DEFAULT_CALIB_WINDOWS if (rewrite and tokenizer is not None) else 0
@@ -229,6 +239,11 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
                                                  knobs=knobs, also=tuple(extra))
         report.allocation = plan.allocation
+    if extra:  # one sequence, one token: static shapes for everything but the attention over the cache
+        from .relax_passes.specialize_decode import NAME, add_decode_one
+
+        mod = add_decode_one(mod)
+        extra = {**extra, NAME: extra["decode"]}
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
     ex = build(mod, tgt)

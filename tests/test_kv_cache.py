@@ -110,7 +110,8 @@ def test_functions_share_the_weights(compiled):
 
     sess = shiftadd.load(compiled("llama", 3))
     f = sess.functions
-    assert set(f) == {"main", "decode"} and f["main"]["params"] == f["decode"]["params"]
+    assert set(f) == {"main", "decode", "decode_one"}
+    assert f["main"]["params"] == f["decode"]["params"] == f["decode_one"]["params"]
     assert any(n.endswith(".codes") for n in f["decode"]["params"])
     assert not any(n.endswith("proj.weight") for n in f["decode"]["params"])  # every projection rewritten
     spec = sess.kv_cache
@@ -122,5 +123,51 @@ def test_functions_share_the_weights(compiled):
     for i in f["decode"]["inputs"][2:]:
         assert i["shape"] == ["batch", str(spec["kv_heads"]), "past", str(spec["head_dim"])]
     assert spec["max_context"] == 64
-    for a, b in zip(sess._args["main"], sess._args["decode"]):  # the same tensors, not copies
-        assert a is b
+    for i in f["decode_one"]["inputs"][2:]:
+        assert i["shape"] == ["1", str(spec["kv_heads"]), "past", str(spec["head_dim"])]
+    assert f["decode_one"]["outputs"] == f["decode"]["outputs"]
+    for a, b, c in zip(sess._args["main"], sess._args["decode"], sess._args["decode_one"]):  # one copy
+        assert a is b is c
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_decode_one_equals_decode(compiled, family):
+    """``decode_one`` (decode bound to one sequence and one token) gives decode's logits and cache at
+    every step of a greedy run (1e-5), and refuses a batch or several tokens with the input named."""
+    import shiftadd
+
+    sess = shiftadd.load(compiled(family, 3))
+    ids = np.asarray([[4, 8, 15, 16, 23]], np.int64)
+    _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    nxt = np.asarray([[42]], np.int64)
+    for step in range(4):
+        feed = {"input_ids": nxt, "attention_mask": np.ones((1, ids.shape[1] + step + 1), np.int64),
+                **_past(sess, past)}
+        want = sess.run(None, feed, function="decode")
+        got = sess.run(None, feed, function="decode_one")
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and np.abs(g - w).max() <= 1e-5 * max(1.0, np.abs(w).max())
+        nxt, past = np.asarray([[int(got[0][0, -1].argmax())]], np.int64), got[1:]
+    with pytest.raises(ValueError, match="input_ids"):
+        sess.run(None, {**feed, "input_ids": np.asarray([[1, 2]], np.int64),
+                        "attention_mask": np.ones((1, feed["attention_mask"].shape[1] + 1), np.int64)},
+                 function="decode_one")
+
+
+def test_add_decode_one_needs_a_symbolic_decode():
+    """The specialising pass names what is missing instead of producing a copy of nothing."""
+    import tvm
+    from tvm import relax
+
+    from shiftadd.relax_passes.specialize_decode import add_decode_one
+
+    bb = relax.BlockBuilder()
+    seq = tvm.tirx.Var("seq", "int64")
+    x = relax.Var("input_ids", relax.TensorType([1, seq], "float32"))
+    with bb.function("decode", [x]):
+        bb.emit_func_output(bb.emit(relax.op.add(x, x)))
+    mod = bb.get()
+    with pytest.raises(ValueError, match="no function 'prefill'"):
+        add_decode_one(mod, source="prefill")
+    with pytest.raises(ValueError, match=r"no symbolic dims \['batch'\]"):
+        add_decode_one(mod)

@@ -191,13 +191,15 @@ class Session:
 
     def generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler, use_cache: bool = True):
         """Yield (token id, seconds of its step). With the cache: ``main`` on the prompt once (it also
-        returns every layer's keys and values), then ``decode`` on one token and those per step; they stay
+        returns every layer's keys and values), then ``decode_one`` (``decode`` specialised to one sequence and
+        one token; ``decode`` in older artifacts) on one token and those per step; they stay
         TVM tensors between steps (no copies through numpy)."""
         import tvm
 
         eos = set(self.manifest.get("eos_token_ids") or [])
         limit = max_new_tokens if not self.max_context else min(max_new_tokens, self.max_context - len(ids))
         cached = use_cache and self.kv_cache is not None
+        step_fn = "decode_one" if "decode_one" in self.functions else "decode"  # static shapes: less VM work
         seq, past = list(ids), None
         for step in range(limit):
             ts = time.perf_counter()
@@ -211,7 +213,7 @@ class Session:
             else:
                 new = tvm.runtime.tensor(np.asarray([[seq[-1]]], dtype=np.int64), self.device)
                 mask = tvm.runtime.tensor(np.ones((1, len(seq)), dtype=np.int64), self.device)
-                out = self._call("decode", [new, mask, *past])
+                out = self._call(step_fn, [new, mask, *past])
                 logits, past = out[0].numpy()[0, -1], out[1:]
             nxt = sampler(logits)
             seq.append(nxt)

@@ -290,7 +290,7 @@ class Model {
                         m_.path + ")");
     }
     b.fn = *fn;
-    bool decode = spec.name == "decode";
+    bool decode = spec.name != "main";  // decode or decode_one
     auto is_past = [](const std::string& n) { return n.rfind(kPast, 0) == 0 && n.size() > std::strlen(kPast); };
     for (const InputSpec& in : spec.inputs) {
       bool ok = (in.name == "input_ids" || in.name == "attention_mask") ? in.dtype == "int64"

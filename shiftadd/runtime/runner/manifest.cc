@@ -183,7 +183,10 @@ Manifest ReadManifest(const std::string& so_path) {
   if (r.Has("functions")) {
     Reader fns = r.Obj(r.Get("functions"), "functions");
     m.main = ReadFunction(fns.Obj(fns.Get("main"), "main"), "main");
-    if (fns.Has("decode")) m.decode = ReadFunction(fns.Obj(fns.Get("decode"), "decode"), "decode");
+    // one sequence, one token per step: decode_one (static shapes, less VM work) where the artifact has it
+    for (const char* name : {"decode_one", "decode"}) {
+      if (!m.decode && fns.Has(name)) m.decode = ReadFunction(fns.Obj(fns.Get(name), name), name);
+    }
   } else {  // older artifacts: main(inputs..., weights in "params" order) only
     m.main.name = "main";
     for (const Any& v : r.List(r.Get("inputs"), "inputs")) {

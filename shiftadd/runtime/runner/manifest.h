@@ -37,7 +37,7 @@ struct Manifest {
   std::vector<int64_t> eos_token_ids;
   std::vector<std::string> params;
   FunctionSpec main;
-  std::optional<FunctionSpec> decode;  // absent: no KV cache, rerun main over the whole sequence
+  std::optional<FunctionSpec> decode;  // decode_one, else decode; absent: no KV cache, rerun main
   std::optional<int64_t> max_context;  // kv_cache.max_context when given
 };
 
