@@ -98,9 +98,13 @@ def _cmd_tune(a) -> int:
 
     r = tune(a.model, db=a.db, target=a.target, budget=a.budget, rpc=a.rpc, key=a.key, bits=a.bits,
              group=a.group, offset=not a.no_offset, layout=a.layout, block_rows=a.block_rows, skip=tuple(a.skip),
-             avg_bits=a.avg_bits, parallel=a.parallel)
+             avg_bits=a.avg_bits, parallel=a.parallel, float_ops=not a.no_float, float_trials=a.float_trials)
     print(f"{r['complete']}/{r['kernels']} kernels tuned in {r['db']} ({r['phases_done']} phases measured now by "
           f"{r['measured_by']}, {r['phases_left']} left{' (budget reached: rerun to resume)' if r['phases_left'] else ''})")
+    if "float" in r:
+        f = r["float"]
+        print(f"{f['done'] + f['complete_before']}/{f['tasks']} float operators tuned by MetaSchedule in {f['folder']} "
+              f"({f['done']} now, {f['left']} left{' (budget reached: rerun to resume)' if f['left'] else ''})")
     return 0
 
 
@@ -192,7 +196,8 @@ def main(argv=None) -> int:
     e.add_argument("--out", default="results", help="results folder: perplexity.md/.json/.png (default results/)")
     e.set_defaults(fn=_cmd_eval)
 
-    t = sub.add_parser("tune", help="tune the LUT kernels a model needs into the database (budget, resume, RPC)")
+    t = sub.add_parser("tune", help="tune the LUT kernels a model needs and, with MetaSchedule, its static float operators "
+                           "into the database (budget, resume, RPC)")
     t.add_argument("model", metavar="MODEL_OR_ONNX")
     t.add_argument("--db", default=None, help="database file or folder (default ~/.cache/shiftadd/tuning.json "
                                               "or $SHIFTADD_TUNING_DB); compile --db reads it")
@@ -208,6 +213,9 @@ def main(argv=None) -> int:
     t.add_argument("--block-rows", type=int, default=64)
     t.add_argument("--no-offset", action="store_true")
     t.add_argument("--skip", action="append", default=None, help="regex of matmuls left float (default lm_head)")
+    t.add_argument("--no-float", action="store_true", help="tune our kernels only, not the float operators")
+    t.add_argument("--float-trials", type=int, default=None,
+                   help="MetaSchedule trials per float operator (default 32)")
     t.set_defaults(fn=_cmd_tune)
 
     for name, issue in (("bench", "benchmarks: see bench/"),):

@@ -55,19 +55,21 @@ def _vocab_and_eos(imported, tokenizer):
     return vocab, eos
 
 
-def build(mod, target):
-    """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse)."""
+def build(mod, target, db=None):
+    """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse); operators the
+    MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours."""
     import tvm
     from tvm import relax
 
     from .schedules.default_cpu import schedule_unscheduled
+    from .schedules.float_tuning import apply_float, lower
 
     if uses_avx2_kernel(mod):  # in-memory runs resolve the micro-kernel from this process
         from .schedules import lut_avx2
 
         lut_avx2.load_in_process()
+    mod = apply_float(lower(mod, target), target, db)
     with target:
-        mod = relax.get_default_pipeline(target)(mod)
         mod = schedule_unscheduled(mod, target)
     return tvm.compile(mod, target, relax_pipeline=None)
 
@@ -246,7 +248,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         extra = {**extra, NAME: extra["decode"]}
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
-    ex = build(mod, tgt)
+    ex = build(mod, tgt, db)
     log(f"built in {time.time() - tb:.1f}s")
     func = mod["main"]
     imports = {"main": imported, **extra}

@@ -31,16 +31,31 @@ def parse_budget(spec) -> float | None:
 
 def model_matmuls(model: str) -> list[tuple[str, int, int]]:
     """(weight name, K, N) of the weight matmuls of ``model`` (HF id/folder, GGUF, 'smollm2', .onnx)."""
-    from .frontend import export_onnx, import_onnx, load_hf_model
+    from .compiler import import_model
     from .relax_passes.rewrite_lut_matmul import weight_matmul_shapes
 
-    if str(model).lower().endswith(".onnx"):
-        imported = import_onnx(model)
-    else:
-        hf, _, _ = load_hf_model(model)
-        with tempfile.TemporaryDirectory(prefix="shiftadd-tune-") as tmp:
-            imported = import_onnx(export_onnx(hf, Path(tmp) / "model.onnx"))
+    imported = import_model(model, kv_cache=False)[0]
     return weight_matmul_shapes(imported.mod["main"], imported.params, ())
+
+
+def model_module(model: str, cfg: BCQConfig, skip, target):
+    """(weight matmul shapes, the Relax module ``compile`` builds for ``model``): exported with the KV
+    cache, rewritten and specialised (``decode_one``) as compile does, but with one-round fits and no
+    calibration: the float operators left to tune depend on shapes, not on the fitted values."""
+    from dataclasses import replace
+
+    from .compiler import import_model, pick_kernel
+    from .frontend import merge_functions
+    from .relax_passes import rewrite_lut_matmul
+    from .relax_passes.rewrite_lut_matmul import weight_matmul_shapes
+    from .relax_passes.specialize_decode import add_decode_one
+
+    imported, extra, _, _, _, _ = import_model(model)
+    shapes = weight_matmul_shapes(imported.mod["main"], imported.params, ())
+    mod = merge_functions(imported, extra) if extra else imported.mod
+    mod, _, _ = rewrite_lut_matmul(mod, imported.params, replace(cfg, rounds=1), skip=tuple(skip),
+                                   kernel=pick_kernel("auto", target), also=tuple(extra))
+    return shapes, (add_decode_one(mod) if extra else mod)
 
 
 def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None) -> list[tuple]:
@@ -68,10 +83,14 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None) -> li
 def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None = None, key: str | None = None,
          bits: int = 3, group: int = 64, offset: bool = True, layout: str = "row-group", block_rows: int = 64,
          skip=("lm_head",), avg_bits: float | None = None, rounds: int = 5, repeat: int = 20,
-         parallel: int | None = None) -> dict:
+         parallel: int | None = None, float_ops: bool = True, float_trials: int | None = None,
+         float_min_work: int | None = None) -> dict:
     """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and
     return a summary. ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
-    tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU)."""
+    tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU).
+    Our LUT kernels' knobs are tuned first; then, with ``float_ops``, MetaSchedule tunes the static
+    float operators left (``float_trials`` per operator, those over ``float_min_work`` loop iterations;
+    schedules/float_tuning.py) in the time left."""
     from .schedules import lut_avx2 as L
     from .schedules.tuning import TuningDB, tune_phases
     from .targets import resolve_target
@@ -101,7 +120,11 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
     try:
         tdb = TuningDB.open(db, target=tgt)
         t0 = time.time()
-        keys = kernel_keys(model_matmuls(model), cfg, skip, (2, 3, 4) if avg_bits is not None else None)
+        if float_ops:
+            shapes, module = model_module(model, cfg, skip, tgt)
+        else:
+            shapes, module = model_matmuls(model), None
+        keys = kernel_keys(shapes, cfg, skip, (2, 3, 4) if avg_bits is not None else None)
         have = sum(tdb.get(*kk) is not None for kk in keys)
         log(f"tune: {len(keys)} distinct kernels ({have} already in {tdb.path}), measured {measurer.name}, "
             f"budget {'none' if budget_s is None else f'{budget_s:.0f} s'}")
@@ -109,6 +132,12 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
         if left is not None and left <= 0:
             raise TimeoutError(f"--budget {budget}: spent reading the model ({time.time() - t0:.0f} s) before tuning")
         summary = tune_phases(tdb, keys, measurer, left)
+        if module is not None:
+            from .schedules.float_tuning import TRIALS, tune_float
+
+            left = None if budget_s is None else budget_s - (time.time() - t0)
+            summary["float"] = tune_float(module, tgt, tdb.path, left, float_trials or TRIALS, float_min_work,
+                                          rpc=rpc, key=key)
     finally:
         if hasattr(measurer, "close"):
             measurer.close()

@@ -60,7 +60,7 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
     assert sorted(keys) == sorted([(64, 64, 3, 32, True, 1), (64, 96, 3, 32, True, 1), (96, 64, 3, 32, True, 1)])
     db = tmp_path / "db"
     db.mkdir()
-    s = tune(opt_folder, db=db, bits=3, group=32, rounds=2)
+    s = tune(opt_folder, db=db, bits=3, group=32, rounds=2, float_ops=False)
     assert s["complete"] == s["kernels"] == 3 and s["phases_left"] == 0
     res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=3, group=32, calib_windows=0, db=db)
     t = res.manifest["tuning"]
@@ -71,14 +71,14 @@ def test_budget_is_respected_and_rerun_resumes(opt_folder, tmp_path, monkeypatch
     calls = _spy(monkeypatch)
     db = tmp_path / "t.json"
     t0 = time.perf_counter()
-    s1 = tune(opt_folder, db=db, bits=2, group=32, budget=6, rounds=2)
+    s1 = tune(opt_folder, db=db, bits=2, group=32, budget=6, rounds=2, float_ops=False)
     spent = time.perf_counter() - t0
     assert spent <= 6 * 1.1, spent
     assert s1["phases_done"] == len(calls) and 1 <= s1["phases_done"] < 6, s1
     first = json.loads(db.read_text())["entries"]
     done = {(k, ph) for k, e in first.items() for ph in PHASES if ph in e}
     calls.clear()
-    s2 = tune(opt_folder, db=db, bits=2, group=32, rounds=2)
+    s2 = tune(opt_folder, db=db, bits=2, group=32, rounds=2, float_ops=False)
     assert s2["phases_done"] == 6 - len(done) == len(calls) and s2["complete"] == 3
     assert not {(key_of(*kk), "decode" if m == 1 else "batch") for kk, m in calls} & done  # nothing re-measured
     after = json.loads(db.read_text())["entries"]
@@ -101,12 +101,12 @@ def test_interrupted_run_keeps_every_finished_phase(opt_folder, tmp_path, monkey
     monkeypatch.setattr(LocalMeasurer, "measure", measure)
     db = tmp_path / "t.json"
     with pytest.raises(KeyboardInterrupt):
-        tune(opt_folder, db=db, bits=4, group=32, rounds=2)
+        tune(opt_folder, db=db, bits=4, group=32, rounds=2, float_ops=False)
     entries = json.loads(db.read_text())["entries"]
     assert sum(ph in e for e in entries.values() for ph in PHASES) == 2
     monkeypatch.setattr(LocalMeasurer, "measure", real)
     calls = _spy(monkeypatch)
-    assert tune(opt_folder, db=db, bits=4, group=32, rounds=2)["complete"] == 3 and len(calls) == 4
+    assert tune(opt_folder, db=db, bits=4, group=32, rounds=2, float_ops=False)["complete"] == 3 and len(calls) == 4
 
 
 def test_database_of_another_target_or_tvm_is_ignored(tmp_path):
@@ -182,7 +182,7 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     s = tune(opt_folder, db=tmp_path / "rpc.json", rpc=rpc_tracker, key="shiftadd-test", bits=3, group=32,
              repeat=5)
     assert s["complete"] == 3 and s["measured_by"].startswith("rpc:shiftadd-test@127.0.0.1:")
-    local = tune(opt_folder, db=tmp_path / "local.json", bits=3, group=32, rounds=2)
+    local = tune(opt_folder, db=tmp_path / "local.json", bits=3, group=32, rounds=2, float_ops=False)
     assert local["complete"] == 3
     r = json.loads((tmp_path / "rpc.json").read_text())
     lo = json.loads((tmp_path / "local.json").read_text())

@@ -51,13 +51,26 @@ class SmallStatic(CPUScheduleRule):
         if opened is None:
             return None
         sch, infos = opened
-        work = 0
-        for info in infos:
-            extents = [_extent(sch, lp) for lp in sch.get_loops(info.block_rv)]
-            if any(e is None for e in extents):
-                return None
-            work += int(np.prod(extents, dtype=np.int64)) if extents else 1
-        return sch if work <= SERIAL_WORK else None
+        work = _work(sch, infos)
+        return sch if work is not None and work <= SERIAL_WORK else None
+
+
+def _work(sch, infos) -> int | None:
+    """Loop iterations of all blocks (spatial producers inlined), or None if any extent is symbolic."""
+    work = 0
+    for info in infos:
+        extents = [_extent(sch, lp) for lp in sch.get_loops(info.block_rv)]
+        if any(e is None for e in extents):
+            return None
+        work += int(np.prod(extents, dtype=np.int64)) if extents else 1
+    return work
+
+
+def static_work(func) -> int | None:
+    """:func:`_work` of a PrimFunc (None also when dlight cannot analyse it)."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else _work(sch, try_inline(sch, infos))
 
 
 class CPUMatmul(CPUScheduleRule):

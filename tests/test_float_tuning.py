@@ -1,0 +1,95 @@
+"""MetaSchedule for the float operators (issue 6): ``shiftadd tune`` tunes the static float operators of
+the module compile builds, resumes without re-measuring, ``compile --db`` applies the records (and
+the result still computes the same logits), and another context's records are never read."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import _tiny
+
+MIN_WORK = 1000  # the tiny model's float lm_head (72 x 96) is below the default threshold
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(folder of the tiny Llama, database folder, tune() summary) after one MetaSchedule job."""
+    from shiftadd.tune import tune
+
+    root = tmp_path_factory.mktemp("ftune")
+    folder = root / "llama"
+    _tiny("llama").save_pretrained(folder)
+    db = root / "db"
+    s = tune(str(folder), db=db, bits=3, group=36, rounds=2, float_trials=3, float_min_work=MIN_WORK)
+    return str(folder), db, s
+
+
+def _records(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "database_tuning_record.json").read_text().splitlines()]
+
+
+def test_tune_float_operators_and_resume(tuned):
+    """Every static float operator over the threshold (here the decode_one lm_head) gets our default
+    schedule plus MetaSchedule's trials as records; a rerun measures nothing again."""
+    from shiftadd.tune import tune
+
+    folder, db, s = tuned
+    f = s["float"]
+    assert f["tasks"] >= 1 and f["done"] == f["tasks"] and f["left"] == 0
+    (ctx,) = list((db / "tuning-metaschedule").iterdir())
+    recs = _records(ctx)
+    assert len(recs) >= 1 + f["tasks"]  # at least the baseline and one trial per task
+    assert all(all(v > 0 for v in r[1][1]) for r in recs)  # measured run seconds
+    again = tune(folder, db=db, bits=3, group=36, rounds=2, float_trials=3, float_min_work=MIN_WORK)["float"]
+    assert again["done"] == 0 and again["complete_before"] == f["tasks"]
+    assert _records(ctx) == recs
+
+
+def test_compile_applies_the_records_and_stays_exact(tuned, tmp_path):
+    """compile --db: the tuned operator's PrimFunc is MetaSchedule's best record (not the default
+    schedule), and decode_one (which runs it) still equals decode (which does not) to 1e-5."""
+    import shiftadd
+    from shiftadd.schedules import float_tuning as F
+    from shiftadd.targets import resolve_target
+    from shiftadd.tune import model_module
+
+    folder, db, _ = tuned
+    from shiftadd.quant import BCQConfig
+
+    tgt = resolve_target("cpu")
+    _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
+    low = F.lower(mod, tgt)
+    names = [t.task_name for t in F.tunable_tasks(low, tgt, MIN_WORK)]
+    applied = F.apply_float(low, tgt, db)
+    import tvm_ffi
+
+    for name in names:
+        assert "tirx.is_scheduled" in applied[name].attrs
+        assert not tvm_ffi.structural_equal(applied[name], low[name])
+    res = shiftadd.compile(folder, tmp_path / "t.so", bits=3, group=36, calib_windows=0, db=db)
+    sess = shiftadd.load(res.so)
+    ids = np.asarray([[3, 1, 4, 1, 5]], np.int64)
+    _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    feed = {"input_ids": np.asarray([[9]], np.int64), "attention_mask": np.ones((1, 6), np.int64),
+            **dict(zip(sess.kv_cache["inputs"], past))}
+    want = sess.run(["logits"], feed, function="decode")[0]
+    got = sess.run(["logits"], feed, function="decode_one")[0]
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_records_of_another_context_are_not_read(tuned, monkeypatch):
+    """Another thread count (or TVM version, or CPU) is another folder: nothing is applied."""
+    from shiftadd.schedules import float_tuning as F
+    from shiftadd.targets import resolve_target
+
+    _, db, _ = tuned
+    tgt = resolve_target("cpu")
+    here = F.work_dir(db, tgt)
+    monkeypatch.setenv("TVM_NUM_THREADS", "7")
+    assert F.work_dir(db, tgt) != here and not F.work_dir(db, tgt).exists()
+    monkeypatch.setattr(F, "VERSION", F.VERSION + 1)
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    assert F.work_dir(db, tgt) != here
