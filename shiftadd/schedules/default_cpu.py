@@ -153,6 +153,11 @@ class CPUFallback(CPUScheduleRule):
             sch.decompose_reduction(block, r[0])
             return
         lead = _fusable_prefix(sch, s)
+        if not r and len(lead) < len(s) and inner is not None and inner % VEC == 0:
+            # injective copies over the KV cache (concat, GQA broadcast, transposes): the innermost
+            # axis (head_dim) is static and contiguous, so copy it in vectors
+            _, si = sch.split(s[-1], factors=[None, VEC])
+            sch.vectorize(si)
         outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         sch.parallel(outer)
         if r:
