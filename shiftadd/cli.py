@@ -98,7 +98,8 @@ def _cmd_tune(a) -> int:
 
     r = tune(a.model, db=a.db, target=a.target, budget=a.budget, rpc=a.rpc, key=a.key, bits=a.bits,
              group=a.group, offset=not a.no_offset, layout=a.layout, block_rows=a.block_rows, skip=tuple(a.skip),
-             avg_bits=a.avg_bits, parallel=a.parallel, float_ops=not a.no_float, float_trials=a.float_trials)
+             avg_bits=a.avg_bits, parallel=a.parallel, float_ops=not a.no_float, float_trials=a.float_trials,
+             float_min_work=a.float_min_work)
     print(f"{r['complete']}/{r['kernels']} kernels tuned in {r['db']} ({r['phases_done']} phases measured now by "
           f"{r['measured_by']}, {r['phases_left']} left{' (budget reached: rerun to resume)' if r['phases_left'] else ''})")
     if "float" in r:
@@ -216,6 +217,9 @@ def main(argv=None) -> int:
     t.add_argument("--no-float", action="store_true", help="tune our kernels only, not the float operators")
     t.add_argument("--float-trials", type=int, default=None,
                    help="MetaSchedule trials per float operator (default 32)")
+    t.add_argument("--float-min-work", type=int, default=None,
+                   help="tune float operators with more loop iterations than this (default 16384; smaller "
+                        "ones run serially untuned)")
     t.set_defaults(fn=_cmd_tune)
 
     for name, issue in (("bench", "benchmarks: see bench/"),):

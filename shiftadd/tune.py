@@ -132,15 +132,15 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
         if left is not None and left <= 0:
             raise TimeoutError(f"--budget {budget}: spent reading the model ({time.time() - t0:.0f} s) before tuning")
         summary = tune_phases(tdb, keys, measurer, left)
-        if module is not None:
-            from .schedules.float_tuning import TRIALS, tune_float
-
-            left = None if budget_s is None else budget_s - (time.time() - t0)
-            summary["float"] = tune_float(module, tgt, tdb.path, left, float_trials or TRIALS, float_min_work,
-                                          rpc=rpc, key=key)
     finally:
-        if hasattr(measurer, "close"):
+        if hasattr(measurer, "close"):  # hands the RPC servers back before MetaSchedule asks for them
             measurer.close()
+    if module is not None:
+        from .schedules.float_tuning import TRIALS, tune_float
+
+        left = None if budget_s is None else budget_s - (time.time() - t0)
+        summary["float"] = tune_float(module, tgt, tdb.path, left, float_trials or TRIALS, float_min_work,
+                                      rpc=rpc, key=key)
     summary.update(db=str(tdb.path), measured_by=measurer.name, complete=sum(tdb.get(*kk) is not None for kk in keys),
                    seconds_total=time.time() - t0)
     log(f"tune: {summary['complete']}/{len(keys)} kernels complete in {tdb.path} "

@@ -31,12 +31,15 @@ def opt_folder(tmp_path_factory):
     return str(root)
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, delay: float = 0.0):
+    """Record every (kernel, M) measured; ``delay`` seconds more per phase (so that a budget cannot
+    hold every phase however fast this machine is today)."""
     calls = []
     real = LocalMeasurer.measure
 
     def measure(self, kk, m, cands, deadline=None):
         calls.append((kk, m))
+        time.sleep(delay)
         return real(self, kk, m, cands, deadline)
 
     monkeypatch.setattr(LocalMeasurer, "measure", measure)
@@ -68,7 +71,7 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
 
 
 def test_budget_is_respected_and_rerun_resumes(opt_folder, tmp_path, monkeypatch):
-    calls = _spy(monkeypatch)
+    calls = _spy(monkeypatch, delay=1.0)
     db = tmp_path / "t.json"
     t0 = time.perf_counter()
     s1 = tune(opt_folder, db=db, bits=2, group=32, budget=6, rounds=2, float_ops=False)
@@ -180,8 +183,11 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     assert set(ms) == {"m1r1t0", "m1r2t0", "m1r4t1"} and all(0 < v < 100 for v in ms.values())
     m.close()
     s = tune(opt_folder, db=tmp_path / "rpc.json", rpc=rpc_tracker, key="shiftadd-test", bits=3, group=32,
-             repeat=5)
+             repeat=5, float_trials=2, float_min_work=1000)
     assert s["complete"] == 3 and s["measured_by"].startswith("rpc:shiftadd-test@127.0.0.1:")
+    # MetaSchedule measured the float lm_head (64 x 96) through the same servers: baseline + trials
+    f = s["float"]
+    assert f["tasks"] == f["done"] >= 1 and all(v > 0 for v in f["best"].values())
     local = tune(opt_folder, db=tmp_path / "local.json", bits=3, group=32, rounds=2, float_ops=False)
     assert local["complete"] == 3
     r = json.loads((tmp_path / "rpc.json").read_text())

@@ -27,7 +27,8 @@ from pathlib import Path
 from ..util import log
 
 VERSION = 1
-TRIALS = 32  # per task: what a 20-minute budget affords on 2 cores for a few tasks (~5-10 s a trial)
+TRIALS = 32  # per task: what a 20-minute budget affords on 2 cores for a few tasks
+SECONDS_PER_TRIAL = 4.0  # first estimate (SmolLM2's lm_head: 33 records in 81-103 s here)
 
 
 def context(target) -> dict:
@@ -194,9 +195,10 @@ def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int 
                min_work: int | None = None, rpc: str | None = None, key: str | None = None,
                progress=log) -> dict:
     """Tune the static float operators of the Relax module ``mod`` (as the rewrite leaves it) with
-    MetaSchedule into the folder of ``db``, heaviest first, stopping before a task whose estimated
-    time exceeds what is left of ``budget_s``. Tasks with ``trials`` records already are skipped
-    (resume). Returns a summary (tasks, done, skipped as complete, left, seconds, best per task)."""
+    MetaSchedule into the folder of ``db``, heaviest first, each with as many of its ``trials`` as the
+    time left of ``budget_s`` affords at the seconds per trial measured so far; stops when fewer than
+    one trial fits. Tasks with ``trials`` records already are skipped (resume). Returns a summary
+    (tasks, done, complete before, left, seconds, best ms per task)."""
     from tvm.s_tir import meta_schedule as ms
 
     t0 = time.perf_counter()
@@ -208,39 +210,48 @@ def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int 
     builder, runner = ms.builder.LocalBuilder(max_workers=2, timeout_sec=120, f_build=_build), _runner(rpc, key)
     summary = {"folder": str(wd), "tasks": len(tasks), "done": 0, "complete_before": 0, "left": 0, "best": {}}
     per_trial = []
-    for i, task in enumerate(tasks, 1):
-        func = task.dispatched[0]
-        workload = database.commit_workload(func)
-        have = _records(database, workload)
-        if len(have) >= trials:
-            summary["complete_before"] += 1
-            continue
-        left = None if deadline is None else deadline - time.perf_counter()
-        est = (sum(per_trial) / len(per_trial) if per_trial else 0.0) * (trials + 1)
-        if left is not None and (left <= 0 or est > left):
-            summary["left"] = len(tasks) - i + 1
-            break
-        ts = time.perf_counter()
-        _import_tensor_intrin()  # once, before MetaSchedule's TuneContext does it the slow way
-        if not have:  # the default schedule first: the baseline every tuned record must beat
-            sch = _default_schedule(func["main"], target)
-            sec = None if sch is None else _measure(sch.mod, target, builder, runner)
-            if sec is not None:
-                database.commit_tuning_record(ms.database.TuningRecord(
-                    sch.trace, workload, [sec], target, ms.arg_info.ArgInfo.from_prim_func(func["main"])))
-        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(wd), num_threads=2)
-        ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=trials,
-                      num_trials_per_iter=min(trials, 16), builder=builder, runner=runner, database=database,
-                      cost_model="xgb")
-        per_trial.append((time.perf_counter() - ts) / (trials + 1))
-        best = _records(database, workload)
-        summary["done"] += 1
-        name = task.task_name
-        secs = [float(sum(float(s) for s in r.run_secs) / len(r.run_secs)) for r in best if r.run_secs]
-        summary["best"][name] = min(secs) * 1e3 if secs else None
-        rest = "" if deadline is None else f", {max(0.0, deadline - time.perf_counter()):.0f} s left"
-        progress(f"metaschedule {i}/{len(tasks)} {name}: best {summary['best'][name]:.3f} ms "
-                 f"of {len(best)} records ({time.perf_counter() - ts:.0f} s){rest}")
+    try:
+        for i, task in enumerate(tasks, 1):
+            func = task.dispatched[0]
+            workload = database.commit_workload(func)
+            have = _records(database, workload)
+            if len(have) >= trials:
+                summary["complete_before"] += 1
+                continue
+            # trials that fit in what is left of the budget (a partly tuned task gets the rest of its own)
+            n = trials - len(have) + (0 if have else 1)  # + the baseline record
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None:
+                per = sum(per_trial) / len(per_trial) if per_trial else SECONDS_PER_TRIAL
+                n = min(n, int(left / per))
+                if n < (1 if have else 2):  # not even one MetaSchedule trial fits
+                    summary["left"] = len(tasks) - i + 1
+                    break
+            ts = time.perf_counter()
+            _import_tensor_intrin()  # once, before MetaSchedule's TuneContext does it the slow way
+            if not have:  # the default schedule first: the baseline every tuned record must beat
+                sch = _default_schedule(func["main"], target)
+                sec = None if sch is None else _measure(sch.mod, target, builder, runner)
+                if sec is not None:
+                    database.commit_tuning_record(ms.database.TuningRecord(
+                        sch.trace, workload, [sec], target, ms.arg_info.ArgInfo.from_prim_func(func["main"])))
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(wd), num_threads=2)
+            ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=n - (0 if have else 1),
+                          num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=database,
+                          cost_model="xgb")
+            per_trial.append((time.perf_counter() - ts) / n)
+            best = _records(database, workload)
+            summary["done"] += 1
+            name = task.task_name
+            secs = [float(sum(float(s) for s in r.run_secs) / len(r.run_secs)) for r in best if r.run_secs]
+            summary["best"][name] = min(secs) * 1e3 if secs else None
+            rest = "" if deadline is None else f", {max(0.0, deadline - time.perf_counter()):.0f} s left"
+            progress(f"metaschedule {i}/{len(tasks)} {name}: best {summary['best'][name]:.3f} ms "
+                     f"of {len(best)} records ({time.perf_counter() - ts:.0f} s){rest}")
+    finally:
+        pool = getattr(runner, "pool", None)
+        if pool is not None:  # its worker processes would otherwise outlive the job
+            pool.shutdown()
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
