@@ -193,4 +193,9 @@ def _fusable_prefix(sch, loops):
 
 def schedule_unscheduled(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Schedule every PrimFunc not marked ``tirx.is_scheduled`` (our kernels are)."""
-    return dl.ApplyDefaultSchedule(SmallStatic(), CPUMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CPUFallback())(mod)
+    return dl.ApplyDefaultSchedule(*rules())(mod)
+
+
+def rules() -> list:
+    """The default rules, first match wins (also the baseline MetaSchedule must beat: float_tuning)."""
+    return [SmallStatic(), CPUMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CPUFallback()]

@@ -68,11 +68,9 @@ def lower(mod, target):
 
 def _default_schedule(func, target):
     """Our default schedule of ``func`` (the first rule of schedule_unscheduled that takes it)."""
-    from tvm.s_tir import dlight as dl
+    from .default_cpu import rules
 
-    from .default_cpu import CPUFallback, CPUMatmul, SmallStatic
-
-    for rule in (SmallStatic(), CPUMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CPUFallback()):
+    for rule in rules():
         sch = rule.apply(func, target, False)
         if isinstance(sch, list):
             sch = sch[0] if sch else None
