@@ -1,9 +1,10 @@
-"""What every benchmark writes: NAME.md (the exact command, then the table) and NAME.json, atomically."""
+"""What every benchmark writes: NAME.md (the exact command, then the table), NAME.json and NAME.png, atomically."""
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from shiftadd.util import atomic_path
@@ -16,3 +17,21 @@ def write_report(out: str | Path, name: str, text: str, data) -> Path:
     with atomic_path(out / f"{name}.json") as tmp:
         tmp.write_text(json.dumps(data, indent=1))
     return out
+
+
+@contextmanager
+def figure(out: str | Path, name: str, figsize=(7, 3)):
+    """Yield a matplotlib Axes; on exit save it as ``out/NAME.png`` (atomically) and close it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        fig.tight_layout()
+        with atomic_path(Path(out) / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -29,7 +29,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
-from _report import write_report  # noqa: E402
+from _report import figure, write_report  # noqa: E402
 from shiftadd.util import atomic_path, log  # noqa: E402
 
 THREADS = 2
@@ -202,17 +202,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     out = write_report(a.out, "e2e", text, {"generation": rows, "process": proc})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh([r["model"] for r in rows], [r["tokens_per_s"] for r in rows])
-    ax.set_xlabel(f"decode tokens/s after a {a.prompt}-token prompt (higher is better)")
-    fig.tight_layout()
-    fig.savefig(out / "e2e.png", dpi=100)
-    plt.close(fig)
+    with figure(out, "e2e", (7, 3.2)) as ax:
+        ax.barh([r["model"] for r in rows], [r["tokens_per_s"] for r in rows])
+        ax.set_xlabel(f"decode tokens/s after a {a.prompt}-token prompt (higher is better)")
     log(f"wrote {out / 'e2e.md'}, .json, .png")
     return 0
 

@@ -31,7 +31,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
-from _report import write_report  # noqa: E402
+from _report import figure, write_report  # noqa: E402
 from shiftadd.util import log  # noqa: E402
 
 CLASSES = ("LUT matmul (ours)", "float matmul (attention, lm_head)", "softmax", "norm", "other ops", "VM builtins")
@@ -145,22 +145,14 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     out = write_report(a.out, "tuning", text, {"tuning": summary, "classes": rows, "e2e_ms": e2e, "same_tokens": same})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 2.8))
-    left = np.zeros(2)
-    for r in rows:
-        vals = np.array([r["untuned_ms"], r["tuned_ms"]])
-        ax.barh(["untuned", "tuned"], vals, left=left, label=r["class"])
-        left += vals
-    ax.set_xlabel("ms per decode step, by kernel class (instrumented)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "tuning.png", dpi=100)
-    plt.close(fig)
+    with figure(out, "tuning", (7, 2.8)) as ax:
+        left = np.zeros(2)
+        for r in rows:
+            vals = np.array([r["untuned_ms"], r["tuned_ms"]])
+            ax.barh(["untuned", "tuned"], vals, left=left, label=r["class"])
+            left += vals
+        ax.set_xlabel("ms per decode step, by kernel class (instrumented)")
+        ax.legend(fontsize=7, loc="lower right")
     log(f"wrote {out / 'tuning.md'}, .json, .png")
     return 0
 
