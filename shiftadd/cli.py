@@ -16,7 +16,7 @@ def _cmd_compile(a) -> int:
                      calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
                      layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
                      tune=a.tune, db=a.db, scale_format=a.scale_format,
-                     kv_cache=not a.no_kv_cache)
+                     kv_cache=not a.no_kv_cache, refits=a.refits)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -155,8 +155,11 @@ def main(argv=None) -> int:
     c.add_argument("--no-offset", action="store_true", help="symmetric BCQ without the per-group offset")
     c.add_argument("--calib", type=int, default=None, metavar="N",
                    help="fit with error feedback against N windows of the wiki calibration text "
-                        "(default 16 when the model has a tokenizer; 0: weight-only)")
+                        "(default 128 when the model has a tokenizer; 0: weight-only)")
     c.add_argument("--calib-len", type=int, default=128, help="tokens per calibration window (default 128)")
+    c.add_argument("--refits", type=int, default=3, metavar="N",
+                   help="row-group layout with calibration: output-error refits of the scales alternated with "
+                        "the error-feedback loop (default 3; 0: scales fitted to the weights only)")
     c.add_argument("--calib-mode", choices=("one-pass", "sequential"), default="one-pass",
                    help="one-pass: Hessians of the float model (default); sequential: block by block on the "
                         "quantized model (GPTQ's protocol, ~18x slower on SmolLM2)")

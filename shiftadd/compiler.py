@@ -16,7 +16,7 @@ from .quant import BCQConfig
 from .util import log
 
 
-DEFAULT_CALIB_WINDOWS = 16  # x 128 tokens: SmolLM2 calibrates (one pass) in ≈ 35 s here
+DEFAULT_CALIB_WINDOWS = 128  # x 128 tokens (docs/QUALITY.md: 16 windows over-fit the Hessians of K = 1536 inputs)
 
 
 @dataclass
@@ -162,14 +162,15 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             calib_len: int = 128, calib_mode: str = "one-pass", avg_bits: float | None = None,
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
-            scale_format: str = "fp16", kv_cache: bool = True) -> CompileResult:
+            scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
     every layer with error feedback against input Hessians from that many windows of the packaged
     wiki text (calibration split), in one float pass (``calib_mode='one-pass'``, the default) or block
     by block on the already-quantized model (``'sequential'``: ≈ 18x slower on SmolLM2 and no better
-    there, docs/QUALITY.md). ``avg_bits`` (e.g. 2.5)
+    there, docs/QUALITY.md); row-group fits then alternate ``refits`` output-error refits of their
+    scales with the loop (quant/refit.py; 0 = GPTQ codes on weight-fitted scales). ``avg_bits`` (e.g. 2.5)
     allocates 2/3/4 bits per layer under that average (``allocator`` 'budget': exact knapsack on
     predicted output error; 'ratio': the paper's rule); ``bits`` is then ignored. ``layout`` picks
     the scale layout (quant/gptq.py): 'row-group' (per row and ``group`` inputs), 'block' (per 8
@@ -196,7 +197,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     t0 = time.time()
     paths(output)  # validates the output name before any work
     cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset, layout=layout,
-                    scale_format=scale_format,
+                    scale_format=scale_format, refits=refits,
                     block_rows=block_rows)  # validates
     tgt = resolve_target(target)
     kernel = pick_kernel(kernel, tgt)

@@ -35,6 +35,26 @@ def test_hessians_match_torch_hooks(tiny_onnx):
         np.testing.assert_allclose(hs[name], ref[name], rtol=1e-4, atol=1e-5 * np.abs(ref[name]).max())
 
 
+def test_one_pass_hessians_are_reused_only_for_the_same_content(tiny_onnx):
+    """Compiling variants of one model in a process calibrates once; other inputs or weights measure anew."""
+    from shiftadd.calibrate import calibrate
+
+    imported = import_onnx(tiny_onnx("llama"))
+    rng = np.random.default_rng(1)
+    batches = [{"input_ids": rng.integers(0, 96, (1, 7)).astype(np.int64),
+                "attention_mask": np.ones((1, 7), np.int64)} for _ in range(2)]
+    tgt = resolve_target("cpu")
+    first = calibrate(imported, batches, tgt, mode="one-pass")
+    assert calibrate(imported, batches, tgt, mode="one-pass") is first
+    other = [{**b, "input_ids": (b["input_ids"] + 1) % 96} for b in batches]
+    again = calibrate(imported, other, tgt, mode="one-pass")
+    assert again is not first
+    name = next(iter(again.hessians))
+    assert not np.allclose(again.hessians[name], first.hessians[name])
+    imported.params[next(iter(imported.params))] = imported.params[next(iter(imported.params))] * 2
+    assert calibrate(imported, other, tgt, mode="one-pass") is not again
+
+
 def test_bad_calibration_inputs(tiny_onnx):
     imported = import_onnx(tiny_onnx("llama"))
     with pytest.raises(ValueError, match="no calibration inputs"):

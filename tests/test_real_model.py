@@ -23,11 +23,11 @@ def smollm2():
 
 @pytest.mark.parametrize("bits, calib, floor", [(4, 0, 0.65), (3, 8, 0.45)])
 def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_path):
-    """4-bit weight-only; 3-bit calibrated (one pass over 8 x 128 wiki tokens: the fast mode, to keep
-    CI short; docs/QUALITY.md has the sequential default)."""
+    """4-bit weight-only; 3-bit calibrated on 8 x 128 wiki tokens with one scale refit, to keep CI
+    short (the default is 128 windows and 3 refits: docs/QUALITY.md)."""
     model, tok, ids = smollm2
     res = shiftadd.compile("smollm2", tmp_path / f"smollm2-q{bits}.so", bits=bits, calib_windows=calib,
-                           calib_mode="one-pass")
+                           calib_mode="one-pass", refits=1)
     assert len(res.report.rewritten) == 30 * 7 and [r.name for r in res.report.kept] == ["lm_head.weight"]
     sess = shiftadd.load(res.so)
     gen = sess.generate("The capital of France is", max_new_tokens=8)

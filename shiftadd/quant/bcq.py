@@ -43,6 +43,7 @@ class BCQConfig:
     layout: str = "row-group"  # scale layout: row-group | block (8 inputs x block_rows rows) | column
     block_rows: int = 64  # rows sharing a scale in the block layout
     scale_format: str = "fp16"  # fp16: APoT (apot_terms terms), 2 bytes | e5m2: float8 e5m2 (APoT, 1 byte)
+    refits: int = 3  # with calibration, row-group: codebook refits against H alternated with the loop (quant/refit.py)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -62,6 +63,8 @@ class BCQConfig:
             raise ValueError(f"apot_terms must be in 1..8, got {self.apot_terms!r}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds!r}")
+        if self.refits < 0:
+            raise ValueError(f"refits must be >= 0, got {self.refits!r}")
 
     def rounder(self):
         """Rounding of scales and offsets for the storage format (quant.apot.scale_rounder)."""

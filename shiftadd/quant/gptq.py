@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .bcq import LAYOUTS, BCQConfig, BCQWeight, SignPlanes, _best_codes, _fit_groups, _sign_patterns, quantize_matrix
+from .refit import refit_scales, row_errors
 
 BLOCK_COLS = 8
 
@@ -71,21 +72,41 @@ def _inverse_factor(H):
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
-def fit_layer(w: np.ndarray, cfg: BCQConfig, hessian: np.ndarray | None = None):
+def fit_layer(w: np.ndarray, cfg: BCQConfig, hessian: np.ndarray | None = None, damp: float = 0.01):
     """The fit the compiler uses for one layer in ``cfg.layout``: error feedback with a Hessian,
-    weight-only without (for block/column: the same loop with H = I, i.e. no feedback)."""
+    weight-only without (for block/column: the same loop with H = I, i.e. no feedback).
+
+    Row-group fits then alternate ``cfg.refits`` times: refit the codebook (α, z) to the chosen codes
+    against H (quant/refit.py), and, except after the last refit, run the loop again with that
+    codebook. Every step keeps, per row, the lower output error, so more refits never hurt on H."""
     if hessian is None:
         if cfg.layout == "row-group":
             return quantize_matrix(w, cfg)
         return quantize_matrix_gptq(w, np.eye(np.shape(w)[1]), cfg, act_order=False)
-    return quantize_matrix_gptq(w, hessian, cfg)
+    bw = quantize_matrix_gptq(w, hessian, cfg, damp=damp)
+    if cfg.layout != "row-group" or not cfg.refits:
+        return bw
+    _, W, H = _prepare(w, hessian, damp)
+    rnd = cfg.rounder()
+    for i in range(cfg.refits):
+        bw = refit_scales(W, bw, H, rnd)
+        if i + 1 < cfg.refits:
+            again = quantize_matrix_gptq(w, hessian, cfg, damp=damp, codebook=bw)
+            keep = (row_errors(W, torch.from_numpy(again.dequantize()), H)
+                    < row_errors(W, torch.from_numpy(bw.dequantize()), H)).numpy()
+            bw = BCQWeight(signs=np.where(keep[None, :, None], again.signs, bw.signs), alpha=bw.alpha,
+                           group=bw.group, offset=bw.offset)
+    return bw
 
 
 def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, damp: float = 0.01,
-                         block: int = 128, act_order: bool = True):
+                         block: int = 128, act_order: bool = True, codebook: BCQWeight | None = None):
     """Fit ``w`` ([N, K]) against inputs with second moment ``hessian`` ([K, K], symmetric PSD),
-    in the scale layout ``cfg.layout``."""
+    in the scale layout ``cfg.layout``. ``codebook`` (row-group only): the static (α, z) the loop
+    codes against, instead of a weight-only fit (fit_layer's alternation passes its refit)."""
     layout, block_rows = cfg.layout, cfg.block_rows
+    if codebook is not None and (layout != "row-group" or codebook.signs.shape[:2] != (cfg.bits, np.shape(w)[0])):
+        raise ValueError(f"codebook: a row-group fit of {cfg.bits} bits and {np.shape(w)[0]} rows expected")
     w, W, H = _prepare(w, hessian, damp)
     n, k = w.shape
     q = cfg.bits
@@ -107,7 +128,7 @@ def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, dam
     signs = torch.empty((q, n, k), dtype=torch.bool)
 
     if layout == "row-group":
-        base = quantize_matrix(w, cfg)  # static per-group codebooks (α, z)
+        base = codebook if codebook is not None else quantize_matrix(w, cfg)  # static per-group codebooks (α, z)
         g = base.group
         alpha = torch.from_numpy(base.alpha)  # [q, N, NG]
         zoff = torch.from_numpy(base.offset) if base.offset is not None else torch.zeros((n, alpha.shape[2]))
