@@ -110,6 +110,9 @@ def bits_matrix(manifest: dict) -> str:
             f"allocation {manifest.get('allocation')}\n\n" + "\n".join(lines))
 
 
+DEFAULTS = "defaults: one-pass 128 x 128 calib, 3 refits, AVX2"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=16)
@@ -145,6 +148,7 @@ def main() -> None:
     # reproducible; the AVX2 rows below show what int8 tables and one-byte scales change
     c = dict(calib_windows=a.calib, calib_mode=a.calib_mode, group=a.group, tokenizer=tok, kernel="f32")
     c1 = {**c, "calib_mode": "one-pass", "kernel": "avx2"}
+    d = dict(group=a.group, tokenizer=tok)  # everything else as compile() defaults it
     rows = [  # label, kind, builder -> path
         (FLOAT, lambda p: src),
         ("ORT RTN int4 b32", lambda p: ort_quantize(str(src), p, 4, 32, "RTN")),
@@ -168,6 +172,14 @@ def main() -> None:
         ("ours 3-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=3, scale_format="e5m2", **c1).so),
         ("ours 2-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=2, scale_format="e5m2", **c1).so),
         ("ours mixed 2.5 one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, scale_format="e5m2", **c1).so),
+        # compile's defaults since 2026-11-27: one-pass on 128 x 128 tokens, 3 scale refits, AVX2 kernel
+        (f"ours 3-bit, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, bits=3, **d).so),
+        (f"ours mixed 2.5, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, **d).so),
+        (f"ours 2-bit, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, bits=2, **d).so),
+        (f"ours 4-bit, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, bits=4, **d).so),
+        (f"ours mixed 2.2, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, **d).so),
+        (f"ours mixed 2.2, paper 80/20 rule, {DEFAULTS}",
+         lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **d).so),
     ]
     js = res_dir / "perplexity.json"
     for label, build in rows:
