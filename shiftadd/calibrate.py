@@ -126,7 +126,9 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
     if mode == "one-pass":
         stages = {"all": caps}
     cal = Calibration({}, 0, mode)
-    bar = tqdm(total=len(caps), desc=f"calibration ({mode})", unit="matmul", disable=util.QUIET, leave=False)
+    # progress per forward pass (a one-pass calibration of SmolLM2 is 128 of them, minutes in all)
+    bar = tqdm(total=len(stages) * len(feeds), desc=f"calibration ({mode})", unit="window", disable=util.QUIET,
+               leave=False)
     for key, group in stages.items():
         wanted = sorted({c.index for c in group})
         sums = {i: 0 for i in wanted}
@@ -134,6 +136,7 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
         for args in feeds:
             out = vm["main"](*args, *weights.values())
             cal.forwards += 1
+            bar.update(1)
             for i in wanted:  # one window's product in float32 (BLAS), the running sum in float64
                 x = out[i].numpy()
                 sums[i] = sums[i] + (x.T @ x).astype(np.float64)
@@ -150,8 +153,7 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
                     if mode == "sequential":
                         deq = bw.dequantize()
                         weights[c.name] = tvm.runtime.tensor(np.ascontiguousarray(deq if c.transposed else deq.T), dev)
-            bar.update(1)
-            bar.set_postfix_str(key, refresh=False)
+        bar.set_postfix_str(key, refresh=False)
     bar.close()
     cal.seconds = time.time() - t0
     if memo is not None:

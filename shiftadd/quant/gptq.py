@@ -9,7 +9,8 @@ Three scale layouts (method.md §1), each fitted where the loop allows:
 
 * ``row-group`` (the CPU LUT kernel's native one): α per (row, plane, group of G inputs). With
   act-order a group's columns are visited out of order, so its codebook (α, z) is fitted once on the
-  weights up front ("static groups", as GPTQ does) and the loop chooses codes.
+  weights up front ("static groups", as GPTQ does) and the loop chooses codes; fit_layer then refits
+  that codebook to the chosen codes against H and alternates (quant/refit.py, ``BCQConfig.refits``).
 * ``block`` (the authors' GPU layout): α per (block of 8 inputs x ``block_rows`` rows, plane). Blocks
   are visited whole (act-order over blocks); each block's codebooks are refitted inside the loop on
   the error-updated columns, just before its 8 columns are coded.
