@@ -7,10 +7,12 @@ from shiftadd.quant import BCQConfig, quantize_matrix
 from shiftadd.quant.gptq import quantize_matrix_gptq
 
 
-def _correlated(k, samples, seed):
+def _correlated(k, samples, seed, sample_seed=None):
+    """[K, samples], strongly correlated channels; ``sample_seed`` draws other samples of the same mix."""
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.diag(rng.uniform(0.1, 3.0, k))
-    return mix @ rng.standard_normal((k, samples))  # [K, samples], strongly correlated channels
+    draw = rng if sample_seed is None else np.random.default_rng(sample_seed)
+    return mix @ draw.standard_normal((k, samples))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -10,13 +10,7 @@ from shiftadd.quant import BCQConfig
 from shiftadd.quant.gptq import _prepare, fit_layer, quantize_matrix_gptq
 from shiftadd.quant.refit import refit_scales, row_errors
 
-
-def _correlated(k, samples, seed, sample_seed=None):
-    """[K, samples] strongly correlated inputs; ``sample_seed`` draws other samples of the same mix."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((k, k)) / np.sqrt(k) + np.diag(rng.uniform(0.1, 3.0, k))
-    draw = rng if sample_seed is None else np.random.default_rng(sample_seed)
-    return mix @ draw.standard_normal((k, samples))
+from .test_gptq import _correlated
 
 
 def _numpy_refit(w, bw, h):

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .refit import row_errors
+
 CHOICES = (2, 3, 4)
 MAX_UNITS = 200_000  # DP resolution; coarser units round every layer's cost up (budget still exact)
 
@@ -51,7 +53,7 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> floa
     d = torch.from_numpy(np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))
     if h is None:
         return float((d * d).sum())
-    return float(((d @ torch.from_numpy(np.asarray(h, np.float64))) * d).sum())
+    return float(row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64))).sum())
 
 
 def average_bits(layers: list[LayerCost], bits: dict[str, int]) -> float:
