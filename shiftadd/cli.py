@@ -16,7 +16,8 @@ def _cmd_compile(a) -> int:
                      calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
                      layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
                      tune=a.tune, db=a.db, scale_format=a.scale_format,
-                     kv_cache=not a.no_kv_cache, refits=a.refits)
+                     kv_cache=not a.no_kv_cache, refits=a.refits,
+                     loss_aware=not a.output_error_allocation)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
                    help="mixed precision: allocate 2/3/4 bits per layer under this average (e.g. 2.5); overrides --bits")
     c.add_argument("--allocator", choices=("budget", "ratio"), default="budget",
                    help="budget: exact knapsack on predicted error (default); ratio: the paper's 80/20-style rule")
+    c.add_argument("--output-error-allocation", action="store_true",
+                   help="allocate on the plain output error, not weighted by the loss's sensitivity to each "
+                        "output (the default for Hugging Face models: empirical Fisher on the calibration text)")
     c.add_argument("--tokenizer", help="for an ONNX input: model id/path or 'smollm2' whose tokenizer to store")
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)

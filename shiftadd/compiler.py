@@ -156,13 +156,23 @@ def import_model(model: str, tokenizer=None, kv_cache: bool = True):
     return imported, extra, kv_spec, tokenizer, source, model_name
 
 
+def _output_fisher(model: str, batches, imported) -> dict:
+    """Loss sensitivity of every weight matmul's outputs (shiftadd/fisher.py), from the HF model."""
+    from .fisher import output_fisher
+    from .frontend import load_hf_model
+
+    hf_model, _, _ = load_hf_model(model)
+    return output_fisher(hf_model, batches, names=set(imported.params))
+
+
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
             calib_len: int = 128, calib_mode: str = "one-pass", avg_bits: float | None = None,
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
-            scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3) -> CompileResult:
+            scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
+            loss_aware: bool = True) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -172,7 +182,11 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     there, docs/QUALITY.md); row-group fits then alternate ``refits`` output-error refits of their
     scales with the loop (quant/refit.py; 0 = GPTQ codes on weight-fitted scales). ``avg_bits`` (e.g. 2.5)
     allocates 2/3/4 bits per layer under that average (``allocator`` 'budget': exact knapsack on
-    predicted output error; 'ratio': the paper's rule); ``bits`` is then ignored. ``layout`` picks
+    predicted error; 'ratio': the paper's rule); ``bits`` is then ignored. The predicted error of a
+    layer at each width is the output error of its calibrated fit at that width, weighted per output
+    by the loss's sensitivity to it (``loss_aware``: the empirical Fisher from the source model's
+    gradients on the calibration text, shiftadd/fisher.py; Hugging Face inputs only, an ONNX input
+    allocates on the plain output error). ``layout`` picks
     the scale layout (quant/gptq.py): 'row-group' (per row and ``group`` inputs), 'block' (per 8
     inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model
     unchanged (the exactness baseline). ``kernel`` 'auto' (default) picks the AVX2 int8-table
@@ -222,12 +236,12 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             log(f"calibration: {calib_windows} windows x {calib_len} wiki tokens ({calib_mode})" if calib_windows
                 else "no tokenizer: weight-only fit (pass tokenizer= / --tokenizer to calibrate on text)")
     mod, params, report, plan, tuning = imported.mod, imported.params, None, None, None
+    fisher, batches = None, None
     if extra:
         mod = merge_functions(imported, extra)
     if rewrite:
         from .reparam import plan_fit
 
-        batches = None
         if calib_windows > 0:
             from .data import token_windows, wiki_split
 
@@ -235,8 +249,14 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
                 raise ValueError("calibration on text needs a tokenizer (pass tokenizer= for an ONNX input)")
             ids = token_windows(tokenizer, wiki_split("calib"), calib_len, calib_windows)
             batches = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
+        if avg_bits is not None and batches and loss_aware:
+            if _is_onnx(model):
+                log("loss-aware allocation needs the source model's gradients: ONNX input, allocating on "
+                    "output error (compile the Hugging Face model for the loss-aware allocation)")
+            else:
+                fisher = _output_fisher(model, batches, imported)
         plan = plan_fit(imported, cfg, tgt, skip=tuple(skip), batches=batches, mode=calib_mode,
-                        avg_bits=avg_bits, allocator=allocator)
+                        avg_bits=avg_bits, allocator=allocator, fisher=fisher)
         knobs, tuning = _knob_source(kernel, tune, db, tgt)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
@@ -277,7 +297,10 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split",
                             **plan.calibration} if plan and plan.calibration else None,
             "avg_bits": report.average_bits() if report else None,
-            "allocation": {"budget": avg_bits, "allocator": allocator} if avg_bits is not None and rewrite else None,
+            "allocation": {"budget": avg_bits, "allocator": allocator,
+                           "predicted_error": "loss-aware (Fisher-weighted output error)" if fisher is not None
+                           else ("output error" if batches else "weight error")}
+            if avg_bits is not None and rewrite else None,
             "skip": list(skip) if rewrite else [],
             "inputs": _input_specs(func, imported.input_names),
             "outputs": imported.output_names,

@@ -20,6 +20,7 @@ from .quant.gptq import fit_layer
 from .util import log
 
 ALLOCATORS = ("budget", "ratio")
+ALLOCATION_REFITS = 1  # scale refits of the fits that predict each layer's error per bit width
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Allocation:
         a1.set_title(f"bit allocation, budget {self.budget} bits/weight")
         for b in sorted(self.costs[0].errors):
             a2.semilogy(x, [max(c.errors[b], 1e-30) for c in self.costs], ".", label=f"{b}-bit")
-        a2.set_ylabel("predicted output error")
+        a2.set_ylabel("predicted error")
         a2.set_xlabel("weight matmul (model order)")
         a2.legend(loc="upper right")
         fig.tight_layout()
@@ -96,9 +97,16 @@ def _layers(imported, skip):
 
 
 def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, allocator: str = "budget",
-                  choices=CHOICES) -> Allocation:
-    """Measure every layer's predicted output error at each bit width (weight-only fit, cheap) and
-    allocate; ``hessians`` None means plain weight error (no calibration)."""
+                  choices=CHOICES, fisher: dict | None = None, fits: dict | None = None) -> Allocation:
+    """Measure every layer's predicted error at each bit width and allocate.
+
+    With ``hessians`` the prediction is the output error of the calibrated fit at that width (error
+    feedback, at most ``ALLOCATION_REFITS`` scale refits, bounding the cost of fitting three widths);
+    the fits are stored in ``fits`` (weight name ->
+    {bits: BCQWeight}) when given, and serve as the final fits when ``cfg.refits`` is no more. Without
+    ``hessians``: the plain weight error of weight-only fits. ``fisher`` (weight name -> [N] loss
+    sensitivity per output, shiftadd/fisher.py) makes the prediction loss-aware: row errors weighted
+    by it."""
     from tqdm import tqdm
 
     from . import util
@@ -109,9 +117,14 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
     costs = []
     for name, w in tqdm(layers, desc="bit allocation", unit="matmul", disable=util.QUIET, leave=False):
         h = hessians.get(name) if hessians else None
+        f = fisher.get(name) if fisher else None
         c = LayerCost(name, int(w.size), score=sensitivity(w, h if h is not None else np.eye(w.shape[1])))
         for b in choices:
-            c.errors[b] = output_error(w, fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3))).dequantize(), h)
+            bw = fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h) if h is not None else \
+                fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
+            c.errors[b] = output_error(w, bw.dequantize(), h, f)
+            if fits is not None and h is not None and cfg.refits <= ALLOCATION_REFITS:
+                fits.setdefault(name, {})[b] = bw
         costs.append(c)
     ours = allocate_budget(costs, budget, choices)
     lo = min(max(int(np.floor(budget)), min(choices)), max(choices) - 1)  # the paper's rule mixes two widths
@@ -127,9 +140,11 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
 
 
 def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list | None = None,
-             mode: str = "one-pass", avg_bits: float | None = None, allocator: str = "budget") -> FitPlan:
+             mode: str = "one-pass", avg_bits: float | None = None, allocator: str = "budget",
+             fisher: dict | None = None) -> FitPlan:
     """Fits for every weight matmul: weight-only without ``batches``, error feedback with them
-    (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation."""
+    (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation, on
+    loss-aware predicted errors when ``fisher`` (shiftadd/fisher.py) is given."""
     from .calibrate import calibrate
 
     plan = FitPlan()
@@ -139,8 +154,10 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
     if batches is not None and (avg_bits is not None or mode == "one-pass"):
         cal = calibrate(imported, batches, target, skip, mode="one-pass")
         h0 = cal.hessians
+    fits = {}
     if avg_bits is not None:
-        plan.allocation = allocate_bits(layers, cfg, avg_bits, h0, allocator)
+        plan.allocation = allocate_bits(layers, cfg, avg_bits, h0, allocator, fisher=fisher,
+                                        fits=fits if mode == "one-pass" else None)
         plan.layer_bits = plan.allocation.bits
 
     def cfg_of(name):
@@ -162,7 +179,8 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
 
         t0 = time.time()
         for name, w in tqdm(layers, desc="error-feedback fit", unit="matmul", disable=util.QUIET, leave=False):
-            plan.fitted[name] = fit_layer(w, cfg_of(name), h0[name])
+            done = fits.get(name, {}).get(cfg_of(name).bits)
+            plan.fitted[name] = done if done is not None else fit_layer(w, cfg_of(name), h0[name])
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan

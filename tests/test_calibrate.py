@@ -201,3 +201,66 @@ def test_mixed_bits_follow_the_allocation(tiny_onnx):
     _, _, rep = rewrite_lut_matmul(imported.mod, imported.params, cfg, fitted=plan.fitted, layer_bits=plan.layer_bits)
     assert {r.name: r.bits for r in rep.rewritten} == a.bits
     assert "| **average bits** |" in a.table()
+
+
+def test_loss_aware_allocation_follows_the_fisher_weights(tiny_onnx):
+    """A layer whose outputs the loss is (made) very sensitive to gets the most bits; the predicted
+    errors are the Fisher-weighted output errors of the calibrated fits the plan then uses."""
+    from shiftadd.quant import BCQConfig
+    from shiftadd.quant.allocate import output_error
+    from shiftadd.reparam import _layers, plan_fit
+
+    imported = import_onnx(tiny_onnx("llama"))
+    rng = np.random.default_rng(5)
+    batches = [{"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64),
+                "attention_mask": np.ones((1, 12), np.int64)} for _ in range(2)]
+    layers = dict(_layers(imported, ("lm_head",)))
+    hot = "model.layers.0.self_attn.v_proj.weight"
+    fisher = {n: np.full(w.shape[0], 1e6 if n == hot else 1e-6) for n, w in layers.items()}
+    cfg = BCQConfig(bits=3, group=36, refits=1)
+    plan = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2,
+                    fisher=fisher)
+    a = plan.allocation
+    plain = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2)
+    assert a.bits[hot] == 4 and plain.allocation.bits[hot] < 4
+    from shiftadd.calibrate import calibrate
+
+    h = calibrate(imported, batches, resolve_target("cpu"), ("lm_head",), mode="one-pass").hessians[hot]
+    c = next(c for c in a.costs if c.name == hot)
+    assert c.errors[4] == pytest.approx(output_error(layers[hot], plan.fitted[hot].dequantize(), h, fisher[hot]),
+                                        rel=1e-9)
+    with pytest.raises(ValueError, match=r"fisher weights: shape \[\d+\]"):
+        plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2,
+                 fisher={**fisher, hot: np.ones(3)})
+
+
+def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path):
+    """End to end: a Hugging Face folder (tiny Llama with SmolLM2's tokenizer) compiled with a budget
+    computes the Fisher from its gradients, allocates on it, and records it; --output-error-allocation
+    and an ONNX input fall back to the plain output error."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shiftadd.frontend import resolve_model
+
+    try:
+        src = resolve_model("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    folder = tmp_path / "tiny-hf"
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    kw = dict(group=36, calib_windows=2, calib_len=16, avg_bits=2.5, refits=1, kv_cache=False)
+    res = shiftadd.compile(str(folder), tmp_path / "la.so", **kw)
+    assert res.manifest["allocation"]["predicted_error"] == "loss-aware (Fisher-weighted output error)"
+    assert res.report.allocation is not None and res.manifest["avg_bits"] > 2.5  # scales come on top
+    res2 = shiftadd.compile(str(folder), tmp_path / "oe.so", loss_aware=False, **kw)
+    assert res2.manifest["allocation"]["predicted_error"] == "output error"
+    # the two allocations rank layers differently only through the weights: same fits, other errors
+    e1 = {c.name: c.errors for c in res.report.allocation.costs}
+    e2 = {c.name: c.errors for c in res2.report.allocation.costs}
+    assert e1.keys() == e2.keys() and any(e1[n][2] / e2[n][2] != pytest.approx(e1[m][2] / e2[m][2])
+                                          for n in e1 for m in e1)

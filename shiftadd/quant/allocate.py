@@ -3,14 +3,16 @@
 Two allocators over the same per-layer measurements:
 
 * :func:`allocate_budget` (ours): a multiple-choice knapsack solved exactly by dynamic programming;
-  minimises the summed predicted output error ``Σ_l e_l(b_l)`` subject to
+  minimises the summed predicted error ``Σ_l e_l(b_l)`` subject to
   ``Σ_l n_l b_l <= budget · Σ_l n_l`` (``n_l`` = weights of layer l). The budget is never exceeded.
 * :func:`allocate_ratio` (the paper's): sort layers by the sensitivity score and give the most
   sensitive ``frac_high`` of the weights the higher bit width (80/20 -> ≈2.2 bits average).
 
-The predicted error of layer l at b bits is the output error of its weight-only BCQ fit,
-``tr((W - Ŵ_b) H (W - Ŵ_b)ᵀ)`` (= mean over calibration tokens of ‖(W - Ŵ_b) x‖²), see
-:func:`output_error`. The paper's score is :func:`sensitivity`.
+The predicted error of layer l at b bits (shiftadd/reparam.py) is :func:`output_error` of its
+calibrated fit at b bits, ``tr((W - Ŵ_b) H (W - Ŵ_b)ᵀ)`` (= mean over calibration tokens of
+‖(W - Ŵ_b) x‖²), loss-aware when the loss's sensitivity to each output is known (rows weighted by
+the empirical Fisher, shiftadd/fisher.py): plain output error spends bits where activations are
+large, not where errors move the loss (docs/QUALITY.md). The paper's score is :func:`sensitivity`.
 """
 
 from __future__ import annotations
@@ -48,12 +50,21 @@ def sensitivity(w: np.ndarray, h: np.ndarray, damp: float = 0.01) -> float:
     return float(torch.linalg.norm(z) * torch.std(z) ** 2)
 
 
-def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> float:
-    """``tr(ΔW H ΔWᵀ)`` for ΔW = w - w_hat ([N, K]); the squared Frobenius norm when ``h`` is None."""
+def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, fisher: np.ndarray | None = None) -> float:
+    """``tr(ΔW H ΔWᵀ)`` for ΔW = w - w_hat ([N, K]); the squared Frobenius norm when ``h`` is None.
+    ``fisher`` ([N], shiftadd/fisher.py) weights row i's output error ``(ΔW H ΔWᵀ)_ii`` by the loss
+    sensitivity of output i: ``Σ_i F_i (ΔW H ΔWᵀ)_ii`` (twice the predicted loss increase)."""
     d = torch.from_numpy(np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))
     if h is None:
-        return float((d * d).sum())
-    return float(row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64))).sum())
+        rows = (d * d).sum(1)
+    else:
+        rows = row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64)))
+    if fisher is not None:
+        f = np.asarray(fisher, np.float64)
+        if f.shape != (d.shape[0],):
+            raise ValueError(f"fisher weights: shape [{d.shape[0]}] (one per output row) expected, got {list(f.shape)}")
+        rows = rows * torch.from_numpy(f)
+    return float(rows.sum())
 
 
 def average_bits(layers: list[LayerCost], bits: dict[str, int]) -> float:
