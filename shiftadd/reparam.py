@@ -12,15 +12,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .quant import BCQConfig
 from .quant.allocate import (CHOICES, LayerCost, allocate_budget, allocate_ratio, allocation_table,
-                             average_bits, output_error, sensitivity)
+                             average_bits, sensitivity)
 from .quant.gptq import fit_layer
+from .quant.refit import row_errors
 from .util import log
 
 ALLOCATORS = ("budget", "ratio")
 ALLOCATION_REFITS = 1  # scale refits of the fits that predict each layer's error per bit width
+_ROWS_MEMO: dict = {}  # memo key -> {(weight name, bits): per-row output errors}
 
 
 @dataclass
@@ -97,7 +100,8 @@ def _layers(imported, skip):
 
 
 def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, allocator: str = "budget",
-                  choices=CHOICES, fisher: dict | None = None, fits: dict | None = None) -> Allocation:
+                  choices=CHOICES, fisher: dict | None = None, fits: dict | None = None,
+                  memo_key=None) -> Allocation:
     """Measure every layer's predicted error at each bit width and allocate.
 
     With ``hessians`` the prediction is the output error of the calibrated fit at that width (error
@@ -106,7 +110,8 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
     {bits: BCQWeight}) when given, and serve as the final fits when ``cfg.refits`` is no more. Without
     ``hessians``: the plain weight error of weight-only fits. ``fisher`` (weight name -> [N] loss
     sensitivity per output, shiftadd/fisher.py) makes the prediction loss-aware: row errors weighted
-    by it."""
+    by it. ``memo_key`` (the content of model, calibration and config) keeps the per-row errors in
+    this process, so further budgets of one model (bench/quality.py) skip the fits."""
     from tqdm import tqdm
 
     from . import util
@@ -114,18 +119,35 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, got '{allocator}'")
     t0 = time.time()
+    memo = _ROWS_MEMO.get(memo_key) if memo_key is not None else None
+    if memo is not None:
+        log("bit allocation: reusing the per-width fit errors measured earlier in this process")
+    rows_of = {}
     costs = []
-    for name, w in tqdm(layers, desc="bit allocation", unit="matmul", disable=util.QUIET, leave=False):
+    for name, w in tqdm(layers, desc="bit allocation", unit="matmul", disable=util.QUIET or memo is not None,
+                        leave=False):
         h = hessians.get(name) if hessians else None
         f = fisher.get(name) if fisher else None
+        if f is not None and np.shape(f) != (w.shape[0],):
+            raise ValueError(f"fisher weights of {name}: shape [{w.shape[0]}] (one per output row) expected, "
+                             f"got {list(np.shape(f))}")
         c = LayerCost(name, int(w.size), score=sensitivity(w, h if h is not None else np.eye(w.shape[1])))
         for b in choices:
-            bw = fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h) if h is not None else \
-                fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
-            c.errors[b] = output_error(w, bw.dequantize(), h, f)
-            if fits is not None and h is not None and cfg.refits <= ALLOCATION_REFITS:
-                fits.setdefault(name, {})[b] = bw
+            rows = memo.get((name, b)) if memo is not None else None
+            if rows is None:
+                bw = fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h) \
+                    if h is not None else fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
+                d = torch.from_numpy(np.asarray(w, np.float64) - bw.dequantize().astype(np.float64))
+                rows = (row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64)))
+                        if h is not None else (d * d).sum(1)).numpy()
+                if fits is not None and h is not None and cfg.refits <= ALLOCATION_REFITS:
+                    fits.setdefault(name, {})[b] = bw
+            rows_of[(name, b)] = rows
+            c.errors[b] = float((rows * np.asarray(f, np.float64)).sum() if f is not None else rows.sum())
         costs.append(c)
+    if memo_key is not None:
+        _ROWS_MEMO.clear()  # one model's errors at a time
+        _ROWS_MEMO[memo_key] = rows_of
     ours = allocate_budget(costs, budget, choices)
     lo = min(max(int(np.floor(budget)), min(choices)), max(choices) - 1)  # the paper's rule mixes two widths
     paper = allocate_ratio(costs, frac_high=min(budget - lo, 1.0), low=lo, high=lo + 1)
@@ -156,8 +178,14 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
         h0 = cal.hessians
     fits = {}
     if avg_bits is not None:
+        from dataclasses import asdict
+
+        from .calibrate import _memo_key
+
+        key = (_memo_key(imported, batches, target, tuple(skip)),  # the fits' config, whatever its bits
+               tuple(v for k, v in asdict(cfg).items() if k != "bits")) if batches else None
         plan.allocation = allocate_bits(layers, cfg, avg_bits, h0, allocator, fisher=fisher,
-                                        fits=fits if mode == "one-pass" else None)
+                                        fits=fits if mode == "one-pass" else None, memo_key=key)
         plan.layer_bits = plan.allocation.bits
 
     def cfg_of(name):

@@ -229,7 +229,7 @@ def test_loss_aware_allocation_follows_the_fisher_weights(tiny_onnx):
     c = next(c for c in a.costs if c.name == hot)
     assert c.errors[4] == pytest.approx(output_error(layers[hot], plan.fitted[hot].dequantize(), h, fisher[hot]),
                                         rel=1e-9)
-    with pytest.raises(ValueError, match=r"fisher weights: shape \[\d+\]"):
+    with pytest.raises(ValueError, match=r"fisher weights of model.layers.0.self_attn.v_proj.weight: shape \[\d+\]"):
         plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2,
                  fisher={**fisher, hot: np.ones(3)})
 
