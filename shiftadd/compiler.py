@@ -55,9 +55,10 @@ def _vocab_and_eos(imported, tokenizer):
     return vocab, eos
 
 
-def build(mod, target, db=None):
+def build(mod, target, db=None, share_kv: bool = True):
     """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse); operators the
-    MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours."""
+    MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours.
+    ``share_kv``: grouped-query attention reads each key/value head once (relax_passes/share_kv_heads)."""
     import tvm
     from tvm import relax
 
@@ -68,6 +69,10 @@ def build(mod, target, db=None):
         from .schedules import lut_avx2
 
         lut_avx2.load_in_process()
+    if share_kv:
+        from .relax_passes.share_kv_heads import share_kv_heads
+
+        mod, _ = share_kv_heads(mod)
     mod = apply_float(lower(mod, target), target, db)
     with target:
         mod = schedule_unscheduled(mod, target)
