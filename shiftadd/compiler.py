@@ -69,11 +69,7 @@ def build(mod, target, db=None, share_kv: bool = True):
         from .schedules import lut_avx2
 
         lut_avx2.load_in_process()
-    if share_kv:
-        from .relax_passes.share_kv_heads import share_kv_heads
-
-        mod, _ = share_kv_heads(mod)
-    mod = apply_float(lower(mod, target), target, db)
+    mod = apply_float(lower(mod, target, share_kv), target, db)
     with target:
         mod = schedule_unscheduled(mod, target)
     return tvm.compile(mod, target, relax_pipeline=None)
@@ -177,7 +173,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
             scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
-            loss_aware: bool = True) -> CompileResult:
+            loss_aware: bool = True, stack_siblings: bool = True) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -204,7 +200,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     saved, so the next compile does no search; without an entry the default knobs serve. ``kv_cache``
     (Hugging Face models) exports a prefill graph returning the keys/values and a ``decode`` graph taking
     them back, compiled as functions ``main`` and ``decode`` of the one module over the same weights,
-    so generation runs the prompt once and then one token per step. ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    so generation runs the prompt once and then one token per step. ``stack_siblings``: AVX2 LUT
+    calls on one activation (Q/K/V, gate/up) become one call (relax_passes/fuse_sibling_luts.py). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
@@ -267,6 +264,12 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
                                                  knobs=knobs, also=tuple(extra))
         report.allocation = plan.allocation
+        if kernel == "avx2" and stack_siblings:
+            from .relax_passes.fuse_sibling_luts import fuse_sibling_luts
+
+            mod, params, fewer = fuse_sibling_luts(mod, params, ("main", *extra), knobs)
+            if fewer:
+                log(f"stacked sibling LUT calls (Q/K/V, gate/up): {fewer} kernel calls fewer over all functions")
     if extra:  # one sequence, one token: static shapes for everything but the attention over the cache
         from .relax_passes.specialize_decode import NAME, add_decode_one
 

@@ -29,17 +29,19 @@ def parse_budget(spec) -> float | None:
     return seconds
 
 
-def model_matmuls(model: str) -> list[tuple[str, int, int]]:
-    """(weight name, K, N) of the weight matmuls of ``model`` (HF id/folder, GGUF, 'smollm2', .onnx)."""
+def model_matmuls(model: str) -> tuple[list[tuple[str, int, int]], list[list[str]]]:
+    """((weight name, K, N) of the weight matmuls of ``model`` (HF id/folder, GGUF, 'smollm2', .onnx),
+    the groups of them that read one activation: compile stacks those into one kernel call)."""
     from .compiler import import_model
-    from .relax_passes.rewrite_lut_matmul import weight_matmul_shapes
+    from .relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
 
     imported = import_model(model, kv_cache=False)[0]
-    return weight_matmul_shapes(imported.mod["main"], imported.params, ())
+    main = imported.mod["main"]
+    return weight_matmul_shapes(main, imported.params, ()), sibling_groups(main, imported.params, ())
 
 
 def model_module(model: str, cfg: BCQConfig, skip, target):
-    """(weight matmul shapes, the Relax module ``compile`` builds for ``model``): exported with the KV
+    """(weight matmul shapes, sibling groups, the Relax module ``compile`` builds for ``model``): exported with the KV
     cache, rewritten and specialised (``decode_one``) as compile does, but with one-round fits and no
     calibration: the float operators left to tune depend on shapes, not on the fitted values."""
     from dataclasses import replace
@@ -47,21 +49,28 @@ def model_module(model: str, cfg: BCQConfig, skip, target):
     from .compiler import import_model, pick_kernel
     from .frontend import merge_functions
     from .relax_passes import rewrite_lut_matmul
-    from .relax_passes.rewrite_lut_matmul import weight_matmul_shapes
+    from .relax_passes.fuse_sibling_luts import fuse_sibling_luts
+    from .relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
     from .relax_passes.specialize_decode import add_decode_one
 
     imported, extra, _, _, _, _ = import_model(model)
     shapes = weight_matmul_shapes(imported.mod["main"], imported.params, ())
+    siblings = sibling_groups(imported.mod["main"], imported.params, ())
     mod = merge_functions(imported, extra) if extra else imported.mod
-    mod, _, _ = rewrite_lut_matmul(mod, imported.params, replace(cfg, rounds=1), skip=tuple(skip),
-                                   kernel=pick_kernel("auto", target), also=tuple(extra))
-    return shapes, (add_decode_one(mod) if extra else mod)
+    kernel = pick_kernel("auto", target)
+    mod, params, _ = rewrite_lut_matmul(mod, imported.params, replace(cfg, rounds=1), skip=tuple(skip),
+                                        kernel=kernel, also=tuple(extra))
+    if kernel == "avx2":
+        mod, _, _ = fuse_sibling_luts(mod, params, ("main", *extra))
+    return shapes, siblings, (add_decode_one(mod) if extra else mod)
 
 
-def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None) -> list[tuple]:
+def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, siblings=()) -> list[tuple]:
     """Tuning keys (K, N, bits, group, offset, rows per scale) of the AVX2 kernels these matmuls compile
-    to under ``cfg`` (``bits_set``: every bit width a per-layer allocation may pick). Layouts the AVX2
-    kernel does not read (odd groups, the column layout) have nothing to tune."""
+    to under ``cfg`` (``bits_set``: every bit width a per-layer allocation may pick), and of the stacked
+    calls of ``siblings`` (groups of names reading one activation; stacked when every member's N is a
+    multiple of 32 and they share bits). Layouts the AVX2 kernel does not read (odd groups, the column
+    layout) have nothing to tune."""
     from .schedules import lut_avx2 as L
 
     if cfg.layout == "column":
@@ -77,6 +86,16 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None) -> li
             continue
         for b in bits_set or (cfg.bits,):
             keys.append((k, n, b, group, cfg.offset, rows))
+    shape = {name: (k, n) for name, k, n in matmuls}
+    for names in siblings:
+        names = [x for x in names if x in shape and not any(p.search(x) for p in pats)]
+        if len(names) < 2 or cfg.layout != "row-group" or any(shape[x][1] % L.ROWS for x in names):
+            continue
+        k = shape[names[0]][0]
+        group = cfg.group_for(k)
+        if L.supports(group, 1):
+            for b in bits_set or (cfg.bits,):
+                keys.append((k, sum(shape[x][1] for x in names), b, group, cfg.offset, 1))
     return list(dict.fromkeys(keys))
 
 
@@ -121,10 +140,10 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
         tdb = TuningDB.open(db, target=tgt)
         t0 = time.time()
         if float_ops:
-            shapes, module = model_module(model, cfg, skip, tgt)
+            shapes, siblings, module = model_module(model, cfg, skip, tgt)
         else:
-            shapes, module = model_matmuls(model), None
-        keys = kernel_keys(shapes, cfg, skip, (2, 3, 4) if avg_bits is not None else None)
+            (shapes, siblings), module = model_matmuls(model), None
+        keys = kernel_keys(shapes, cfg, skip, (2, 3, 4) if avg_bits is not None else None, siblings)
         have = sum(tdb.get(*kk) is not None for kk in keys)
         log(f"tune: {len(keys)} distinct kernels ({have} already in {tdb.path}), measured {measurer.name}, "
             f"budget {'none' if budget_s is None else f'{budget_s:.0f} s'}")

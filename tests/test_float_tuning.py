@@ -60,7 +60,7 @@ def test_compile_applies_the_records_and_stays_exact(tuned, tmp_path):
     from shiftadd.quant import BCQConfig
 
     tgt = resolve_target("cpu")
-    _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
+    _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
     low = F.lower(mod, tgt)
     names = [t.task_name for t in F.tunable_tasks(low, tgt, MIN_WORK)]
     applied = F.apply_float(low, tgt, db)
@@ -106,7 +106,7 @@ def test_float_budget_is_respected(tuned, tmp_path):
 
     folder, _, _ = tuned
     tgt = resolve_target("cpu")
-    _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
+    _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
     t0 = time.perf_counter()
     s = F.tune_float(mod, tgt, tmp_path / "db", budget_s=1.0, trials=3, min_work=MIN_WORK)
     assert s["done"] == 0 and s["left"] == s["tasks"] >= 1

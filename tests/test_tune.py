@@ -59,15 +59,18 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
     import shiftadd
     from shiftadd.quant import BCQConfig
 
-    keys = kernel_keys(model_matmuls(opt_folder), BCQConfig(bits=3, group=32))
-    assert sorted(keys) == sorted([(64, 64, 3, 32, True, 1), (64, 96, 3, 32, True, 1), (96, 64, 3, 32, True, 1)])
+    shapes, siblings = model_matmuls(opt_folder)
+    assert [len(g) for g in siblings] == [3, 3]  # q/k/v of both layers
+    keys = kernel_keys(shapes, BCQConfig(bits=3, group=32), siblings=siblings)
+    assert sorted(keys) == sorted([(64, 64, 3, 32, True, 1), (64, 96, 3, 32, True, 1), (96, 64, 3, 32, True, 1),
+                                   (64, 192, 3, 32, True, 1)])  # + q/k/v stacked
     db = tmp_path / "db"
     db.mkdir()
     s = tune(opt_folder, db=db, bits=3, group=32, rounds=2, float_ops=False)
-    assert s["complete"] == s["kernels"] == 3 and s["phases_left"] == 0
+    assert s["complete"] == s["kernels"] == 4 and s["phases_left"] == 0
     res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=3, group=32, calib_windows=0, db=db)
     t = res.manifest["tuning"]
-    assert t["default"] == 0 and t["from_db"] == 3 and t["db"] == str(db / "tuning.json")
+    assert t["default"] == 0 and t["from_db"] == 4 and t["db"] == str(db / "tuning.json")
 
 
 def test_budget_is_respected_and_rerun_resumes(opt_folder, tmp_path, monkeypatch):
@@ -77,12 +80,12 @@ def test_budget_is_respected_and_rerun_resumes(opt_folder, tmp_path, monkeypatch
     s1 = tune(opt_folder, db=db, bits=2, group=32, budget=6, rounds=2, float_ops=False)
     spent = time.perf_counter() - t0
     assert spent <= 6 * 1.1, spent
-    assert s1["phases_done"] == len(calls) and 1 <= s1["phases_done"] < 6, s1
+    assert s1["phases_done"] == len(calls) and 1 <= s1["phases_done"] < 8, s1
     first = json.loads(db.read_text())["entries"]
     done = {(k, ph) for k, e in first.items() for ph in PHASES if ph in e}
     calls.clear()
     s2 = tune(opt_folder, db=db, bits=2, group=32, rounds=2, float_ops=False)
-    assert s2["phases_done"] == 6 - len(done) == len(calls) and s2["complete"] == 3
+    assert s2["phases_done"] == 8 - len(done) == len(calls) and s2["complete"] == 4  # 3 kernels + q/k/v stacked
     assert not {(key_of(*kk), "decode" if m == 1 else "batch") for kk, m in calls} & done  # nothing re-measured
     after = json.loads(db.read_text())["entries"]
     for k, e in first.items():  # what the first run measured is kept as it was
@@ -109,7 +112,7 @@ def test_interrupted_run_keeps_every_finished_phase(opt_folder, tmp_path, monkey
     assert sum(ph in e for e in entries.values() for ph in PHASES) == 2
     monkeypatch.setattr(LocalMeasurer, "measure", real)
     calls = _spy(monkeypatch)
-    assert tune(opt_folder, db=db, bits=4, group=32, rounds=2, float_ops=False)["complete"] == 3 and len(calls) == 4
+    assert tune(opt_folder, db=db, bits=4, group=32, rounds=2, float_ops=False)["complete"] == 4 and len(calls) == 6
 
 
 def test_database_of_another_target_or_tvm_is_ignored(tmp_path):
@@ -184,12 +187,12 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     m.close()
     s = tune(opt_folder, db=tmp_path / "rpc.json", rpc=rpc_tracker, key="shiftadd-test", bits=3, group=32,
              repeat=5, float_trials=2, float_min_work=1000)
-    assert s["complete"] == 3 and s["measured_by"].startswith("rpc:shiftadd-test@127.0.0.1:")
+    assert s["complete"] == 4 and s["measured_by"].startswith("rpc:shiftadd-test@127.0.0.1:")
     # MetaSchedule measured the float lm_head (64 x 96) through the same servers: baseline + trials
     f = s["float"]
     assert f["tasks"] == f["done"] >= 1 and all(v > 0 for v in f["best"].values())
     local = tune(opt_folder, db=tmp_path / "local.json", bits=3, group=32, rounds=2, float_ops=False)
-    assert local["complete"] == 3
+    assert local["complete"] == 4
     r = json.loads((tmp_path / "rpc.json").read_text())
     lo = json.loads((tmp_path / "local.json").read_text())
     assert r["context"] == lo["context"]  # same target: interchangeable databases

@@ -307,6 +307,20 @@ def layer_config(cfg: BCQConfig, layer_bits: dict | None, name: str) -> BCQConfi
 def weight_matmul_shapes(func, params, skip) -> list[tuple[str, int, int]]:
     """(weight name, K, N) of every weight matmul the rewrite would touch, in model order: a cheap scan
     before quantizing (group checks; the tuner's list of kernels)."""
+    return [m[:3] for m in _weight_matmuls(func, params, skip)]
+
+
+def sibling_groups(func, params, skip) -> list[list[str]]:
+    """Names of the weight matmuls that read one activation (Q/K/V, gate/up), groups of two or more in
+    model order: what relax_passes/fuse_sibling_luts.py may stack into one kernel call."""
+    groups: dict = {}
+    for name, _, _, x in _weight_matmuls(func, params, skip):
+        groups.setdefault(x, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _weight_matmuls(func, params, skip) -> list[tuple]:
+    """(weight name, K, N, activation variable) of every weight matmul the rewrite would touch."""
     bound = {}
     for block in func.body.blocks:
         for b in block.bindings:
@@ -333,7 +347,11 @@ def weight_matmul_shapes(func, params, skip) -> list[tuple[str, int, int]]:
             continue
         if len(shape) == 2 and not any(p.search(name) for p in pats):
             k, n = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-            out.append((name, int(k), int(n)))
+            x = value.args[0]
+            xv = bound.get(x)  # through a per-matmul reshape of one activation
+            if _is_op(xv, "relax.reshape") and isinstance(xv.args[0], relax.Var):
+                x = xv.args[0]
+            out.append((name, int(k), int(n), x))
     return out
 
 

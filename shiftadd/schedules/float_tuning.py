@@ -58,10 +58,15 @@ def work_dir(db, target) -> Path:
     return root / digest
 
 
-def lower(mod, target):
-    """The Relax module as ``compiler.build`` schedules it: legalized, folded and fused."""
+def lower(mod, target, share_kv: bool = True):
+    """The Relax module as ``compiler.build`` schedules it: grouped-query attention without per-head
+    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), legalized, folded and fused."""
     from tvm import relax
 
+    if share_kv:
+        from ..relax_passes.share_kv_heads import share_kv_heads
+
+        mod, _ = share_kv_heads(mod)
     with target:
         return relax.get_default_pipeline(target)(mod)
 
