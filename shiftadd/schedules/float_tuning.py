@@ -121,7 +121,7 @@ def tunable_tasks(lowered, target, min_work: int | None = None) -> list:
         work = static_work(func)
         if work is None or work <= min_work or not calls.get(gv.name_hint):
             continue
-        m = _normalize_mod(func)
+        m = _normalize_mod(_anonymous(func))
         task = ms.ExtractedTask(gv.name_hint, m, target, [m], calls[gv.name_hint])
         picked.append((work * calls[gv.name_hint], task))
     return [t for _, t in sorted(picked, key=lambda wt: -wt[0])]
@@ -259,13 +259,45 @@ def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int 
     return summary
 
 
+def _anonymous(func):
+    """``func`` as MetaSchedule keys it here: without its name. The pipeline numbers operators
+    (``matmul5``, ``matmul6``, ...) in an order that can differ between two lowerings of one graph,
+    and the database's workload key includes the function's attributes, so a named key could make a
+    tuned operator look new (tuned again, or not applied)."""
+    return func.with_attr("global_symbol", "main")
+
+
 def apply_float(lowered, target, db=None):
     """``lowered`` with every PrimFunc the MetaSchedule database of ``db`` holds replaced by its
-    best record (faster than our default schedule, which is a record too); unchanged without one."""
-    from tvm import relax
+    best record (faster than our default schedule, which is a record too); unchanged without one.
+    Looked up by content (:func:`_anonymous`), as :func:`tunable_tasks` committed it."""
+    from tvm import tirx
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     wd = work_dir(db, target)
     if not (wd / "database_tuning_record.json").exists():
         return lowered
+    database = ms.database.JSONDatabase(work_dir=str(wd))
+    out = lowered
     with target:
-        return relax.transform.MetaScheduleApplyDatabase(work_dir=str(wd))(lowered)
+        for gv, func in lowered.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+                continue
+            m = _normalize_mod(_anonymous(func))
+            if not database.has_workload(m):
+                continue
+            sch = database.query_schedule(m, target, workload_name="main")
+            if sch is None:
+                continue
+            new = sch.mod["main"].with_attr("global_symbol", gv.name_hint).with_attr("tirx.is_scheduled", True)
+            out = _with_func(out, gv, new)
+    return out
+
+
+def _with_func(mod, gv, func):
+    import tvm
+
+    funcs = dict(mod.functions_items())
+    funcs[gv] = func
+    return tvm.IRModule(funcs, attrs=mod.attrs)
