@@ -22,7 +22,8 @@ def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
     db = tmp_path / "db"
     first = shiftadd.compile(path, tmp_path / "a.so", bits=2, group=32, tune=True, db=db)
     t = first.manifest["tuning"]
-    kernels = {(r.k, r.n) for r in first.report.rewritten}
+    kernels = {(r.k, r.n) for r in first.report.rewritten} | {(64, 3 * 64)}  # + OPT's q/k/v stacked in one call
+    assert any(k.startswith("fused(") for k in first.manifest["params"])
     assert t["tuned_now"] == len(kernels) and t["default"] == 0 and t["from_db"] == len(kernels)
     data = json.loads((db / "tuning.json").read_text())
     assert len(data["entries"]) == len(kernels)
