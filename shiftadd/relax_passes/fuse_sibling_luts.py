@@ -55,14 +55,14 @@ def _member(value, params, bound):
 
 @relax.expr_functor.mutator
 class _Fuser(relax.PyExprMutator):
-    def __init__(self, mod, groups, params, knobs, kernels):
+    def __init__(self, mod, groups, specs, params, knobs, kernels):
         super().__init__(mod)
         self.groups = groups  # binding var of a member -> (group id, column offset, n)
         self.params = params
         self.knobs = knobs
         self.kernels = kernels
         self.emitted = {}  # group id -> stacked output var
-        self.specs = {}  # group id -> (key, members)
+        self.specs = specs  # group id -> (key, members)
         self.new_params: list[tuple[relax.Var, np.ndarray]] = []
 
     def visit_var_binding_(self, binding):
@@ -136,8 +136,7 @@ def fuse_sibling_luts(mod: tvm.IRModule, params: dict[str, np.ndarray], function
         if not specs:
             out_params.update({v.name: params[v.name] for v in func.params[int(func.attrs["num_input"]):]})
             continue
-        fz = _Fuser(mod, groups, params, knobs, kernels)
-        fz.specs = specs
+        fz = _Fuser(mod, groups, specs, params, knobs, kernels)
         new = fz.visit_expr(func)
         new = relax.Function(list(new.params) + [v for v, _ in fz.new_params], new.body, new.ret_ty, new.is_pure,
                              new.attrs)
