@@ -55,10 +55,11 @@ def _vocab_and_eos(imported, tokenizer):
     return vocab, eos
 
 
-def build(mod, target, db=None, share_kv: bool = True):
+def build(mod, target, db=None, share_kv: bool = True, scores_kernel: bool = True):
     """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse); operators the
     MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours.
-    ``share_kv``: grouped-query attention reads each key/value head once (relax_passes/share_kv_heads)."""
+    ``share_kv``: grouped-query attention reads each key/value head once (relax_passes/share_kv_heads);
+    ``scores_kernel``: attention scores read the keys in place (relax_passes/scores_from_cache)."""
     import tvm
     from tvm import relax
 
@@ -69,7 +70,7 @@ def build(mod, target, db=None, share_kv: bool = True):
         from .schedules import lut_avx2
 
         lut_avx2.load_in_process()
-    mod = apply_float(lower(mod, target, share_kv), target, db)
+    mod = apply_float(lower(mod, target, share_kv, scores_kernel), target, db)
     with target:
         mod = schedule_unscheduled(mod, target)
     return tvm.compile(mod, target, relax_pipeline=None)

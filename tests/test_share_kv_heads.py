@@ -18,14 +18,14 @@ def _imported(family, tmp_path):
     return add_decode_one(merge_functions(base, {"decode": dec})), base.params
 
 
-def _run(mod, params, fname, feeds):
+def _run(mod, params, fname, feeds, scores: bool = True):
     import tvm
     from tvm import relax
 
     from shiftadd.compiler import build
     from shiftadd.targets import resolve_target
 
-    vm = relax.VirtualMachine(build(mod, resolve_target("cpu"), share_kv=False), tvm.cpu())
+    vm = relax.VirtualMachine(build(mod, resolve_target("cpu"), share_kv=False, scores_kernel=scores), tvm.cpu())
     func = mod[fname]
     n_in = int(func.attrs["num_input"])
     args = [tvm.runtime.tensor(feeds[p.name]) for p in func.params[:n_in]]

@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.ir import GenericConst
 
-from .rewrite_lut_matmul import match_weight_operand
+from .rewrite_lut_matmul import match_weight_operand, resolve_binding
 
 
 @dataclass
@@ -44,12 +44,7 @@ class _Capture(relax.PyExprMutator):
         self.n_const = 0
 
     def _resolve(self, expr):
-        while isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if bound is None:
-                break
-            expr = bound
-        return expr
+        return resolve_binding(self, expr)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)

@@ -118,6 +118,17 @@ def _is_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
+def resolve_binding(mutator, expr):
+    """``expr`` with variables replaced by what ``mutator`` saw them bound to, until a function
+    parameter (weights included) or a non-variable is reached."""
+    while isinstance(expr, relax.Var):
+        bound = mutator.lookup_binding(expr)
+        if bound is None:
+            break
+        expr = bound
+    return expr
+
+
 def match_weight_operand(call, resolve):
     """For ``R.matmul(x, W)`` or ``R.matmul(x, R.permute_dims(W, [1, 0]))``: (W, transposed), with
     ``resolve`` following variable bindings; None for any other call. W may be anything: the caller
@@ -160,12 +171,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
 
     # -- matching -------------------------------------------------------------------------------
     def _resolve(self, expr):
-        while isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if bound is None:  # a function parameter (weights included)
-                break
-            expr = bound
-        return expr
+        return resolve_binding(self, expr)
 
     def _weight(self, expr):
         """(name, value as stored) if ``expr`` is a known weight, else None."""

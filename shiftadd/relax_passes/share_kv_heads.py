@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .rewrite_lut_matmul import _is_op, _shape
+from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
 
 
 def _scalar_const(e) -> bool:
@@ -32,12 +32,7 @@ class _ShareKVHeads(relax.PyExprMutator):
         self.rewritten = 0
 
     def _resolve(self, e):
-        while isinstance(e, relax.Var):
-            bound = self.lookup_binding(e)
-            if bound is None:
-                break
-            e = bound
-        return e
+        return resolve_binding(self, e)
 
     def _grouped(self, rhs):
         """(kv [B, KVH, N, D], G, ops to replay on it) if ``rhs`` is a GQA broadcast of kv, optionally

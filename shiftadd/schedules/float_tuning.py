@@ -58,15 +58,20 @@ def work_dir(db, target) -> Path:
     return root / digest
 
 
-def lower(mod, target, share_kv: bool = True):
+def lower(mod, target, share_kv: bool = True, scores_kernel: bool = True):
     """The Relax module as ``compiler.build`` schedules it: grouped-query attention without per-head
-    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), legalized, folded and fused."""
+    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention scores read from
+    the cache layout (``scores_kernel``, relax_passes/scores_from_cache.py), legalized, folded and fused."""
     from tvm import relax
+
+    from ..relax_passes.scores_from_cache import scores_from_cache
 
     if share_kv:
         from ..relax_passes.share_kv_heads import share_kv_heads
 
         mod, _ = share_kv_heads(mod)
+    if scores_kernel:
+        mod, _ = scores_from_cache(mod)
     with target:
         return relax.get_default_pipeline(target)(mod)
 

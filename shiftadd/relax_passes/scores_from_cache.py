@@ -1,0 +1,82 @@
+"""Attention scores ``matmul(q, permute_dims(k, [0, 1, 3, 2]))`` without materialising ``k^T``.
+
+Scalar factors on ``k^T`` (ONNX's scaled-dot-product decomposition scales both sides) move onto ``q``.
+
+Why: the keys arrive in the cache layout ``[B, H, N, D]`` and the export transposes them for the
+matmul. Nothing fuses that transpose into the matmul, and with N symbolic (the cache grows) the
+generic schedule of the matmul then reads the copy at a stride of N floats per product. The
+scores kernel of schedules/attention_cpu.py reads each key row in place. Applies to every
+4-D query/key pair with static heads and head size, of equal dtype (GQA after share_kv_heads,
+OPT, GPT-2 alike); other matmuls are left alone.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..schedules.attention_cpu import scores_kernel
+from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
+from .share_kv_heads import _scalar_const
+
+
+@relax.expr_functor.mutator
+class _ScoresFromCache(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.rewritten = 0
+
+    def _kernel(self, heads: int, d: int, dtype: str):
+        key = (heads, d, dtype)
+        if key not in self.kernels:
+            name = f"shiftadd_scores_h{heads}_d{d}_{dtype}"
+            self.kernels[key] = self.builder_.add_func(scores_kernel(heads, d, dtype).with_attr("global_symbol", name),
+                                                       name)
+        return self.kernels[key]
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not _is_op(call, "relax.matmul"):
+            return call
+        t, scales = resolve_binding(self, call.args[1]), []
+        while _is_op(t, "relax.multiply") and (_scalar_const(t.args[0]) or _scalar_const(t.args[1])):
+            side = 0 if _scalar_const(t.args[0]) else 1  # SDPA exports scale k^T by sqrt(1/sqrt(D))
+            scales.append(t.args[side])
+            t = resolve_binding(self, t.args[1 - side])
+        if not _is_op(t, "relax.permute_dims") or t.attrs.axes is None \
+                or [int(a) for a in t.attrs.axes] != [0, 1, 3, 2]:
+            return call
+        q, k = call.args[0], t.args[0]
+        qs, ks = _shape(q), _shape(k)
+        if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
+            return call
+        dtype = str(q.ty.dtype)
+        out_dtype = "" if call.attrs.out_dtype is None else str(call.attrs.out_dtype)
+        if dtype != str(k.ty.dtype) or dtype not in ("float32", "float16") or out_dtype not in ("", "void", dtype):
+            return call
+        if not all(isinstance(x, tvm.tirx.IntImm) for x in (qs[1], ks[1], qs[3], ks[3])):
+            return call
+        an = tvm.sym.Analyzer()
+        if not (an.can_prove_equal(qs[0], ks[0]) and int(qs[1]) == int(ks[1]) and int(qs[3]) == int(ks[3])):
+            return call
+        gv = self._kernel(int(qs[1]), int(qs[3]), dtype)
+        for c in scales:  # q @ (k^T * c) == (q * c) @ k^T: scale the M x D queries, not the N x D keys
+            q = self.builder_.emit(relax.op.multiply(q, c))
+        self.rewritten += 1
+        return relax.call_tir(gv, [q, k], relax.TensorType([qs[0], qs[1], qs[2], ks[2]], dtype))
+
+
+def scores_from_cache(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Rewrite every ``q @ k^T`` of every Relax function of ``mod``; returns (module, the number of
+    matmuls rewritten). Transposes left without users are removed."""
+    rw = _ScoresFromCache(mod)
+    names = []
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(f))
+            names.append(gv.name_hint)
+    out = rw.builder_.get()
+    if rw.rewritten:
+        out = relax.transform.DeadCodeElimination(names)(out)
+    return out, rw.rewritten
