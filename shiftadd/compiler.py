@@ -174,7 +174,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             allocator: str = "budget", layout: str = "row-group", block_rows: int = 64,
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
             scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
-            loss_aware: bool = True, stack_siblings: bool = True, share_kv: bool = True) -> CompileResult:
+            loss_aware: bool = True, stack_siblings: bool = True, share_kv: bool = True,
+            scores_kernel: bool = True) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -203,7 +204,9 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     them back, compiled as functions ``main`` and ``decode`` of the one module over the same weights,
     so generation runs the prompt once and then one token per step. ``stack_siblings``: AVX2 LUT
     calls on one activation (Q/K/V, gate/up) become one call (relax_passes/fuse_sibling_luts.py);
-    ``share_kv``: grouped-query attention reads each key/value head once (share_kv_heads.py). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    ``share_kv``: grouped-query attention reads each key/value head once (share_kv_heads.py);
+    ``scores_kernel``: attention scores read the cached keys in place, without a transposed copy
+    (scores_from_cache.py). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
@@ -279,7 +282,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         extra = {**extra, NAME: extra["decode"]}
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
-    ex = build(mod, tgt, db, share_kv=share_kv)
+    ex = build(mod, tgt, db, share_kv=share_kv, scores_kernel=scores_kernel)
     log(f"built in {time.time() - tb:.1f}s")
     func = mod["main"]
     imports = {"main": imported, **extra}
