@@ -71,3 +71,21 @@ def test_unreadable_database_names_the_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert TuningDB.open(tmp_path / "missing.json").entries == {}
+
+
+def test_knobs_of_one_thread_pool_regime_are_not_applied_in_the_other(tmp_path, monkeypatch):
+    """Idle TVM workers sleep with TVM_THREAD_POOL_SPIN_COUNT=0 and spin by default: which thread
+    split wins differs, so an entry tuned in one regime is a miss in the other."""
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    db = TuningDB.open(tmp_path / "t.json")
+    entry = {"decode": {"mt": 1, "rbk": 1, "tasks": 0}, "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}}
+    db.put(key_of(64, 32, 2, 32, True, 1), entry)
+    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is not None
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    assert key_of(64, 32, 2, 32, True, 1).endswith(" spin0")
+    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is None
+    db = TuningDB.open(tmp_path / "t.json")
+    db.put(key_of(64, 32, 2, 32, True, 1), {**entry, "decode": {"mt": 1, "rbk": 1, "tasks": 1}})
+    assert db.get(64, 32, 2, 32, True, 1)[0].tasks == 1
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT")
+    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1)[0].tasks == 0  # both kept

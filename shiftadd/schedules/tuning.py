@@ -27,7 +27,7 @@ from .timing import copies_for, interleaved, median_ms
 
 BATCH_M = 32
 PHASES = {"decode": 1, "batch": BATCH_M}  # phase -> activation rows it is timed at
-VERSION = 3
+VERSION = 4  # 4: keys carry the thread pool's spin regime (entries of 3 mixed them)
 
 
 def default_path() -> Path:
@@ -57,8 +57,18 @@ def context(target=None) -> dict:
             "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0)}
 
 
+def spin_regime() -> str:
+    """The TVM thread pool's waiting regime this process runs in, as part of every key: with
+    ``TVM_THREAD_POOL_SPIN_COUNT=0`` (bench/kernels.py, fair to the other runtimes' pools) an idle
+    worker sleeps and a two-thread call pays its wake-up, so one thread wins for small kernels;
+    with the default spinning (the runtime, a decode step) two threads win (576x960 3-bit: 10.7
+    vs 17.6 us). Knobs from one regime were 1.5-2.8x slower in the other, so each keeps its own."""
+    v = os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "").strip()
+    return "" if not v else f" spin{v}"
+
+
 def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int) -> str:
-    return f"lut8 k{k} n{n} q{bits} g{group} z{int(bool(offset))} r{rows}"
+    return f"lut8 k{k} n{n} q{bits} g{group} z{int(bool(offset))} r{rows}{spin_regime()}"
 
 
 class TuningDB:
