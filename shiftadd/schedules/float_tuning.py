@@ -59,13 +59,16 @@ def work_dir(db, target) -> Path:
 
 
 def lower(mod, target, share_kv: bool = True, scores_kernel: bool = True):
-    """The Relax module as ``compiler.build`` schedules it: grouped-query attention without per-head
+    """The Relax module as ``compiler.build`` schedules it: same-dtype casts dropped
+    (relax_passes/drop_identity_casts.py), grouped-query attention without per-head
     copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention scores read from
     the cache layout (``scores_kernel``, relax_passes/scores_from_cache.py), legalized, folded and fused."""
     from tvm import relax
 
+    from ..relax_passes.drop_identity_casts import drop_identity_casts
     from ..relax_passes.scores_from_cache import scores_from_cache
 
+    mod, _ = drop_identity_casts(mod)
     if share_kv:
         from ..relax_passes.share_kv_heads import share_kv_heads
 
