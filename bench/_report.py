@@ -9,6 +9,14 @@ from pathlib import Path
 
 from shiftadd.util import atomic_path
 
+# Python puts bench/ first on sys.path for these scripts. Left there, any third-party probe for a
+# top-level module named like one of ours imports it instead: transformers looks for the `kernels`
+# package and ran bench/kernels.py, whose thread-pool settings (TVM workers sleep between calls)
+# then held for the whole e2e/tuning/quality benchmark. Our scripts import _report first; after
+# that nothing needs bench/ on the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 
 def write_report(out: str | Path, name: str, text: str, data) -> Path:
     out = Path(out)

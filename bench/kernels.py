@@ -24,12 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TVM_NUM_THREADS", "2")
-# Three thread pools (TVM, ONNX Runtime, torch's OpenMP) share 2 cores here; each spins after its
-# work by default, which starves whichever runs next (measured: torch fp32 25x slower). Interleaved
-# timing needs them all to sleep when idle; every peer pays the same wake-up cost per call.
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # only as the benchmark: never as a side effect of an import
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    # Three thread pools (TVM, ONNX Runtime, torch's OpenMP) share 2 cores here; each spins after its
+    # work by default, which starves whichever runs next (measured: torch fp32 25x slower). Interleaved
+    # timing needs them all to sleep when idle; every peer pays the same wake-up cost per call.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
