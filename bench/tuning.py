@@ -12,7 +12,8 @@
     python bench/tuning.py [--budget 20m] [--rounds 5]
 
 The tuned build also reads the MetaSchedule records the job made for the static float operators
-(decode_one's float lm_head; attention over the cache is symbolic and keeps the default schedules).
+(decode_one's float lm_head; attention over the cache is symbolic: our scores kernel and the default
+schedules, untuned).
 
 Writes out/bench/tuning.{md,json,png}.
 """
@@ -34,22 +35,25 @@ import numpy as np  # noqa: E402
 from _report import figure, write_report  # noqa: E402
 from shiftadd.util import log  # noqa: E402
 
-CLASSES = ("LUT matmul (ours)", "float matmul (attention, lm_head)", "softmax", "norm", "other ops", "VM builtins")
+CLASSES = ("LUT matmul (ours)", "attention scores (ours)", "float matmul (attention, lm_head)", "softmax", "norm",
+           "other ops", "VM builtins")
 
 
 def kernel_class(symbol: str) -> str:
     s = symbol.lower()
     if s.startswith("shiftadd_lut"):
         return CLASSES[0]
-    if s.startswith("vm.builtin") or "." in s:
-        return CLASSES[5]
-    if "matmul" in s:
+    if s.startswith("shiftadd_scores"):
         return CLASSES[1]
-    if "softmax" in s:
+    if s.startswith("vm.builtin") or "." in s:
+        return CLASSES[6]
+    if "matmul" in s:
         return CLASSES[2]
-    if "mean" in s or "rsqrt" in s or "sqrt" in s or "norm" in s:
+    if "softmax" in s:
         return CLASSES[3]
-    return CLASSES[4]
+    if "mean" in s or "rsqrt" in s or "sqrt" in s or "norm" in s:
+        return CLASSES[4]
+    return CLASSES[5]
 
 
 def profile_steps(sess, prompt: list[int], steps: int) -> dict[str, float]:
