@@ -11,7 +11,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .rewrite_lut_matmul import _is_op
+from .rewrite_lut_matmul import _is_op, mutate_functions
 
 
 @relax.expr_functor.mutator
@@ -34,7 +34,4 @@ class _DropIdentityCasts(relax.PyExprMutator):
 def drop_identity_casts(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """(``mod`` without same-dtype casts in its Relax functions, how many were dropped)."""
     rw = _DropIdentityCasts(mod)
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-    return rw.builder_.get(), rw.dropped
+    return mutate_functions(rw, mod), rw.dropped

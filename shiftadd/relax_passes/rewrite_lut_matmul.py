@@ -118,6 +118,19 @@ def _is_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
+def mutate_functions(mutator, mod: tvm.IRModule, dce=None) -> tvm.IRModule:
+    """Run ``mutator`` (a PyExprMutator over ``mod``) on every Relax function of ``mod``. ``dce``: a
+    callable asked afterwards (e.g. "did it rewrite anything?"); if true, bindings left without users
+    are removed (an untouched module stays structurally equal)."""
+    names = []
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(f))
+            names.append(gv.name_hint)
+    out = mutator.builder_.get()
+    return relax.transform.DeadCodeElimination(names)(out) if dce is not None and dce() else out
+
+
 def resolve_binding(mutator, expr):
     """``expr`` with variables replaced by what ``mutator`` saw them bound to, until a function
     parameter (weights included) or a non-variable is reached."""

@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from ..schedules.attention_cpu import scores_kernel
-from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
+from .rewrite_lut_matmul import _is_op, _shape, mutate_functions, resolve_binding
 from .share_kv_heads import _scalar_const
 
 
@@ -71,12 +71,4 @@ def scores_from_cache(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """Rewrite every ``q @ k^T`` of every Relax function of ``mod``; returns (module, the number of
     matmuls rewritten). Transposes left without users are removed."""
     rw = _ScoresFromCache(mod)
-    names = []
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-            names.append(gv.name_hint)
-    out = rw.builder_.get()
-    if rw.rewritten:
-        out = relax.transform.DeadCodeElimination(names)(out)
-    return out, rw.rewritten
+    return mutate_functions(rw, mod, dce=lambda: rw.rewritten), rw.rewritten

@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
+from .rewrite_lut_matmul import _is_op, _shape, mutate_functions, resolve_binding
 
 
 def _scalar_const(e) -> bool:
@@ -98,12 +98,4 @@ def share_kv_heads(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """Rewrite every GQA attention matmul of every Relax function of ``mod``; returns (module, the
     number of matmuls rewritten). Broadcasts left without users are removed."""
     rw = _ShareKVHeads(mod)
-    names = []
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(f))
-            names.append(gv.name_hint)
-    out = rw.builder_.get()
-    if rw.rewritten:
-        out = relax.transform.DeadCodeElimination(names)(out)
-    return out, rw.rewritten
+    return mutate_functions(rw, mod, dce=lambda: rw.rewritten), rw.rewritten
