@@ -4,7 +4,7 @@ Why: exported attention transposes the keys (``permute_dims(k, [0, 1, 3, 2])``) 
 the copy. With the cache length N symbolic, no schedule rule vectorises that matmul: each score
 walked the transposed copy at a stride of N floats (SmolLM2 decode, N = 129: transpose 7 us +
 matmul 41 us per layer). Here each score is a dot product over D contiguous floats of one key row:
-``LANES`` partial sums in one vector register (``c`` steps of D / LANES), then a horizontal add;
+:func:`lanes_for` partial sums in one vector register (D / lanes steps), then a horizontal add;
 tasks are blocks of ``BLOCK`` keys (N is the only axis that grows with the context): 7 us.
 """
 
