@@ -16,7 +16,7 @@ def _cmd_compile(a) -> int:
                      calib_len=a.calib_len, calib_mode=a.calib_mode, avg_bits=a.avg_bits, allocator=a.allocator,
                      layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
                      tune=a.tune, db=a.db, scale_format=a.scale_format,
-                     kv_cache=not a.no_kv_cache, refits=a.refits,
+                     kv_cache=not a.no_kv_cache, refits=a.refits, tune_scales=a.tune_scales,
                      loss_aware=not a.output_error_allocation)
     if res.report is not None:
         print(res.report.summary())
@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     c.add_argument("--refits", type=int, default=3, metavar="N",
                    help="row-group layout with calibration: output-error refits of the scales alternated with "
                         "the error-feedback loop (default 3; 0: scales fitted to the weights only)")
+    c.add_argument("--tune-scales", type=int, default=0, metavar="STEPS",
+                   help="Hugging Face models: tune the scales and norm gains end to end for STEPS steps (4 "
+                        "calibration windows each) against the float model's outputs (default 0: off)")
     c.add_argument("--calib-mode", choices=("one-pass", "sequential"), default="one-pass",
                    help="one-pass: Hessians of the float model (default); sequential: block by block on the "
                         "quantized model (GPTQ's protocol, ~18x slower on SmolLM2)")

@@ -167,6 +167,25 @@ def _output_fisher(model: str, batches, imported) -> dict:
     return output_fisher(hf_model, batches, names=set(imported.params))
 
 
+def _tune_scales(model: str, plan, batches, cfg: BCQConfig, steps: int, imported):
+    """End-to-end scale tuning of ``plan.fitted`` (in place) from the HF model; returns TunedScales."""
+    from .frontend import load_hf_model
+    from .scale_tuning import tune_scales
+
+    hf_model, _, _ = load_hf_model(model)
+    windows = np.concatenate([b["input_ids"] for b in batches])
+    tuned = tune_scales(hf_model, plan.fitted, windows, cfg.rounder(), steps, available=set(imported.params))
+    for name, gain in tuned.norms.items():
+        want = np.shape(imported.params[name])
+        if np.shape(gain) != want:
+            raise ValueError(f"scale tuning: norm gain {name} has shape {list(np.shape(gain))}, the graph's "
+                             f"{list(want)}")
+    plan.fitted = tuned.fitted
+    plan.scale_tuning = {"steps": steps, "norm_gains": len(tuned.norms), "kl_before": round(tuned.kl_before, 5),
+                         "kl_after": round(tuned.kl_after, 5), "seconds": round(tuned.seconds, 1)}
+    return tuned
+
+
 def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 64, apot_terms: int = 3,
             rounds: int = 6, skip: tuple[str, ...] = ("lm_head",), target: str = "cpu", rewrite: bool = True,
             keep_dequantized: bool = False, offset: bool = True, tokenizer=None, calib_windows: int | None = None,
@@ -175,7 +194,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
             scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
             loss_aware: bool = True, stack_siblings: bool = True, share_kv: bool = True,
-            scores_kernel: bool = True) -> CompileResult:
+            scores_kernel: bool = True, tune_scales: int = 0) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -189,7 +208,10 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     layer at each width is the output error of its calibrated fit at that width, weighted per output
     by the loss's sensitivity to it (``loss_aware``: the empirical Fisher from the source model's
     gradients on the calibration text, shiftadd/fisher.py; Hugging Face inputs only, an ONNX input
-    allocates on the plain output error). ``layout`` picks
+    allocates on the plain output error). ``tune_scales`` > 0 then tunes every row-group fit's scales
+    and offsets (codes fixed, APoT rounding in the loop) and the norm gains end to end for that many
+    steps against the float model's next-token distributions on the calibration windows
+    (shiftadd/scale_tuning.py; Hugging Face inputs only). ``layout`` picks
     the scale layout (quant/gptq.py): 'row-group' (per row and ``group`` inputs), 'block' (per 8
     inputs x ``block_rows`` rows) or 'column' (per input). ``rewrite=False`` compiles the float model
     unchanged (the exactness baseline). ``kernel`` 'auto' (default) picks the AVX2 int8-table
@@ -233,6 +255,11 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         from .quant.allocate import CHOICES, _check_budget
 
         _check_budget(avg_bits, CHOICES)
+    if tune_scales < 0:
+        raise ValueError(f"tune_scales (steps) must be >= 0, got {tune_scales}")
+    if tune_scales and _is_onnx(model):
+        raise ValueError(f"scale tuning needs the source model's gradients: '{model}' is an ONNX file "
+                         "(compile the Hugging Face model, or pass tune_scales=0)")
     if calib_windows is not None and (calib_windows < 0 or calib_len < 2):
         raise ValueError(f"calibration needs windows >= 0 and calib_len >= 2, got {calib_windows} and {calib_len}")
     imported, extra, kv_spec, tokenizer, source, model_name = import_model(model, tokenizer, kv_cache)
@@ -264,6 +291,11 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
                 fisher = _output_fisher(model, batches, imported)
         plan = plan_fit(imported, cfg, tgt, skip=tuple(skip), batches=batches, mode=calib_mode,
                         avg_bits=avg_bits, allocator=allocator, fisher=fisher)
+        if tune_scales:
+            if not batches:
+                raise ValueError("scale tuning needs calibration windows (calib_windows > 0 and a tokenizer)")
+            tuned = _tune_scales(model, plan, batches, cfg, tune_scales, imported)
+            params = {**params, **tuned.norms}
         knobs, tuning = _knob_source(kernel, tune, db, tgt)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
@@ -309,6 +341,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "quant": asdict(cfg) if rewrite else None,
             "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split",
                             **plan.calibration} if plan and plan.calibration else None,
+            "scale_tuning": getattr(plan, "scale_tuning", None) if plan else None,
             "avg_bits": report.average_bits() if report else None,
             "allocation": {"budget": avg_bits, "allocator": allocator,
                            "predicted_error": "loss-aware (Fisher-weighted output error)" if fisher is not None

@@ -85,6 +85,7 @@ class FitPlan:
     layer_bits: dict | None = None
     allocation: Allocation | None = None
     calibration: dict | None = None  # what the manifest records
+    scale_tuning: dict | None = None  # likewise, when the scales were tuned end to end (scale_tuning.py)
 
 
 def _layers(imported, skip):
