@@ -59,18 +59,21 @@ def build(mod, target, db=None, share_kv: bool = True, scores_kernel: bool = Tru
     """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse); operators the
     MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours.
     ``share_kv``: grouped-query attention reads each key/value head once (relax_passes/share_kv_heads);
-    ``scores_kernel``: attention scores read the keys in place (relax_passes/scores_from_cache)."""
+    ``scores_kernel``: attention scores read the keys in place (relax_passes/scores_from_cache),
+    with the block size the tuning database ``db`` holds for each (``shiftadd tune``), else the default."""
     import tvm
     from tvm import relax
 
     from .schedules.default_cpu import schedule_unscheduled
     from .schedules.float_tuning import apply_float, lower
+    from .schedules.tuning import TuningDB
 
     if uses_avx2_kernel(mod):  # in-memory runs resolve the micro-kernel from this process
         from .schedules import lut_avx2
 
         lut_avx2.load_in_process()
-    mod = apply_float(lower(mod, target, share_kv, scores_kernel), target, db)
+    blocks = TuningDB.open(db, target=target).scores_block if scores_kernel else None
+    mod = apply_float(lower(mod, target, share_kv, scores_kernel, blocks), target, db)
     with target:
         mod = schedule_unscheduled(mod, target)
     return tvm.compile(mod, target, relax_pipeline=None)

@@ -107,8 +107,8 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
     """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and
     return a summary. ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
     tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU).
-    Our LUT kernels' knobs are tuned first; then, with ``float_ops``, MetaSchedule tunes the static
-    float operators left (``float_trials`` per operator, those over ``float_min_work`` loop iterations;
+    Our LUT kernels' knobs are tuned first; then, with ``float_ops``, the block size of the attention
+    scores kernel (local measurement only) and MetaSchedule for the static float operators left (``float_trials`` per operator, those over ``float_min_work`` loop iterations;
     schedules/float_tuning.py) in the time left."""
     from .schedules import lut_avx2 as L
     from .schedules.tuning import TuningDB, tune_phases
@@ -154,6 +154,15 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
     finally:
         if hasattr(measurer, "close"):  # hands the RPC servers back before MetaSchedule asks for them
             measurer.close()
+    if module is not None and rpc is None:
+        from .schedules.float_tuning import attention_kernels
+        from .schedules.tuning import tune_scores
+
+        left = None if budget_s is None else budget_s - (time.time() - t0)
+        summary["attention"] = tune_scores(tdb, attention_kernels(module), left)
+    elif module is not None:
+        log("tune: the attention scores kernel's block size is searched on this machine only; "
+            "with --rpc it keeps its default")
     if module is not None:
         from .schedules.float_tuning import TRIALS, tune_float
 

@@ -112,3 +112,43 @@ def test_float_budget_is_respected(tuned, tmp_path):
     assert s["done"] == 0 and s["left"] == s["tasks"] >= 1
     assert time.perf_counter() - t0 < 1.0 + 10  # lowering the module only
     assert not any(p.read_text() for p in (tmp_path / "db").rglob("database_tuning_record.json"))
+
+
+def test_attention_block_is_tuned_and_applied(tuned, tmp_path):
+    """The tune job searched the scores kernel's block size (every candidate timed at every cache
+    length); compile --db builds the kernel with the database's block and stays exact."""
+    import shutil
+
+    import shiftadd
+    from shiftadd.quant import BCQConfig
+    from shiftadd.schedules import float_tuning as F
+    from shiftadd.schedules.attention_cpu import BLOCKS, LENGTHS
+    from shiftadd.schedules.tuning import TuningDB, scores_key
+    from shiftadd.targets import resolve_target
+    from shiftadd.tune import model_module
+
+    folder, db, s = tuned
+    tgt = resolve_target("cpu")
+    _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
+    kernels = F.attention_kernels(mod)
+    assert list(kernels) == [(2, 18, "float32")]  # 2 key/value heads after sharing, head size 72 / 4
+    assert s["attention"]["done"] == 1 and s["attention"]["left"] == 0
+    e = TuningDB.open(db).entries[scores_key(2, 18, "float32")]
+    assert e["block"] in BLOCKS and set(e["ms"]) == {str(b) for b in BLOCKS}
+    assert all(len(v) == len(LENGTHS) * len(e["rows"]) and min(v.values()) > 0 for v in e["ms"].values())
+    other = tmp_path / "db"  # force a non-default block: compile must build that one, and stay exact
+    shutil.copytree(db, other)
+    tdb = TuningDB.open(other)
+    tdb.put(scores_key(2, 18, "float32"), {**e, "block": 4})
+    low = F.lower(mod, tgt, scores_block=TuningDB.open(other).scores_block)
+    assert any(gv.name_hint == "shiftadd_scores_h2_d18_float32_b4" for gv, _ in low.functions_items())
+    res = shiftadd.compile(folder, tmp_path / "b4.so", bits=3, group=36, calib_windows=0, db=other)
+    sess = shiftadd.load(res.so)
+    ids = np.asarray([[3, 1, 4, 1, 5, 9, 2]], np.int64)
+    _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    feed = {"input_ids": np.asarray([[6]], np.int64), "attention_mask": np.ones((1, 8), np.int64),
+            **dict(zip(sess.kv_cache["inputs"], past))}
+    full = np.concatenate([ids, [[6]]], 1)
+    want = sess.run(["logits"], {"input_ids": full, "attention_mask": np.ones_like(full)})[0][:, -1:]
+    got = sess.run(["logits"], feed, function="decode_one")[0]
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

@@ -6,14 +6,25 @@ walked the transposed copy at a stride of N floats (SmolLM2 decode, N = 129: tra
 matmul 41 us per layer). Here each score is a dot product over D contiguous floats of one key row:
 :func:`lanes_for` partial sums in one vector register (D / lanes steps), then a horizontal add;
 tasks are blocks of ``BLOCK`` keys (N is the only axis that grows with the context): 7 us.
+
+The block size is this kernel's knob: ``shiftadd tune`` times every size of ``BLOCKS`` at the query
+rows the model's calls use and at several cache lengths (:func:`measure_blocks`), since N is
+symbolic and one compiled kernel serves every length; the best goes into the tuning database.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+import numpy as np
 import tvm
 from tvm import s_tir, te
 
-BLOCK = 16  # keys per parallel task
+BLOCK = 16  # keys per parallel task (default without a tuned entry)
+BLOCKS = (4, 8, 16, 32, 64)  # the knob's search space
+LENGTHS = (64, 256, 1024)  # cache lengths a block size is timed at
+SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # tuning keys: stale on change
 
 
 def lanes_for(d: int) -> int:
@@ -59,3 +70,29 @@ def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = BLOCK
         sch.decompose_reduction(pb, cr)
     sch.decompose_reduction(blk, lr)
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def measure_blocks(heads: int, d: int, dtype: str, rows=(1,), target=None, rounds: int = 30,
+                   blocks=BLOCKS, lengths=LENGTHS) -> tuple[int, dict]:
+    """Time the scores kernel for every block size at every (query rows ``rows`` x cache ``lengths``)
+    on this machine (interleaved medians, batch 1); returns (best block, {block: {"M,N": ms}}). The
+    best minimises the mean over (M, N) of its time relative to the fastest block there, so short
+    and long caches count alike."""
+    from ..targets import resolve_target
+    from .timing import interleaved, median_ms
+
+    target = resolve_target(target or "cpu")
+    rng = np.random.default_rng(0)
+    cases = [(m, n) for m in sorted(set(rows)) for n in lengths]
+    data = {(m, n): [tvm.runtime.tensor(rng.standard_normal(s).astype(dtype))
+                     for s in ((1, heads, m, d), (1, heads, n, d))] + [tvm.runtime.empty((1, heads, m, n), dtype)]
+            for m, n in cases}
+    fns = {}
+    for b in blocks:
+        fn = tvm.compile(tvm.IRModule({"main": scores_kernel(heads, d, dtype, b)}), target)["main"]
+        for c in cases:
+            fns[f"{b} {c[0]},{c[1]}"] = [lambda fn=fn, a=data[c]: fn(*a)]
+    t = {k: median_ms(v) for k, v in interleaved(fns, rounds=rounds).items()}
+    ms = {b: {f"{m},{n}": t[f"{b} {m},{n}"] for m, n in cases} for b in blocks}
+    score = {b: np.mean([ms[b][c] / min(ms[x][c] for x in blocks) for c in ms[b]]) for b in blocks}
+    return min(score, key=score.get), ms

@@ -58,11 +58,12 @@ def work_dir(db, target) -> Path:
     return root / digest
 
 
-def lower(mod, target, share_kv: bool = True, scores_kernel: bool = True):
+def lower(mod, target, share_kv: bool = True, scores_kernel: bool = True, scores_block=None):
     """The Relax module as ``compiler.build`` schedules it: same-dtype casts dropped
     (relax_passes/drop_identity_casts.py), grouped-query attention without per-head
     copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention scores read from
-    the cache layout (``scores_kernel``, relax_passes/scores_from_cache.py), legalized, folded and fused."""
+    the cache layout (``scores_kernel``, relax_passes/scores_from_cache.py; block sizes from
+    ``scores_block(heads, d, dtype)``, e.g. TuningDB.scores_block), legalized, folded and fused."""
     from tvm import relax
 
     from ..relax_passes.drop_identity_casts import drop_identity_casts
@@ -74,9 +75,19 @@ def lower(mod, target, share_kv: bool = True, scores_kernel: bool = True):
 
         mod, _ = share_kv_heads(mod)
     if scores_kernel:
-        mod, _ = scores_from_cache(mod)
+        mod, _ = scores_from_cache(mod, scores_block)
     with target:
         return relax.get_default_pipeline(target)(mod)
+
+
+def attention_kernels(mod) -> dict:
+    """The attention scores kernels ``lower`` gives ``mod`` (after the same casts and head sharing):
+    ``{(heads, d, dtype): static query rows of their calls}``, what ``shiftadd tune`` times."""
+    from ..relax_passes.drop_identity_casts import drop_identity_casts
+    from ..relax_passes.scores_from_cache import scores_kernels
+    from ..relax_passes.share_kv_heads import share_kv_heads
+
+    return scores_kernels(share_kv_heads(drop_identity_casts(mod)[0])[0])
 
 
 def _default_schedule(func, target):
