@@ -111,6 +111,7 @@ def bits_matrix(manifest: dict) -> str:
 
 
 DEFAULTS = "defaults: one-pass 128 x 128 calib, 3 refits, AVX2"
+TUNE_STEPS = 64  # compile --tune-scales for the scale-tuned rows
 
 
 def main() -> None:
@@ -185,6 +186,12 @@ def main() -> None:
         # paper's 80/20 rule ranks by its score, not by predicted errors: its row above is its peer
         *[(f"ours mixed {b}, loss-aware allocation, {DEFAULTS}",
            lambda p, b=b: shiftadd.compile("smollm2", p, avg_bits=b, kv_cache=False, **d).so) for b in (2.5, 3.0, 2.2)],
+        # end-to-end scale tuning (2026-11-28, shiftadd/scale_tuning.py): the rows above with their scales
+        # and norm gains then tuned against the float model's outputs; needs the Hugging Face model
+        (f"ours 3-bit, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
+         lambda p: shiftadd.compile("smollm2", p, bits=3, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
+        (f"ours mixed 3.0, loss-aware allocation, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
+         lambda p: shiftadd.compile("smollm2", p, avg_bits=3.0, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
         # the same 3-bit fit as the defaults row, run by the exact float-table kernel: what the int8 tables cost
         (f"ours 3-bit, {DEFAULTS.replace('AVX2', 'float tables')}",
          lambda p: shiftadd.compile(str(src), p, bits=3, kernel="f32", **d).so),

@@ -117,7 +117,7 @@ class _Scales:
                          offset=z.numpy().astype(np.float32) if z is not None else None)
 
 
-def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: float = 4e-3, batch: int = 4,
+def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: float = 1.5e-3, batch: int = 2,
                 norms: bool = True, available=None, seed: int = 0) -> TunedScales:
     """Tune the scales of ``fitted`` (weight name -> BCQWeight of the row-group layout; other fits stay
     as they are) and the norm gains of ``model`` (a torch causal LM holding the float weights) for
