@@ -103,6 +103,10 @@ def _cmd_tune(a) -> int:
              float_min_work=a.float_min_work)
     print(f"{r['complete']}/{r['kernels']} kernels tuned in {r['db']} ({r['phases_done']} phases measured now by "
           f"{r['measured_by']}, {r['phases_left']} left{' (budget reached: rerun to resume)' if r['phases_left'] else ''})")
+    if "attention" in r:
+        t = r["attention"]
+        print(f"attention scores kernels: {t['done']} block sizes searched now, {t['left']} left"
+              f"{' (budget reached: rerun to resume)' if t['left'] else ''}")
     if "float" in r:
         f = r["float"]
         print(f"{f['done'] + f['complete_before']}/{f['tasks']} float operators tuned by MetaSchedule in {f['folder']} "

@@ -100,7 +100,7 @@ def test_bad_arguments_are_named():
         tune_scales(model, {"nope.weight": next(iter(fitted.values()))}, ok, cfg.rounder(), steps=1)
 
 
-def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path, tiny_onnx):
+def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path):
     """A Hugging Face folder compiled with --tune-scales: the .so's logits equal torch's with the
     tuned dequantized weights and norm gains substituted (float-table kernel: exact to rounding)."""
     import tvm
@@ -140,7 +140,3 @@ def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path, tiny_onnx):
         want = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
     got = shiftadd.load(res.so).run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
-    with pytest.raises(ValueError, match="scale tuning needs the source model's gradients"):
-        shiftadd.compile(tiny_onnx("llama"), tmp_path / "x.so", tune_scales=3)
-    with pytest.raises(ValueError, match="tune_scales .steps. must be >= 0"):
-        shiftadd.compile(str(folder), tmp_path / "y.so", tune_scales=-1)
