@@ -56,6 +56,21 @@ def kernel_class(symbol: str) -> str:
     return CLASSES[5]
 
 
+def attention_blocks(db) -> list[str]:
+    """One line per attention scores kernel the job searched: the block kept and each block's times."""
+    from shiftadd.schedules.tuning import TuningDB
+
+    out = []
+    for key, e in TuningDB.open(db).entries.items():
+        if key.startswith("scores "):
+            blocks = sorted(e["ms"], key=int)
+            cases = sorted(e["ms"][blocks[0]], key=lambda c: tuple(map(int, c.split(","))))
+            times = "; ".join(f"{b}: " + ", ".join(f"{e['ms'][b][c] * 1e3:.1f}" for c in cases) for b in blocks)
+            cases = " ".join(f"({c})" for c in cases)
+            out.append(f"Attention {key.split(' src')[0]}: block {e['block']} kept (us at M,N = {cases} per block: {times})\n")
+    return out
+
+
 def profile_steps(sess, prompt: list[int], steps: int) -> dict[str, float]:
     """Median ms per decode step in each kernel class: the session's own cached generation
     (``generate_ids``) on an instrumented VM, the prefill step left out."""
@@ -135,6 +150,7 @@ def main(argv=None) -> int:
              f"(best {', '.join(f'{k} {v:.3f} ms' for k, v in fl['best'].items())}); whole job "
              f"{summary['seconds_total']:.0f} s (budget {a.budget}); "
              f"compile lookups untuned {arts['untuned'][1]}, tuned {arts['tuned'][1]}; same greedy tokens: {same}\n",
+             *attention_blocks(db),
              "| kernel class | untuned ms/step | tuned ms/step | share untuned | share tuned | speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
