@@ -274,6 +274,9 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         _check_budget(avg_bits, CHOICES)
     if tune_scales < 0:
         raise ValueError(f"tune_scales (steps) must be >= 0, got {tune_scales}")
+    if tune_scales and layout != "row-group":
+        raise ValueError(f"scale tuning tunes the row-group layout's scales; got layout '{layout}' "
+                         "(use --layout row-group, or tune_scales=0)")
     if tune_scales and _is_onnx(model):
         raise ValueError(f"scale tuning needs the source model's gradients: '{model}' is an ONNX file "
                          "(compile the Hugging Face model, or pass tune_scales=0)")

@@ -134,7 +134,8 @@ def test_model_without_weight_matmuls(tmp_path):
                                      ({"kernel": "neon"}, "kernel 'neon': expected 'auto' or one of f32, avx2"),
                                      ({"scale_format": "fp8"}, "scale_format must be one of"),
                                      ({"tune_scales": 8}, "scale tuning needs the source model's gradients"),
-                                     ({"tune_scales": -1}, r"tune_scales \(steps\) must be >= 0")])
+                                     ({"tune_scales": -1}, r"tune_scales \(steps\) must be >= 0"),
+                                     ({"tune_scales": 8, "layout": "block"}, "tunes the row-group layout's scales")])
 def test_bad_calibration_and_allocation_options(kw, msg, tiny_onnx, tmp_path):
     with pytest.raises(ValueError, match=msg):
         shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
