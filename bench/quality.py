@@ -186,7 +186,7 @@ def main() -> None:
         # paper's 80/20 rule ranks by its score, not by predicted errors: its row above is its peer
         *[(f"ours mixed {b}, loss-aware allocation, {DEFAULTS}",
            lambda p, b=b: shiftadd.compile("smollm2", p, avg_bits=b, kv_cache=False, **d).so) for b in (2.5, 3.0, 2.2)],
-        # end-to-end scale tuning (2026-11-28, shiftadd/scale_tuning.py): the rows above with their scales
+        # end-to-end scale tuning (2026-11-27 night, shiftadd/scale_tuning.py): the rows above with their scales
         # and norm gains then tuned against the float model's outputs; needs the Hugging Face model
         (f"ours 3-bit, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
          lambda p: shiftadd.compile("smollm2", p, bits=3, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
