@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shiftadd.runtime.sampling import Sampler, TextStream
@@ -43,14 +43,15 @@ def _reference_candidates(logits, temperature, top_k, top_p):
     for (v, i), q in zip(z, p):
         kept.append((i, q))
         mass += q
-        if mass >= top_p:
-            break
+        if top_p < 1 and mass >= top_p:  # top_p = 1 turns the filter off (as in transformers), even where
+            break                         # the first probability rounds to 1.0
     s = sum(q for _, q in kept)
     return [i for i, _ in kept], [q / s for _, q in kept]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 40), st.floats(0.05, 3.0), st.integers(0, 50), st.floats(0.05, 1.0), st.integers(0, 2**31))
+@example(n=2, temperature=0.25, top_k=0, top_p=1.0, seed=13)  # p[0] == 1.0 in float64: top_p = 1 keeps both
 def test_sampler_candidates_match_reference(n, temperature, top_k, top_p, seed):
     logits = np.random.default_rng(seed).normal(0, 3, n).astype(np.float32)
     ids, p = Sampler(temperature, top_k, top_p, seed).candidates(logits)
