@@ -39,6 +39,31 @@ def _tiny(family: str):
     raise ValueError(family)
 
 
+def tiny_llama_folder(folder, prepare=None):
+    """A tiny Llama with SmolLM2's tokenizer (vocabulary) saved as a Hugging Face folder, for compiles
+    that calibrate on text; ``prepare(model)`` may alter it first. Returns the model (skips the test
+    when the packaged SmolLM2 is not installed)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shiftadd.frontend import resolve_model
+
+    try:
+        src = resolve_model("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    if prepare is not None:
+        model = prepare(model)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory):
     """family -> path of the exported ONNX file (exported on first use)."""

@@ -9,7 +9,7 @@ from shiftadd.calibrate import collect_hessians
 from shiftadd.frontend import import_onnx
 from shiftadd.targets import resolve_target
 
-from .conftest import _tiny
+from .conftest import _tiny, tiny_llama_folder
 
 
 def test_hessians_match_torch_hooks(tiny_onnx):
@@ -238,21 +238,8 @@ def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path):
     """End to end: a Hugging Face folder (tiny Llama with SmolLM2's tokenizer) compiled with a budget
     computes the Fisher from its gradients, allocates on it, and records it; --output-error-allocation
     and an ONNX input fall back to the plain output error."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from shiftadd.frontend import resolve_model
-
-    try:
-        src = resolve_model("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     folder = tmp_path / "tiny-hf"
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
+    tiny_llama_folder(folder)
     kw = dict(group=36, calib_windows=2, calib_len=16, avg_bits=2.5, refits=1, kv_cache=False)
     res = shiftadd.compile(str(folder), tmp_path / "la.so", **kw)
     assert res.manifest["allocation"]["predicted_error"] == "loss-aware (Fisher-weighted output error)"

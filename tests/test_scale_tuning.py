@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shiftadd
-from .conftest import VOCAB, _tiny
+from .conftest import VOCAB, _tiny, tiny_llama_folder
 from shiftadd.quant.bcq import BCQConfig
 from shiftadd.quant.gptq import fit_layer
 from shiftadd.scale_tuning import tune_scales
@@ -104,23 +104,10 @@ def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path):
     """A Hugging Face folder compiled with --tune-scales: the .so's logits equal torch's with the
     tuned dequantized weights and norm gains substituted (float-table kernel: exact to rounding)."""
     import tvm
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from shiftadd.frontend import resolve_model
-
-    try:
-        src = resolve_model("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    model = _distinct_norms(LlamaForCausalLM(cfg).eval())
     folder = tmp_path / "tiny-hf"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    model = tiny_llama_folder(folder, _distinct_norms)
+    vocab = model.config.vocab_size
     res = shiftadd.compile(str(folder), tmp_path / "t.so", bits=2, group=36, calib_windows=4, calib_len=16,
                            refits=1, kv_cache=False, kernel="f32", keep_dequantized=True, tune_scales=6)
     st = res.manifest["scale_tuning"]
@@ -136,7 +123,7 @@ def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path):
         for n in gains:
             sd[n].copy_(torch.from_numpy(params[n].numpy()))
         assert all(not torch.equal(sd[n], model.state_dict()[n]) for n in gains)  # tuned, and stored
-        ids = np.random.default_rng(3).integers(0, len(tok), (1, 11))
+        ids = np.random.default_rng(3).integers(0, vocab, (1, 11))
         want = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
     got = shiftadd.load(res.so).run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
