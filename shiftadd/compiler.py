@@ -361,7 +361,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             "quant": asdict(cfg) if rewrite else None,
             "calibration": {"windows": calib_windows, "tokens_per_window": calib_len, "text": "wiki calib split",
                             **plan.calibration} if plan and plan.calibration else None,
-            "scale_tuning": getattr(plan, "scale_tuning", None) if plan else None,
+            "scale_tuning": plan.scale_tuning if plan else None,
             "avg_bits": report.average_bits() if report else None,
             "allocation": {"budget": avg_bits, "allocator": allocator,
                            "predicted_error": "loss-aware (Fisher-weighted output error)" if fisher is not None
