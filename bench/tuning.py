@@ -11,9 +11,9 @@
 
     python bench/tuning.py [--budget 20m] [--rounds 5]
 
-The tuned build also reads the MetaSchedule records the job made for the static float operators
-(decode_one's float lm_head; attention over the cache is symbolic: our scores kernel and the default
-schedules, untuned).
+The tuned build also reads the knobs the job searched for our attention kernels over the cache
+(scores, softmax, values: the cache length is symbolic) and the MetaSchedule records it made for the
+static float operators (decode_one's float lm_head).
 
 Writes out/bench/tuning.{md,json,png}.
 """
@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from _report import figure, write_report  # noqa: E402
 from shiftadd.util import log  # noqa: E402
 
-CLASSES = ("LUT matmul (ours)", "attention scores (ours)", "float matmul (attention, lm_head)", "softmax", "norm",
+CLASSES = ("LUT matmul (ours)", "attention over the cache (ours)", "float matmul (lm_head, static)", "softmax", "norm",
            "other ops", "VM builtins")
 
 
@@ -43,7 +43,7 @@ def kernel_class(symbol: str) -> str:
     s = symbol.lower()
     if s.startswith("shiftadd_lut"):
         return CLASSES[0]
-    if s.startswith("shiftadd_scores"):
+    if s.startswith(("shiftadd_scores", "shiftadd_values", "shiftadd_softmax")):
         return CLASSES[1]
     if s.startswith("vm.builtin") or "." in s:
         return CLASSES[6]
@@ -56,18 +56,18 @@ def kernel_class(symbol: str) -> str:
     return CLASSES[5]
 
 
-def attention_blocks(db) -> list[str]:
-    """One line per attention scores kernel the job searched: the block kept and each block's times."""
+def attention_knobs(db) -> list[str]:
+    """One line per attention kernel the job searched: the knob kept and each candidate's times."""
     from shiftadd.schedules.tuning import TuningDB
 
     out = []
     for key, e in TuningDB.open(db).entries.items():
-        if key.startswith("scores "):
-            blocks = sorted(e["ms"], key=int)
-            cases = sorted(e["ms"][blocks[0]], key=lambda c: tuple(map(int, c.split(","))))
-            times = "; ".join(f"{b}: " + ", ".join(f"{e['ms'][b][c] * 1e3:.1f}" for c in cases) for b in blocks)
+        if key.split(" ")[0] in ("scores", "values", "softmax"):
+            knobs = sorted(e["ms"], key=int)
+            cases = sorted(e["ms"][knobs[0]], key=lambda c: tuple(map(int, c.split(","))))
+            times = "; ".join(f"{b}: " + ", ".join(f"{e['ms'][b][c] * 1e3:.1f}" for c in cases) for b in knobs)
             cases = " ".join(f"({c})" for c in cases)
-            out.append(f"Attention {key.split(' src')[0]}: block {e['block']} kept (us at M,N = {cases} per block: {times})\n")
+            out.append(f"Attention {key.split(' src')[0]}: knob {e['knob']} kept (us at M,N = {cases} per knob: {times})\n")
     return out
 
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
              f"(best {', '.join(f'{k} {v:.3f} ms' for k, v in fl['best'].items())}); whole job "
              f"{summary['seconds_total']:.0f} s (budget {a.budget}); "
              f"compile lookups untuned {arts['untuned'][1]}, tuned {arts['tuned'][1]}; same greedy tokens: {same}\n",
-             *attention_blocks(db),
+             *attention_knobs(db),
              "| kernel class | untuned ms/step | tuned ms/step | share untuned | share tuned | speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -105,7 +105,7 @@ def _cmd_tune(a) -> int:
           f"{r['measured_by']}, {r['phases_left']} left{' (budget reached: rerun to resume)' if r['phases_left'] else ''})")
     if "attention" in r:
         t = r["attention"]
-        print(f"attention scores kernels: {t['done']} block sizes searched now, {t['left']} left"
+        print(f"attention kernels: {t['done']} knobs searched now, {t['left']} left"
               f"{' (budget reached: rerun to resume)' if t['left'] else ''}")
     if "float" in r:
         f = r["float"]

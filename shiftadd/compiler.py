@@ -55,12 +55,13 @@ def _vocab_and_eos(imported, tokenizer):
     return vocab, eos
 
 
-def build(mod, target, db=None, share_kv: bool = True, scores_kernel: bool = True):
+def build(mod, target, db=None, share_kv: bool = True, attention: bool = True):
     """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse); operators the
     MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours.
     ``share_kv``: grouped-query attention reads each key/value head once (relax_passes/share_kv_heads);
-    ``scores_kernel``: attention scores read the keys in place (relax_passes/scores_from_cache),
-    with the block size the tuning database ``db`` holds for each (``shiftadd tune``), else the default."""
+    ``attention``: attention over the KV cache runs our kernels (scores and values read the cache in
+    place, softmax with the mask fused in; float_tuning.lower), with the knob the tuning database
+    ``db`` holds for each (``shiftadd tune``), else the default."""
     import tvm
     from tvm import relax
 
@@ -72,8 +73,8 @@ def build(mod, target, db=None, share_kv: bool = True, scores_kernel: bool = Tru
         from .schedules import lut_avx2
 
         lut_avx2.load_in_process()
-    blocks = TuningDB.open(db, target=target).scores_block if scores_kernel else None
-    mod = apply_float(lower(mod, target, share_kv, scores_kernel, blocks), target, db)
+    knobs = TuningDB.open(db, target=target).attention_knob if attention else None
+    mod = apply_float(lower(mod, target, share_kv, attention, knobs), target, db)
     with target:
         mod = schedule_unscheduled(mod, target)
     return tvm.compile(mod, target, relax_pipeline=None)
@@ -211,7 +212,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
             scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
             loss_aware: bool = True, stack_siblings: bool = True, share_kv: bool = True,
-            scores_kernel: bool = True, tune_scales: int = 0) -> CompileResult:
+            attention: bool = True, tune_scales: int = 0) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -244,8 +245,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     so generation runs the prompt once and then one token per step. ``stack_siblings``: AVX2 LUT
     calls on one activation (Q/K/V, gate/up) become one call (relax_passes/fuse_sibling_luts.py);
     ``share_kv``: grouped-query attention reads each key/value head once (share_kv_heads.py);
-    ``scores_kernel``: attention scores read the cached keys in place, without a transposed copy
-    (scores_from_cache.py). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
+    ``attention``: attention over the KV cache on our kernels (scores and values read the cache in
+    place, softmax with the mask fused in; tuned knobs from ``db``). ``tokenizer`` (a model id/path, 'smollm2', or a loaded
     tokenizer) is stored with an ONNX input, for text prompts and calibration.
     """
     import tvm
@@ -334,7 +335,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
         extra = {**extra, NAME: extra["decode"]}
     log(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
-    ex = build(mod, tgt, db, share_kv=share_kv, scores_kernel=scores_kernel)
+    ex = build(mod, tgt, db, share_kv=share_kv, attention=attention)
     log(f"built in {time.time() - tb:.1f}s")
     func = mod["main"]
     imports = {"main": imported, **extra}

@@ -107,9 +107,10 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
     """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and
     return a summary. ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
     tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU).
-    Our LUT kernels' knobs are tuned first; then, with ``float_ops``, the block size of the attention
-    scores kernel (local measurement only) and MetaSchedule for the static float operators left (``float_trials`` per operator, those over ``float_min_work`` loop iterations;
-    schedules/float_tuning.py) in the time left."""
+    Our LUT kernels' knobs are tuned first; then, with ``float_ops``, the knobs of our attention
+    kernels over the cache (scores, softmax, values; local measurement only) and MetaSchedule for
+    the static float operators left (``float_trials`` per operator, those over ``float_min_work``
+    loop iterations; schedules/float_tuning.py) in the time left."""
     from .schedules import lut_avx2 as L
     from .schedules.tuning import TuningDB, tune_phases
     from .targets import resolve_target
@@ -156,13 +157,13 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
             measurer.close()
     if module is not None and rpc is None:
         from .schedules.float_tuning import attention_kernels
-        from .schedules.tuning import tune_scores
+        from .schedules.tuning import tune_attention
 
         left = None if budget_s is None else budget_s - (time.time() - t0)
-        summary["attention"] = tune_scores(tdb, attention_kernels(module), left)
+        summary["attention"] = tune_attention(tdb, attention_kernels(module), left, rounds=6 * rounds)
     elif module is not None:
-        log("tune: the attention scores kernel's block size is searched on this machine only; "
-            "with --rpc it keeps its default")
+        log("tune: the attention kernels' knobs (over the symbolic cache length) are searched on this "
+            "machine only; with --rpc they keep their defaults")
     if module is not None:
         from .schedules.float_tuning import TRIALS, tune_float
 

@@ -114,16 +114,16 @@ def test_float_budget_is_respected(tuned, tmp_path):
     assert not any(p.read_text() for p in (tmp_path / "db").rglob("database_tuning_record.json"))
 
 
-def test_attention_block_is_tuned_and_applied(tuned, tmp_path):
-    """The tune job searched the scores kernel's block size (every candidate timed at every cache
-    length); compile --db builds the kernel with the database's block and stays exact."""
+def test_attention_knobs_are_tuned_and_applied(tuned, tmp_path):
+    """The tune job searched every attention kernel's knob (every candidate timed at every cache
+    length); compile --db builds the kernels with the database's knobs and stays exact."""
     import shutil
 
     import shiftadd
     from shiftadd.quant import BCQConfig
     from shiftadd.schedules import float_tuning as F
-    from shiftadd.schedules.attention_cpu import BLOCKS, LENGTHS
-    from shiftadd.schedules.tuning import TuningDB, scores_key
+    from shiftadd.schedules.attention_cpu import LENGTHS, AttentionKernel, candidates
+    from shiftadd.schedules.tuning import TuningDB, attention_key
     from shiftadd.targets import resolve_target
     from shiftadd.tune import model_module
 
@@ -131,17 +131,27 @@ def test_attention_block_is_tuned_and_applied(tuned, tmp_path):
     tgt = resolve_target("cpu")
     _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
     kernels = F.attention_kernels(mod)
-    assert list(kernels) == [(2, 18, "float32")]  # 2 key/value heads after sharing, head size 72 / 4
-    assert s["attention"]["done"] == 1 and s["attention"]["left"] == 0
-    e = TuningDB.open(db).entries[scores_key(2, 18, "float32")]
-    assert e["block"] in BLOCKS and set(e["ms"]) == {str(b) for b in BLOCKS}
-    assert all(len(v) == len(LENGTHS) * len(e["rows"]) and min(v.values()) > 0 for v in e["ms"].values())
-    other = tmp_path / "db"  # force a non-default block: compile must build that one, and stay exact
+    scores, values = AttentionKernel("scores", 2, 18, "float32"), AttentionKernel("values", 2, 18, "float32")
+    assert {scores, values} < set(kernels)  # 2 key/value heads after sharing, head size 72 / 4
+    assert {k.kind for k in kernels} == {"scores", "values", "softmax"}
+    assert s["attention"]["done"] == len(kernels) and s["attention"]["left"] == 0
+    tdb = TuningDB.open(db)
+    for spec in kernels:
+        e = tdb.entries[attention_key(spec)]
+        assert e["knob"] in candidates(spec) and set(e["ms"]) == {str(b) for b in candidates(spec)}
+        assert all(len(v) == len(LENGTHS) * len(e["rows"]) and min(v.values()) > 0 for v in e["ms"].values())
+    other = tmp_path / "db"  # force non-default knobs: compile must build those, and stay exact
     shutil.copytree(db, other)
     tdb = TuningDB.open(other)
-    tdb.put(scores_key(2, 18, "float32"), {**e, "block": 4})
-    low = F.lower(mod, tgt, scores_block=TuningDB.open(other).scores_block)
-    assert any(gv.name_hint == "shiftadd_scores_h2_d18_float32_b4" for gv, _ in low.functions_items())
+    forced = {scores: 4, values: 9}
+    for spec in kernels:
+        if spec.kind == "softmax":
+            forced[spec] = 3
+    for spec, knob in forced.items():
+        tdb.put(attention_key(spec), {**tdb.entries[attention_key(spec)], "knob": knob})
+    low = F.lower(mod, tgt, attention_knob=TuningDB.open(other).attention_knob)
+    names = {gv.name_hint for gv, _ in low.functions_items()}
+    assert {f"{spec.name}_k{knob}" for spec, knob in forced.items()} <= names
     res = shiftadd.compile(folder, tmp_path / "b4.so", bits=3, group=36, calib_windows=0, db=other)
     sess = shiftadd.load(res.so)
     ids = np.asarray([[3, 1, 4, 1, 5, 9, 2]], np.int64)

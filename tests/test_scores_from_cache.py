@@ -57,7 +57,7 @@ def test_scores_pass_keeps_outputs_and_drops_key_transposes(family, tmp_path):
 
     mod, params = _imported(family, tmp_path)
     src, _ = share_kv_heads(mod)  # as float_tuning.lower runs it; llama: GQA, 2 layers
-    new, n = scores_from_cache(src)
+    new, n, _ = scores_from_cache(src)
     assert n == 3 * 2  # main, decode, decode_one x 2 layers
     for fname in ("main", "decode_one"):
         assert "shiftadd_scores_" in new[fname].script()

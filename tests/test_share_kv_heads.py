@@ -25,7 +25,7 @@ def _run(mod, params, fname, feeds, scores: bool = True):
     from shiftadd.compiler import build
     from shiftadd.targets import resolve_target
 
-    vm = relax.VirtualMachine(build(mod, resolve_target("cpu"), share_kv=False, scores_kernel=scores), tvm.cpu())
+    vm = relax.VirtualMachine(build(mod, resolve_target("cpu"), share_kv=False, attention=scores), tvm.cpu())
     func = mod[fname]
     n_in = int(func.attrs["num_input"])
     args = [tvm.runtime.tensor(feeds[p.name]) for p in func.params[:n_in]]

@@ -15,28 +15,18 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..schedules.attention_cpu import BLOCK, scores_kernel
+from ..schedules.attention_cpu import AttentionKernel
+from .attention_kernel_table import KernelTable
 from .rewrite_lut_matmul import _is_op, _shape, mutate_functions, resolve_binding
 from .share_kv_heads import _scalar_const
 
 
 @relax.expr_functor.mutator
 class _ScoresFromCache(relax.PyExprMutator):
-    def __init__(self, mod, block_of=None):
+    def __init__(self, mod, knob_of=None):
         super().__init__(mod)
-        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.rows: dict[tuple, set] = {}  # kernel key -> static query row counts of its calls
-        self.block_of = block_of or (lambda *_: BLOCK)
+        self.table = KernelTable(self.builder_, knob_of)
         self.rewritten = 0
-
-    def _kernel(self, heads: int, d: int, dtype: str):
-        key = (heads, d, dtype)
-        if key not in self.kernels:
-            block = int(self.block_of(heads, d, dtype) or BLOCK)
-            name = f"shiftadd_scores_h{heads}_d{d}_{dtype}_b{block}"
-            self.kernels[key] = self.builder_.add_func(
-                scores_kernel(heads, d, dtype, block).with_attr("global_symbol", name), name)
-        return self.kernels[key]
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -63,26 +53,17 @@ class _ScoresFromCache(relax.PyExprMutator):
         an = tvm.sym.Analyzer()
         if not (an.can_prove_equal(qs[0], ks[0]) and int(qs[1]) == int(ks[1]) and int(qs[3]) == int(ks[3])):
             return call
-        gv = self._kernel(int(qs[1]), int(qs[3]), dtype)
-        if isinstance(qs[2], tvm.tirx.IntImm):
-            self.rows.setdefault((int(qs[1]), int(qs[3]), dtype), set()).add(int(qs[2]))
+        gv = self.table.call(AttentionKernel("scores", int(qs[1]), int(qs[3]), dtype), qs[2])
         for c in scales:  # q @ (k^T * c) == (q * c) @ k^T: scale the M x D queries, not the N x D keys
             q = self.builder_.emit(relax.op.multiply(q, c))
         self.rewritten += 1
         return relax.call_tir(gv, [q, k], relax.TensorType([qs[0], qs[1], qs[2], ks[2]], dtype))
 
 
-def scores_from_cache(mod: tvm.IRModule, block_of=None) -> tuple[tvm.IRModule, int]:
+def scores_from_cache(mod: tvm.IRModule, knob_of=None) -> tuple[tvm.IRModule, int, dict]:
     """Rewrite every ``q @ k^T`` of every Relax function of ``mod``; returns (module, the number of
-    matmuls rewritten). Transposes left without users are removed. ``block_of(heads, d, dtype)``
-    gives the kernel's block size (e.g. from the tuning database; None or a falsy answer: BLOCK)."""
-    rw = _ScoresFromCache(mod, block_of)
-    return mutate_functions(rw, mod, dce=lambda: rw.rewritten), rw.rewritten
-
-
-def scores_kernels(mod: tvm.IRModule) -> dict[tuple, list[int]]:
-    """``{(heads, d, dtype): static query row counts of its calls}`` of the scores kernels ``mod``
-    would get (apply after share_kv_heads, as compile does): what ``shiftadd tune`` times."""
-    rw = _ScoresFromCache(mod)
-    mutate_functions(rw, mod, dce=lambda: False)
-    return {k: sorted(rw.rows.get(k, ())) or [1] for k in rw.kernels}
+    matmuls rewritten, ``{AttentionKernel: static query rows of its calls}``). Transposes left
+    without users are removed. ``knob_of(spec)`` gives a kernel's block size (e.g.
+    TuningDB.attention_knob; None: the default)."""
+    rw = _ScoresFromCache(mod, knob_of)
+    return mutate_functions(rw, mod, dce=lambda: rw.rewritten), rw.rewritten, rw.table.specs()

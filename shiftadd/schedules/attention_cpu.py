@@ -1,30 +1,51 @@
-"""CPU kernel for attention scores ``q @ k^T`` read straight from the cache layout ``k [B, H, N, D]``.
+"""CPU kernels for attention over the KV cache: scores ``q @ k^T`` and values ``p @ v`` read the
+cache layout ``[B, H, N, D]`` in place, and a softmax with the attention mask's add fused in.
 
-Why: exported attention transposes the keys (``permute_dims(k, [0, 1, 3, 2])``) and multiplies by
-the copy. With the cache length N symbolic, no schedule rule vectorises that matmul: each score
-walked the transposed copy at a stride of N floats (SmolLM2 decode, N = 129: transpose 7 us +
-matmul 41 us per layer). Here each score is a dot product over D contiguous floats of one key row:
-:func:`lanes_for` partial sums in one vector register (D / lanes steps), then a horizontal add;
-tasks are blocks of ``BLOCK`` keys (N is the only axis that grows with the context): 7 us.
+Why: with the cache length N symbolic no schedule rule vectorises these operators, and MetaSchedule
+cannot tune them (it keys workloads by static shapes). Exported attention transposes the keys
+(``permute_dims(k, [0, 1, 3, 2])``) and multiplies by the copy, each score walking it at a stride of
+N floats (SmolLM2 decode, N = 129: transpose 7 us + matmul 41 us per layer). The scores kernel
+takes each score as a dot product over D contiguous floats of one key row (:func:`lanes_for`
+partial sums in one vector register, then a horizontal add), in tasks of ``block`` keys: 7 us. The
+values kernel accumulates whole value rows (D contiguous floats) per query row. The softmax kernel
+adds the mask, takes the row maximum, the exponentials and their sum in one pass over each row;
+legalized, the mask add and the softmax were two parallel operators (15 us at N = 64 against 3).
 
-The block size is this kernel's knob: ``shiftadd tune`` times every size of ``BLOCKS`` at the query
-rows the model's calls use and at several cache lengths (:func:`measure_blocks`), since N is
-symbolic and one compiled kernel serves every length; the best goes into the tuning database.
+Each kernel has one knob (:data:`KINDS`): scores, keys per parallel task; values, value columns per
+task; softmax, rows per task (0: one serial loop, no thread-pool launch). ``shiftadd tune`` times
+every candidate at the query rows the model's calls use and at several cache lengths
+(:func:`measure`), since one compiled kernel serves every length; the best goes into the tuning
+database (key: kind, heads, head size, dtype, mask shape and this file's hash).
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tvm
 from tvm import s_tir, te
 
-BLOCK = 16  # keys per parallel task (default without a tuned entry)
-BLOCKS = (4, 8, 16, 32, 64)  # the knob's search space
-LENGTHS = (64, 256, 1024)  # cache lengths a block size is timed at
+LENGTHS = (64, 256, 1024)  # cache lengths every candidate is timed at
 SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # tuning keys: stale on change
+
+
+class AttentionKernel(NamedTuple):
+    """One kernel a model needs. ``d``: head size (0 for softmax). ``bias``: softmax's fused mask,
+    "" for none, else its broadcast over (batch, heads, rows): "x" full, "1" broadcast, e.g. "111"
+    for a ``[1, 1, 1, N]`` mask."""
+
+    kind: str
+    heads: int
+    d: int
+    dtype: str
+    bias: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"shiftadd_{self.kind}_h{self.heads}_d{self.d}_{self.dtype}" + (f"_m{self.bias}" if self.bias else "")
 
 
 def lanes_for(d: int) -> int:
@@ -33,7 +54,7 @@ def lanes_for(d: int) -> int:
     return next((w for w in (16, 8, 4, 2) if d % w == 0 and d // w >= 2), 1)
 
 
-def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = BLOCK) -> tvm.tirx.PrimFunc:
+def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = 16) -> tvm.tirx.PrimFunc:
     """``scores[b, h, m, n] = sum_d q[b, h, m, d] * k[b, h, n, d]`` for any batch B, query rows M and
     keys N (symbolic; bound from the arguments' shapes), ``heads`` and ``d`` fixed. Scheduled,
     and opaque to fusion (an epilogue fused in would be rescheduled by the generic rules)."""
@@ -72,27 +93,131 @@ def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = BLOCK
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def measure_blocks(heads: int, d: int, dtype: str, rows=(1,), target=None, rounds: int = 30,
-                   blocks=BLOCKS, lengths=LENGTHS) -> tuple[int, dict]:
-    """Time the scores kernel for every block size at every (query rows ``rows`` x cache ``lengths``)
-    on this machine (interleaved medians, batch 1); returns (best block, {block: {"M,N": ms}}). The
-    best minimises the mean over (M, N) of its time relative to the fastest block there, so short
-    and long caches count alike."""
+def values_kernel(heads: int, d: int, dtype: str = "float32", cols: int = 0) -> tvm.tirx.PrimFunc:
+    """``out[b, h, m, :] = sum_n p[b, h, m, n] * v[b, h, n, :]`` for any B, M, N (symbolic), ``heads``
+    and ``d`` fixed: each task accumulates ``cols`` contiguous value columns (0: all ``d``) of one
+    query row over every key, vectorised over the columns. Scheduled, opaque to fusion."""
+    cols = cols or d
+    if heads < 1 or d < 1 or cols < 1 or d % cols:
+        raise ValueError(f"values_kernel: heads and d must be positive and cols divide d (got {heads}, {d}, {cols})")
+    bsz, m, n = te.var("batch", "int64"), te.var("m", "int64"), te.var("n", "int64")
+    p = te.placeholder((bsz, heads, m, n), dtype, name="p")
+    v = te.placeholder((bsz, heads, n, d), dtype, name="v")
+    r = te.reduce_axis((0, n), name="r")
+    out = te.compute((bsz, heads, m, d), lambda b, h, i, c: te.sum(p[b, h, i, r] * v[b, h, r, c], axis=r),
+                     name="values")
+    sch = s_tir.Schedule(te.create_prim_func([p, v, out]))
+    blk = sch.get_sblock("values")
+    b, h, i, c, r = sch.get_loops(blk)
+    co, ci = sch.split(c, factors=[None, cols])
+    sch.reorder(b, h, co, i, r, ci)
+    sch.parallel(sch.fuse(b, h, co, i))
+    sch.vectorize(ci)
+    sch.decompose_reduction(blk, r)
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 0, bias: str = "") -> tvm.tirx.PrimFunc:
+    """``softmax(x + mask, axis=-1)`` over ``x [B, heads, M, N]`` (B, M, N symbolic) and a ``mask``
+    broadcast as ``bias`` says (see AttentionKernel; "" for no mask): per row the maximum, the
+    exponentials (kept) and their sum, then one scaling pass; float16 is computed in float32. Tasks
+    of ``rows`` rows in parallel; 0 runs one serial loop. Scheduled, opaque to fusion."""
+    if heads < 1 or rows < 0 or (bias and (len(bias) != 3 or set(bias) - {"x", "1"})):
+        raise ValueError(f"softmax_kernel: heads must be positive, rows >= 0 and bias '' or 3 of 'x'/'1' "
+                         f"(got {heads}, {rows}, {bias!r})")
+    bsz, m, n = te.var("batch", "int64"), te.var("m", "int64"), te.var("n", "int64")
+    x = te.placeholder((bsz, heads, m, n), dtype, name="x")
+    args = [x]
+    acc = "float32"
+    if bias:
+        mask = te.placeholder(tuple(e if f == "x" else 1 for f, e in zip(bias, (bsz, heads, m))) + (n,), dtype,
+                              name="mask")
+        args.append(mask)
+
+        def val(b, h, i, j):
+            idx = [e if f == "x" else 0 for f, e in zip(bias, (b, h, i))]
+            return (x[b, h, i, j] + mask[idx[0], idx[1], idx[2], j]).astype(acc)
+    else:
+        def val(b, h, i, j):
+            return x[b, h, i, j].astype(acc)
+    j = te.reduce_axis((0, n), name="j")
+    mx = te.compute((bsz, heads, m), lambda b, h, i: te.max(val(b, h, i, j), axis=j), name="row_max")
+    ex = te.compute((bsz, heads, m, n), lambda b, h, i, k: te.exp(val(b, h, i, k) - mx[b, h, i]), name="row_exp")
+    j2 = te.reduce_axis((0, n), name="j2")
+    sm = te.compute((bsz, heads, m), lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")
+    out = te.compute((bsz, heads, m, n), lambda b, h, i, k: (ex[b, h, i, k] / sm[b, h, i]).astype(dtype),
+                     name="softmax")
+    sch = s_tir.Schedule(te.create_prim_func(args + [out]))
+    b, h, i, _ = sch.get_loops(sch.get_sblock("softmax"))
+    row = sch.fuse(b, h, i)
+    if rows:
+        ro, row = sch.split(row, factors=[None, rows])
+        sch.parallel(ro)
+    for name in ("row_sum", "row_exp", "row_max"):
+        sch.compute_at(sch.get_sblock(name), row)
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
+
+
+# kind -> (knob name, default knob for head size d, candidates for d, builder(spec, knob))
+KINDS = {
+    "scores": ("block", lambda d: 16, lambda d: (4, 8, 16, 32, 64),
+               lambda s, k: scores_kernel(s.heads, s.d, s.dtype, k)),
+    "values": ("cols", lambda d: d, lambda d: tuple(c for c in (d, d // 2, d // 4) if c >= 8 and d % c == 0) or (d,),
+               lambda s, k: values_kernel(s.heads, s.d, s.dtype, k)),
+    "softmax": ("rows", lambda d: 0, lambda d: (0, 1, 2, 4, 8),
+                lambda s, k: softmax_kernel(s.heads, s.dtype, k, s.bias)),
+}
+
+
+def default_knob(spec: AttentionKernel) -> int:
+    return KINDS[spec.kind][1](spec.d)
+
+
+def candidates(spec: AttentionKernel) -> tuple[int, ...]:
+    return KINDS[spec.kind][2](spec.d)
+
+
+def kernel(spec: AttentionKernel, knob: int | None = None) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of ``spec`` with ``knob`` (None: the default)."""
+    if spec.kind not in KINDS:
+        raise ValueError(f"attention kernel kind {spec.kind!r}: expected one of {', '.join(KINDS)}")
+    return KINDS[spec.kind][3](spec, default_knob(spec) if knob is None else int(knob))
+
+
+def _arrays(spec: AttentionKernel, m: int, n: int, rng) -> list:
+    """Arguments (inputs and output, batch 1) of one call of ``spec`` at ``m`` query rows, ``n`` keys."""
+    h, d, dt = spec.heads, spec.d, spec.dtype
+    if spec.kind == "scores":
+        shapes, out = [(1, h, m, d), (1, h, n, d)], (1, h, m, n)
+    elif spec.kind == "values":
+        shapes, out = [(1, h, m, n), (1, h, n, d)], (1, h, m, d)
+    else:
+        shapes = [(1, h, m, n)] + ([tuple(1 if f == "1" else e for f, e in zip(spec.bias, (1, h, m))) + (n,)]
+                                   if spec.bias else [])
+        out = (1, h, m, n)
+    return [tvm.runtime.tensor(rng.standard_normal(s).astype(dt)) for s in shapes] + [tvm.runtime.empty(out, dt)]
+
+
+def measure(spec: AttentionKernel, rows=(1,), target=None, rounds: int = 30, knobs=None,
+            lengths=LENGTHS) -> tuple[int, dict]:
+    """Time ``spec``'s kernel for every knob (default :func:`candidates`) at every (query rows
+    ``rows`` x cache ``lengths``) on this machine (interleaved medians, batch 1); returns (best knob,
+    {knob: {"M,N": ms}}). The best minimises the mean over (M, N) of its time relative to the
+    fastest knob there, so short and long caches count alike."""
     from ..targets import resolve_target
     from .timing import interleaved, median_ms
 
     target = resolve_target(target or "cpu")
+    knobs = tuple(knobs or candidates(spec))
     rng = np.random.default_rng(0)
     cases = [(m, n) for m in sorted(set(rows)) for n in lengths]
-    data = {(m, n): [tvm.runtime.tensor(rng.standard_normal(s).astype(dtype))
-                     for s in ((1, heads, m, d), (1, heads, n, d))] + [tvm.runtime.empty((1, heads, m, n), dtype)]
-            for m, n in cases}
+    data = {c: _arrays(spec, *c, rng) for c in cases}
     fns = {}
-    for b in blocks:
-        fn = tvm.compile(tvm.IRModule({"main": scores_kernel(heads, d, dtype, b)}), target)["main"]
+    for k in knobs:
+        fn = tvm.compile(tvm.IRModule({"main": kernel(spec, k)}), target)["main"]
         for c in cases:
-            fns[f"{b} {c[0]},{c[1]}"] = [lambda fn=fn, a=data[c]: fn(*a)]
-    t = {k: median_ms(v) for k, v in interleaved(fns, rounds=rounds).items()}
-    ms = {b: {f"{m},{n}": t[f"{b} {m},{n}"] for m, n in cases} for b in blocks}
-    score = {b: np.mean([ms[b][c] / min(ms[x][c] for x in blocks) for c in ms[b]]) for b in blocks}
+            fns[f"{k} {c[0]},{c[1]}"] = [lambda fn=fn, a=data[c]: fn(*a)]
+    t = {key: median_ms(v) for key, v in interleaved(fns, rounds=rounds).items()}
+    ms = {k: {f"{m},{n}": t[f"{k} {m},{n}"] for m, n in cases} for k in knobs}
+    score = {k: np.mean([ms[k][c] / min(ms[x][c] for x in knobs) for c in ms[k]]) for k in knobs}
     return min(score, key=score.get), ms

@@ -3,9 +3,10 @@ the rest of the model (norms, RoPE, activations, a float ``lm_head``), beside ou
 
 Which operators: MetaSchedule keys workloads by the exact PrimFunc (static shapes), so only static
 ones can be tuned: those of ``decode_one`` (one sequence, one token) and of static ONNX models.
-Operators over the KV cache (``past`` is symbolic) keep the default schedules (default_cpu.py), as
-do static ones under SERIAL_WORK iterations, which SmallStatic runs serially: a parallel schedule
-only adds a thread-pool launch to them.
+Attention over the KV cache (``past`` is symbolic) runs our kernels (schedules/attention_cpu.py),
+whose knobs ``shiftadd tune`` searches itself; other symbolic operators keep the default schedules
+(default_cpu.py), as do static ones under SERIAL_WORK iterations, which SmallStatic runs serially:
+a parallel schedule only adds a thread-pool launch to them.
 
 Baseline: the default schedule of every task is measured by the same runner and stored as a record
 of its own, so applying the database picks MetaSchedule's result only where it measured faster.
@@ -58,36 +59,47 @@ def work_dir(db, target) -> Path:
     return root / digest
 
 
-def lower(mod, target, share_kv: bool = True, scores_kernel: bool = True, scores_block=None):
+def _attention(mod, knob_of=None):
+    """(module, {AttentionKernel: static query rows}) after the three attention-over-the-cache passes."""
+    from ..relax_passes.scores_from_cache import scores_from_cache
+    from ..relax_passes.softmax_with_mask import softmax_with_mask
+    from ..relax_passes.values_from_cache import values_from_cache
+
+    specs = {}
+    for rewrite in (scores_from_cache, values_from_cache, softmax_with_mask):
+        mod, _, found = rewrite(mod, knob_of)
+        specs.update(found)
+    return mod, specs
+
+
+def lower(mod, target, share_kv: bool = True, attention: bool = True, attention_knob=None):
     """The Relax module as ``compiler.build`` schedules it: same-dtype casts dropped
     (relax_passes/drop_identity_casts.py), grouped-query attention without per-head
-    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention scores read from
-    the cache layout (``scores_kernel``, relax_passes/scores_from_cache.py; block sizes from
-    ``scores_block(heads, d, dtype)``, e.g. TuningDB.scores_block), legalized, folded and fused."""
+    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention over the cache on
+    our kernels (``attention``: scores_from_cache, values_from_cache, softmax_with_mask; knobs
+    from ``attention_knob(spec)``, e.g. TuningDB.attention_knob), legalized, folded and fused."""
     from tvm import relax
 
     from ..relax_passes.drop_identity_casts import drop_identity_casts
-    from ..relax_passes.scores_from_cache import scores_from_cache
 
     mod, _ = drop_identity_casts(mod)
     if share_kv:
         from ..relax_passes.share_kv_heads import share_kv_heads
 
         mod, _ = share_kv_heads(mod)
-    if scores_kernel:
-        mod, _ = scores_from_cache(mod, scores_block)
+    if attention:
+        mod, _ = _attention(mod, attention_knob)
     with target:
         return relax.get_default_pipeline(target)(mod)
 
 
 def attention_kernels(mod) -> dict:
-    """The attention scores kernels ``lower`` gives ``mod`` (after the same casts and head sharing):
-    ``{(heads, d, dtype): static query rows of their calls}``, what ``shiftadd tune`` times."""
+    """The attention kernels ``lower`` gives ``mod`` (after the same casts and head sharing):
+    ``{AttentionKernel: static query rows of their calls}``, what ``shiftadd tune`` times."""
     from ..relax_passes.drop_identity_casts import drop_identity_casts
-    from ..relax_passes.scores_from_cache import scores_kernels
     from ..relax_passes.share_kv_heads import share_kv_heads
 
-    return scores_kernels(share_kv_heads(drop_identity_casts(mod)[0])[0])
+    return _attention(share_kv_heads(drop_identity_casts(mod)[0])[0])[1]
 
 
 def _default_schedule(func, target):

@@ -71,12 +71,13 @@ def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int) -> st
     return f"lut8 k{k} n{n} q{bits} g{group} z{int(bool(offset))} r{rows}{spin_regime()}"
 
 
-def scores_key(heads: int, d: int, dtype: str) -> str:
-    """Key of the attention scores kernel's block size (schedules/attention_cpu.py; its source hash
-    is in the key, so an entry for an older kernel is never applied)."""
+def attention_key(spec) -> str:
+    """Key of an attention kernel's knob (an AttentionKernel of schedules/attention_cpu.py; the
+    file's source hash is in the key, so an entry for an older kernel is never applied)."""
     from .attention_cpu import SOURCE_HASH
 
-    return f"scores h{heads} d{d} {dtype} src{SOURCE_HASH}{spin_regime()}"
+    mask = f" mask{spec.bias}" if spec.bias else ""
+    return f"{spec.kind} h{spec.heads} d{spec.d} {spec.dtype}{mask} src{SOURCE_HASH}{spin_regime()}"
 
 
 class TuningDB:
@@ -136,10 +137,10 @@ class TuningDB:
     def knobs(self, k, n, bits, group, offset, rows) -> tuple[L.Knobs, L.Knobs]:
         return self.get(k, n, bits, group, offset, rows) or (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
 
-    def scores_block(self, heads: int, d: int, dtype: str) -> int | None:
-        """The tuned block size of the attention scores kernel, or None (untuned: the default)."""
-        e = self.entries.get(scores_key(heads, d, dtype))
-        return int(e["block"]) if e else None
+    def attention_knob(self, spec) -> int | None:
+        """The tuned knob of an attention kernel (AttentionKernel), or None (untuned: the default)."""
+        e = self.entries.get(attention_key(spec))
+        return int(e["knob"]) if e else None
 
     def put(self, key: str, entry: dict) -> None:
         self.entries[key] = entry
@@ -222,26 +223,29 @@ def tune_missing(db: TuningDB, keys: list[tuple], **kw) -> int:
     return sum(db.get(*kk) is not None for kk in todo)
 
 
-def tune_scores(db: TuningDB, kernels: dict, budget_s: float | None = None, progress=log) -> dict:
-    """Search the block size of every attention scores kernel (``{(heads, d, dtype): query rows}``,
-    relax_passes/scores_from_cache.scores_kernels) missing from ``db``, saving each at once; a kernel
-    is started only while the time one took fits in ``budget_s``. Returns (done, left, seconds)."""
-    from .attention_cpu import measure_blocks
+def tune_attention(db: TuningDB, kernels: dict, budget_s: float | None = None, rounds: int = 30,
+                   progress=log) -> dict:
+    """Search the knob of every attention kernel (``{AttentionKernel: query rows}``,
+    float_tuning.attention_kernels) missing from ``db``, saving each at once; a kernel is started
+    only while the time the last one took fits in ``budget_s``; ``rounds`` of interleaved timing.
+    Returns (done, left, seconds)."""
+    from .attention_cpu import KINDS, measure
 
     t0 = time.perf_counter()
-    todo = [(k, rows) for k, rows in kernels.items() if db.scores_block(*k) is None]
+    todo = [(k, rows) for k, rows in kernels.items() if db.attention_knob(k) is None]
     done, took = 0, 0.0
-    for i, ((heads, d, dtype), rows) in enumerate(todo, 1):
+    for i, (spec, rows) in enumerate(todo, 1):
         if budget_s is not None and (time.perf_counter() - t0) + took > budget_s:
             break
         ts = time.perf_counter()
-        best, ms = measure_blocks(heads, d, dtype, rows)
+        best, ms = measure(spec, rows, rounds=rounds)
         took = time.perf_counter() - ts
-        db.put(scores_key(heads, d, dtype), {"block": best, "ms": {str(b): v for b, v in ms.items()},
-                                              "rows": list(rows), "measured_by": "local"})
+        db.put(attention_key(spec), {"knob": best, "ms": {str(b): v for b, v in ms.items()},
+                                     "rows": list(rows), "measured_by": "local"})
         done += 1
         worst = max(ms, key=lambda b: sum(ms[b].values()))
-        progress(f"tuned attention scores {i}/{len(todo)} h{heads} d{d} {dtype}: block {best} "
-                 f"({', '.join(f'{c} {v:.4f} ms' for c, v in ms[best].items())}; worst block {worst}: "
+        knob = KINDS[spec.kind][0]
+        progress(f"tuned attention {i}/{len(todo)} {spec.name}: {knob} {best} "
+                 f"({', '.join(f'{c} {v:.4f} ms' for c, v in ms[best].items())}; worst {knob} {worst}: "
                  f"{', '.join(f'{v:.4f}' for v in ms[worst].values())}) in {took:.1f} s")
     return {"done": done, "left": len(todo) - done, "seconds": time.perf_counter() - t0}
