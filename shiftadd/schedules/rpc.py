@@ -10,6 +10,7 @@ decoding). The candidates of one phase are spread over every free server of the 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,8 @@ class RPCMeasurer:
         self.target = resolve_target(target or "cpu") if target is None or isinstance(target, str) else target
         self.repeat, self.cold = repeat, cold_mib * 2**20
         self.name = f"rpc:{key}@{host}:{port}"
-        try:
+        try:  # a quick probe first: TVM's connect_tracker retries a refused connection for 60 s
+            socket.create_connection((host, port), timeout=min(connect_timeout, 5)).close()
             self.tracker = rpc.connect_tracker(host, port)
         except Exception as e:  # noqa: BLE001 - socket errors come wrapped in several types
             raise ConnectionError(f"--rpc {host}:{port}: no TVM RPC tracker answers ({str(e).splitlines()[0]})") from None
