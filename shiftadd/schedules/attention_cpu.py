@@ -117,7 +117,7 @@ def values_kernel(heads: int, d: int, dtype: str = "float32", cols: int = 0) -> 
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 0, bias: str = "") -> tvm.tirx.PrimFunc:
+def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str = "") -> tvm.tirx.PrimFunc:
     """``softmax(x + mask, axis=-1)`` over ``x [B, heads, M, N]`` (B, M, N symbolic) and a ``mask``
     broadcast as ``bias`` says (see AttentionKernel; "" for no mask): per row the maximum, the
     exponentials (kept) and their sum, then one scaling pass; float16 is computed in float32. Tasks
@@ -158,13 +158,15 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 0, bias: str 
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
-# kind -> (knob name, default knob for head size d, candidates for d, builder(spec, knob))
+# kind -> (knob name, default knob for head size d, candidates for d, builder(spec, knob)). Defaults
+# measured on SmolLM2's shapes (3 key/value heads, d 64; docs/BENCHMARKS.md): values, one task per
+# query row (whole rows); softmax, one row per task (serial was 1.1-1.7x slower from 64 keys on).
 KINDS = {
     "scores": ("block", lambda d: 16, lambda d: (4, 8, 16, 32, 64),
                lambda s, k: scores_kernel(s.heads, s.d, s.dtype, k)),
     "values": ("cols", lambda d: d, lambda d: tuple(c for c in (d, d // 2, d // 4) if c >= 8 and d % c == 0) or (d,),
                lambda s, k: values_kernel(s.heads, s.d, s.dtype, k)),
-    "softmax": ("rows", lambda d: 0, lambda d: (0, 1, 2, 4, 8),
+    "softmax": ("rows", lambda d: 1, lambda d: (0, 1, 2, 4, 8),
                 lambda s, k: softmax_kernel(s.heads, s.dtype, k, s.bias)),
 }
 
