@@ -1,5 +1,5 @@
 """The values and softmax kernels over the cache equal numpy over odd shapes and every knob; the
-passes that call them keep whole models' outputs equal."""
+three attention passes keep whole models' outputs equal."""
 
 from __future__ import annotations
 
@@ -85,33 +85,31 @@ def test_kernels_reject_bad_geometry():
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_values_and_softmax_passes_keep_outputs(family, tmp_path):
+def test_attention_passes_keep_outputs(family, tmp_path):
+    """scores_from_cache, values_from_cache and softmax_with_mask, in float_tuning.lower's order,
+    leave prefill (with a left-padded row: masked keys) and decode_one outputs equal, remove the
+    key transposes and every softmax, and fold Llama's mask add into the softmax kernel."""
+    from shiftadd.relax_passes.scores_from_cache import scores_from_cache
     from shiftadd.relax_passes.share_kv_heads import share_kv_heads
     from shiftadd.relax_passes.softmax_with_mask import softmax_with_mask
     from shiftadd.relax_passes.values_from_cache import values_from_cache
 
-    from .conftest import VOCAB
-    from .test_share_kv_heads import _imported, _run
+    from .test_share_kv_heads import _feeds, _imported, _run
 
     mod, params = _imported(family, tmp_path)
     src, _ = share_kv_heads(mod)  # as float_tuning.lower runs it; llama: GQA, 2 layers
-    new, nv, vspecs = values_from_cache(src)
+    new, nk, kspecs = scores_from_cache(src)
+    new, nv, vspecs = values_from_cache(new)
     new, ns, sspecs = softmax_with_mask(new)
-    assert nv == ns == 3 * 2  # main, decode, decode_one x 2 layers (every attention's N is symbolic)
-    assert {s.kind for s in vspecs} == {"values"} and {s.kind for s in sspecs} == {"softmax"}
+    assert nk == nv == ns == 3 * 2  # main, decode, decode_one x 2 layers (every attention's N is symbolic)
+    assert [{s.kind for s in x} for x in (kspecs, vspecs, sspecs)] == [{"scores"}, {"values"}, {"softmax"}]
     for fname in ("main", "decode_one"):
         text = new[fname].script()
-        assert "shiftadd_values_" in text and "shiftadd_softmax_" in text and "R.nn.softmax" not in text
+        assert all(f"shiftadd_{k}_" in text for k in ("scores", "values", "softmax")) and "R.nn.softmax" not in text
+        assert text.count("R.permute_dims") < src[fname].script().count("R.permute_dims")
     if family == "llama":  # the mask's add is folded into the kernel: [1, 1, 1, N] onto [1, heads, 1, N]
         assert any(s.bias == "111" for s in sspecs)
-    rng = np.random.default_rng(1)
-    prefill = {"input_ids": rng.integers(0, VOCAB, (2, 6)).astype(np.int64),
-               "attention_mask": np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)}  # left padding: masked keys
-    one = {"input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64), "attention_mask": np.ones((1, 6), np.int64)}
-    for p in mod["decode_one"].params[:int(mod["decode_one"].attrs["num_input"])]:
-        if p.name.startswith("past_key_values"):
-            one[p.name] = rng.standard_normal([int(s) if i != 2 else 5 for i, s in enumerate(
-                [1, *p.ty.shape.values[1:]])]).astype(np.float32)
+    prefill, one = _feeds(mod, prefill_mask=[[1] * 6, [0, 0, 1, 1, 1, 1]])
     for fname, feeds in (("main", prefill), ("decode_one", one)):
         want = _run(mod, params, fname, feeds, scores=False)
         got = _run(new, params, fname, feeds, scores=False)

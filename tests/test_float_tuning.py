@@ -122,7 +122,7 @@ def test_attention_knobs_are_tuned_and_applied(tuned, tmp_path):
     import shiftadd
     from shiftadd.quant import BCQConfig
     from shiftadd.schedules import float_tuning as F
-    from shiftadd.schedules.attention_cpu import LENGTHS, AttentionKernel, candidates
+    from shiftadd.schedules.attention_cpu import PROMPT, AttentionKernel, candidates, timing_cases
     from shiftadd.schedules.tuning import TuningDB, attention_key
     from shiftadd.targets import resolve_target
     from shiftadd.tune import model_module
@@ -134,12 +134,14 @@ def test_attention_knobs_are_tuned_and_applied(tuned, tmp_path):
     scores, values = AttentionKernel("scores", 2, 18, "float32"), AttentionKernel("values", 2, 18, "float32")
     assert {scores, values} < set(kernels)  # 2 key/value heads after sharing, head size 72 / 4
     assert {k.kind for k in kernels} == {"scores", "values", "softmax"}
+    assert kernels[scores] == kernels[values] == [PROMPT, 2]  # prefill/decode rows symbolic; decode_one 2 per kv head
     assert s["attention"]["done"] == len(kernels) and s["attention"]["left"] == 0
     tdb = TuningDB.open(db)
     for spec in kernels:
         e = tdb.entries[attention_key(spec)]
         assert e["knob"] in candidates(spec) and set(e["ms"]) == {str(b) for b in candidates(spec)}
-        assert all(len(v) == len(LENGTHS) * len(e["rows"]) and min(v.values()) > 0 for v in e["ms"].values())
+        cases = {f"{m},{n}" for m, n in timing_cases(e["rows"])}
+        assert all(set(v) == cases and min(v.values()) > 0 for v in e["ms"].values())
     other = tmp_path / "db"  # force non-default knobs: compile must build those, and stay exact
     shutil.copytree(db, other)
     tdb = TuningDB.open(other)

@@ -34,6 +34,21 @@ def _run(mod, params, fname, feeds, scores: bool = True):
     return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
 
 
+def _feeds(mod, seed: int = 1, past: int = 5, prefill_mask=None):
+    """(prefill feeds for ``main``: 2 x 6 tokens, decode_one feeds: 1 token over ``past`` random cached
+    positions) for a model of tests/conftest (its vocabulary)."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((2, 6), np.int64) if prefill_mask is None else np.asarray(prefill_mask, np.int64)
+    prefill = {"input_ids": rng.integers(0, VOCAB, (2, 6)).astype(np.int64), "attention_mask": mask}
+    one = {"input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64),
+           "attention_mask": np.ones((1, past + 1), np.int64)}
+    for p in mod["decode_one"].params[:int(mod["decode_one"].attrs["num_input"])]:
+        if p.name.startswith("past_key_values"):
+            one[p.name] = rng.standard_normal([int(s) if i != 2 else past for i, s in enumerate(
+                [1, *p.ty.shape.values[1:]])]).astype(np.float32)
+    return prefill, one
+
+
 def test_gqa_matmuls_read_the_cache_once_and_agree(tmp_path):
     from shiftadd.relax_passes.share_kv_heads import share_kv_heads
 
@@ -42,14 +57,7 @@ def test_gqa_matmuls_read_the_cache_once_and_agree(tmp_path):
     assert n == 3 * 2 * 2  # main, decode, decode_one x 2 layers x (scores, values)
     for fname in ("main", "decode_one"):
         assert new[fname].script().count("R.broadcast_to") < mod[fname].script().count("R.broadcast_to")
-    rng = np.random.default_rng(0)
-    past = 5
-    prefill = {"input_ids": rng.integers(0, VOCAB, (2, 6)).astype(np.int64), "attention_mask": np.ones((2, 6), np.int64)}
-    one = {"input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64),
-           "attention_mask": np.ones((1, past + 1), np.int64)}
-    for p in mod["decode_one"].params[:int(mod["decode_one"].attrs["num_input"])]:
-        if p.name.startswith("past_key_values"):
-            one[p.name] = rng.standard_normal((1, 2, past, 18)).astype(np.float32)
+    prefill, one = _feeds(mod, seed=0)
     for fname, feeds in (("main", prefill), ("decode_one", one)):
         want = _run(mod, params, fname, feeds)
         got = _run(new, params, fname, feeds)

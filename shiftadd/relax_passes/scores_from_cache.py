@@ -16,48 +16,33 @@ import tvm
 from tvm import relax
 
 from ..schedules.attention_cpu import AttentionKernel
-from .attention_kernel_table import KernelTable
-from .rewrite_lut_matmul import _is_op, _shape, mutate_functions, resolve_binding
+from .attention_kernel_table import float_matmul_dtype, rewrite_calls
+from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
 from .share_kv_heads import _scalar_const
 
 
-@relax.expr_functor.mutator
-class _ScoresFromCache(relax.PyExprMutator):
-    def __init__(self, mod, knob_of=None):
-        super().__init__(mod)
-        self.table = KernelTable(self.builder_, knob_of)
-        self.rewritten = 0
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not _is_op(call, "relax.matmul"):
-            return call
-        t, scales = resolve_binding(self, call.args[1]), []
-        while _is_op(t, "relax.multiply") and (_scalar_const(t.args[0]) or _scalar_const(t.args[1])):
-            side = 0 if _scalar_const(t.args[0]) else 1  # SDPA exports scale k^T by sqrt(1/sqrt(D))
-            scales.append(t.args[side])
-            t = resolve_binding(self, t.args[1 - side])
-        if not _is_op(t, "relax.permute_dims") or t.attrs.axes is None \
-                or [int(a) for a in t.attrs.axes] != [0, 1, 3, 2]:
-            return call
-        q, k = call.args[0], t.args[0]
-        qs, ks = _shape(q), _shape(k)
-        if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
-            return call
-        dtype = str(q.ty.dtype)
-        out_dtype = "" if call.attrs.out_dtype is None else str(call.attrs.out_dtype)
-        if dtype != str(k.ty.dtype) or dtype not in ("float32", "float16") or out_dtype not in ("", "void", dtype):
-            return call
-        if not all(isinstance(x, tvm.tirx.IntImm) for x in (qs[1], ks[1], qs[3], ks[3])):
-            return call
-        an = tvm.sym.Analyzer()
-        if not (an.can_prove_equal(qs[0], ks[0]) and int(qs[1]) == int(ks[1]) and int(qs[3]) == int(ks[3])):
-            return call
-        gv = self.table.call(AttentionKernel("scores", int(qs[1]), int(qs[3]), dtype), qs[2])
-        for c in scales:  # q @ (k^T * c) == (q * c) @ k^T: scale the M x D queries, not the N x D keys
-            q = self.builder_.emit(relax.op.multiply(q, c))
-        self.rewritten += 1
-        return relax.call_tir(gv, [q, k], relax.TensorType([qs[0], qs[1], qs[2], ks[2]], dtype))
+def _scores(rw, call):
+    t, scales = resolve_binding(rw, call.args[1]), []
+    while _is_op(t, "relax.multiply") and (_scalar_const(t.args[0]) or _scalar_const(t.args[1])):
+        side = 0 if _scalar_const(t.args[0]) else 1  # SDPA exports scale k^T by sqrt(1/sqrt(D))
+        scales.append(t.args[side])
+        t = resolve_binding(rw, t.args[1 - side])
+    if not _is_op(t, "relax.permute_dims") or t.attrs.axes is None or [int(a) for a in t.attrs.axes] != [0, 1, 3, 2]:
+        return None
+    q, k = call.args[0], t.args[0]
+    qs, ks = _shape(q), _shape(k)
+    dtype = float_matmul_dtype(call, q, k)
+    if dtype is None or qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
+        return None
+    if not all(isinstance(x, tvm.tirx.IntImm) for x in (qs[1], ks[1], qs[3], ks[3])):
+        return None
+    an = tvm.sym.Analyzer()
+    if not (an.can_prove_equal(qs[0], ks[0]) and int(qs[1]) == int(ks[1]) and int(qs[3]) == int(ks[3])):
+        return None
+    gv = rw.table.call(AttentionKernel("scores", int(qs[1]), int(qs[3]), dtype), qs[2])
+    for c in scales:  # q @ (k^T * c) == (q * c) @ k^T: scale the M x D queries, not the N x D keys
+        q = rw.builder_.emit(relax.op.multiply(q, c))
+    return relax.call_tir(gv, [q, k], relax.TensorType([qs[0], qs[1], qs[2], ks[2]], dtype))
 
 
 def scores_from_cache(mod: tvm.IRModule, knob_of=None) -> tuple[tvm.IRModule, int, dict]:
@@ -65,5 +50,4 @@ def scores_from_cache(mod: tvm.IRModule, knob_of=None) -> tuple[tvm.IRModule, in
     matmuls rewritten, ``{AttentionKernel: static query rows of its calls}``). Transposes left
     without users are removed. ``knob_of(spec)`` gives a kernel's block size (e.g.
     TuningDB.attention_knob; None: the default)."""
-    rw = _ScoresFromCache(mod, knob_of)
-    return mutate_functions(rw, mod, dce=lambda: rw.rewritten), rw.rewritten, rw.table.specs()
+    return rewrite_calls(mod, "relax.matmul", _scores, knob_of, dce=True)

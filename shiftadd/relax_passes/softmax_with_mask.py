@@ -15,8 +15,8 @@ import tvm
 from tvm import relax
 
 from ..schedules.attention_cpu import AttentionKernel
-from .attention_kernel_table import KernelTable
-from .rewrite_lut_matmul import _is_op, _shape, mutate_functions, resolve_binding
+from .attention_kernel_table import rewrite_calls
+from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
 
 
 def _mask_pattern(xs, ms) -> str | None:
@@ -34,42 +34,32 @@ def _mask_pattern(xs, ms) -> str | None:
     return out if an.can_prove_equal(xs[3], ms[3]) else None
 
 
-@relax.expr_functor.mutator
-class _SoftmaxWithMask(relax.PyExprMutator):
-    def __init__(self, mod, knob_of=None):
-        super().__init__(mod)
-        self.table = KernelTable(self.builder_, knob_of)
-        self.rewritten = 0
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not _is_op(call, "relax.nn.softmax") or int(call.attrs.axis) not in (-1, 3):
-            return call
-        x = call.args[0]
-        xs = _shape(x)
-        if xs is None or len(xs) != 4 or isinstance(xs[3], tvm.tirx.IntImm) or not isinstance(xs[1], tvm.tirx.IntImm):
-            return call
-        dtype = str(x.ty.dtype)
-        if dtype not in ("float32", "float16"):
-            return call
-        args, bias = [x], ""
-        add = resolve_binding(self, x)
-        if _is_op(add, "relax.add"):
-            an = tvm.sym.Analyzer()
-            for a, m in (add.args, add.args[::-1]):
-                sa, pattern = _shape(a), _mask_pattern(xs, _shape(m))
-                if sa is not None and len(sa) == 4 and all(an.can_prove_equal(u, w) for u, w in zip(sa, xs)) \
-                        and pattern is not None and str(a.ty.dtype) == str(m.ty.dtype) == dtype:
-                    args, bias = [a, m], pattern
-                    break
-        gv = self.table.call(AttentionKernel("softmax", int(xs[1]), 0, dtype, bias), xs[2])
-        self.rewritten += 1
-        return relax.call_tir(gv, args, relax.TensorType(xs, dtype))
+def _softmax(rw, call):
+    if int(call.attrs.axis) not in (-1, 3):
+        return None
+    x = call.args[0]
+    xs = _shape(x)
+    if xs is None or len(xs) != 4 or isinstance(xs[3], tvm.tirx.IntImm) or not isinstance(xs[1], tvm.tirx.IntImm):
+        return None
+    dtype = str(x.ty.dtype)
+    if dtype not in ("float32", "float16"):
+        return None
+    args, bias = [x], ""
+    add = resolve_binding(rw, x)
+    if _is_op(add, "relax.add"):
+        an = tvm.sym.Analyzer()
+        for a, m in (add.args, add.args[::-1]):
+            sa, pattern = _shape(a), _mask_pattern(xs, _shape(m))
+            if sa is not None and len(sa) == 4 and all(an.can_prove_equal(u, w) for u, w in zip(sa, xs)) \
+                    and pattern is not None and str(a.ty.dtype) == str(m.ty.dtype) == dtype:
+                args, bias = [a, m], pattern
+                break
+    gv = rw.table.call(AttentionKernel("softmax", int(xs[1]), 0, dtype, bias), xs[2])
+    return relax.call_tir(gv, args, relax.TensorType(xs, dtype))
 
 
 def softmax_with_mask(mod: tvm.IRModule, knob_of=None) -> tuple[tvm.IRModule, int, dict]:
     """Rewrite every softmax over a symbolic last axis in every Relax function of ``mod``; returns
     (module, the number rewritten, ``{AttentionKernel: static query rows of its calls}``). Adds left
     without users are removed. ``knob_of(spec)``: rows per task (TuningDB.attention_knob; None: default)."""
-    rw = _SoftmaxWithMask(mod, knob_of)
-    return mutate_functions(rw, mod, dce=lambda: rw.rewritten), rw.rewritten, rw.table.specs()
+    return rewrite_calls(mod, "relax.nn.softmax", _softmax, knob_of, dce=True)

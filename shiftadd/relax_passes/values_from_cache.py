@@ -14,42 +14,27 @@ import tvm
 from tvm import relax
 
 from ..schedules.attention_cpu import AttentionKernel
-from .attention_kernel_table import KernelTable
-from .rewrite_lut_matmul import _is_op, _shape, mutate_functions
+from .attention_kernel_table import float_matmul_dtype, rewrite_calls
+from .rewrite_lut_matmul import _shape
 
 
-@relax.expr_functor.mutator
-class _ValuesFromCache(relax.PyExprMutator):
-    def __init__(self, mod, knob_of=None):
-        super().__init__(mod)
-        self.table = KernelTable(self.builder_, knob_of)
-        self.rewritten = 0
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not _is_op(call, "relax.matmul"):
-            return call
-        p, v = call.args
-        ps, vs = _shape(p), _shape(v)
-        if ps is None or vs is None or len(ps) != 4 or len(vs) != 4:
-            return call
-        dtype = str(p.ty.dtype)
-        out_dtype = "" if call.attrs.out_dtype is None else str(call.attrs.out_dtype)
-        if dtype != str(v.ty.dtype) or dtype not in ("float32", "float16") or out_dtype not in ("", "void", dtype):
-            return call
-        if isinstance(ps[3], tvm.tirx.IntImm) or not all(isinstance(x, tvm.tirx.IntImm) for x in (ps[1], vs[1], vs[3])):
-            return call
-        an = tvm.sym.Analyzer()
-        if not (an.can_prove_equal(ps[0], vs[0]) and int(ps[1]) == int(vs[1]) and an.can_prove_equal(ps[3], vs[2])):
-            return call
-        gv = self.table.call(AttentionKernel("values", int(ps[1]), int(vs[3]), dtype), ps[2])
-        self.rewritten += 1
-        return relax.call_tir(gv, [p, v], relax.TensorType([ps[0], ps[1], ps[2], vs[3]], dtype))
+def _values(rw, call):
+    p, v = call.args
+    ps, vs = _shape(p), _shape(v)
+    dtype = float_matmul_dtype(call, p, v)
+    if dtype is None or ps is None or vs is None or len(ps) != 4 or len(vs) != 4:
+        return None
+    if isinstance(ps[3], tvm.tirx.IntImm) or not all(isinstance(x, tvm.tirx.IntImm) for x in (ps[1], vs[1], vs[3])):
+        return None
+    an = tvm.sym.Analyzer()
+    if not (an.can_prove_equal(ps[0], vs[0]) and int(ps[1]) == int(vs[1]) and an.can_prove_equal(ps[3], vs[2])):
+        return None
+    gv = rw.table.call(AttentionKernel("values", int(ps[1]), int(vs[3]), dtype), ps[2])
+    return relax.call_tir(gv, [p, v], relax.TensorType([ps[0], ps[1], ps[2], vs[3]], dtype))
 
 
 def values_from_cache(mod: tvm.IRModule, knob_of=None) -> tuple[tvm.IRModule, int, dict]:
     """Rewrite every ``p @ v`` over a symbolic cache length in every Relax function of ``mod``;
     returns (module, the number rewritten, ``{AttentionKernel: static query rows of its calls}``).
     ``knob_of(spec)``: the kernel's column split (e.g. TuningDB.attention_knob; None: the default)."""
-    rw = _ValuesFromCache(mod, knob_of)
-    return mutate_functions(rw, mod), rw.rewritten, rw.table.specs()
+    return rewrite_calls(mod, "relax.matmul", _values, knob_of)

@@ -29,6 +29,8 @@ import tvm
 from tvm import s_tir, te
 
 LENGTHS = (64, 256, 1024)  # cache lengths every candidate is timed at
+PROMPT = 0  # query rows of a call whose row count is symbolic (a prefill): timed at M = N <= PROMPT_MAX
+PROMPT_MAX = 256
 SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # tuning keys: stale on change
 
 
@@ -200,10 +202,17 @@ def _arrays(spec: AttentionKernel, m: int, n: int, rng) -> list:
     return [tvm.runtime.tensor(rng.standard_normal(s).astype(dt)) for s in shapes] + [tvm.runtime.empty(out, dt)]
 
 
+def timing_cases(rows, lengths=LENGTHS) -> list[tuple[int, int]]:
+    """(query rows M, keys N) a kernel called with ``rows`` is timed at (see :func:`measure`)."""
+    return list(dict.fromkeys((m or n, n) for m in sorted(set(rows)) for n in lengths
+                              if m != PROMPT or n <= PROMPT_MAX))
+
+
 def measure(spec: AttentionKernel, rows=(1,), target=None, rounds: int = 30, knobs=None,
             lengths=LENGTHS) -> tuple[int, dict]:
     """Time ``spec``'s kernel for every knob (default :func:`candidates`) at every (query rows
-    ``rows`` x cache ``lengths``) on this machine (interleaved medians, batch 1); returns (best knob,
+    ``rows`` x cache ``lengths``) on this machine (interleaved medians, batch 1; rows PROMPT: a
+    prompt over itself, M = N for the lengths up to PROMPT_MAX); returns (best knob,
     {knob: {"M,N": ms}}). The best minimises the mean over (M, N) of its time relative to the
     fastest knob there, so short and long caches count alike."""
     from ..targets import resolve_target
@@ -212,7 +221,7 @@ def measure(spec: AttentionKernel, rows=(1,), target=None, rounds: int = 30, kno
     target = resolve_target(target or "cpu")
     knobs = tuple(knobs or candidates(spec))
     rng = np.random.default_rng(0)
-    cases = [(m, n) for m in sorted(set(rows)) for n in lengths]
+    cases = timing_cases(rows, lengths)
     data = {c: _arrays(spec, *c, rng) for c in cases}
     fns = {}
     for k in knobs:
