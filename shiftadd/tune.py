@@ -108,7 +108,7 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
     return a summary. ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
     tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU).
     Our LUT kernels' knobs are tuned first; then, with ``float_ops``, the knobs of our attention
-    kernels over the cache (scores, softmax, values; local measurement only) and MetaSchedule for
+    kernels over the cache (scores, softmax, values) and MetaSchedule for
     the static float operators left (``float_trials`` per operator, those over ``float_min_work``
     loop iterations; schedules/float_tuning.py) in the time left."""
     from .schedules import lut_avx2 as L
@@ -152,18 +152,16 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
         if left is not None and left <= 0:
             raise TimeoutError(f"--budget {budget}: spent reading the model ({time.time() - t0:.0f} s) before tuning")
         summary = tune_phases(tdb, keys, measurer, left)
+        if module is not None:  # our attention kernels' knobs, measured where the LUT kernels were
+            from .schedules.float_tuning import attention_kernels
+            from .schedules.tuning import tune_attention
+
+            left = None if budget_s is None else budget_s - (time.time() - t0)
+            summary["attention"] = tune_attention(tdb, attention_kernels(module), left, rounds=6 * rounds,
+                                                  measurer=measurer if rpc is not None else None)
     finally:
         if hasattr(measurer, "close"):  # hands the RPC servers back before MetaSchedule asks for them
             measurer.close()
-    if module is not None and rpc is None:
-        from .schedules.float_tuning import attention_kernels
-        from .schedules.tuning import tune_attention
-
-        left = None if budget_s is None else budget_s - (time.time() - t0)
-        summary["attention"] = tune_attention(tdb, attention_kernels(module), left, rounds=6 * rounds)
-    elif module is not None:
-        log("tune: the attention kernels' knobs (over the symbolic cache length) are searched on this "
-            "machine only; with --rpc they keep their defaults")
     if module is not None:
         from .schedules.float_tuning import TRIALS, tune_float
 

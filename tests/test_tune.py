@@ -196,9 +196,26 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     r = json.loads((tmp_path / "rpc.json").read_text())
     lo = json.loads((tmp_path / "local.json").read_text())
     assert r["context"] == lo["context"]  # same target: interchangeable databases
-    assert set(r["entries"]) == set(lo["entries"])
+    lut = {k: e for k, e in r["entries"].items() if k.startswith("lut8 ")}
+    assert set(lut) == set(lo["entries"])
+    # our attention kernels' knobs were searched through the servers too, with local tuning's entries
+    from shiftadd.quant import BCQConfig
+    from shiftadd.schedules.attention_cpu import candidates, measure, timing_cases
+    from shiftadd.schedules.float_tuning import attention_kernels
+    from shiftadd.schedules.tuning import attention_key
+    from shiftadd.targets import resolve_target
+    from shiftadd.tune import model_module
+
+    assert s["attention"]["done"] == len(r["entries"]) - len(lut) >= 3
+    for spec, rows in attention_kernels(model_module(opt_folder, BCQConfig(bits=3, group=32), ("lm_head",),
+                                                         resolve_target("cpu"))[2]).items():
+        e = r["entries"][attention_key(spec)]
+        _, here = measure(spec, rows, rounds=1)
+        assert e["measured_by"].startswith("rpc:") and e["knob"] in candidates(spec) and e["rows"] == rows
+        assert set(e["ms"]) == {str(k) for k in here} and all(set(v) == set(here[int(k)]) for k, v in e["ms"].items())
+        assert set(here[candidates(spec)[0]]) == {f"{m},{n}" for m, n in timing_cases(rows)}
     space = {kn.tag() for kn in L.KNOB_SPACE}
-    for k, e in r["entries"].items():
+    for k, e in lut.items():
         for ph in PHASES:
             assert L.Knobs(**e[ph]).tag() in space and set(e["ms"][ph]) == set(lo["entries"][k]["ms"][ph])
             assert e["measured_by"][ph].startswith("rpc:") and lo["entries"][k]["measured_by"][ph] == "local"

@@ -188,8 +188,15 @@ def kernel(spec: AttentionKernel, knob: int | None = None) -> tvm.tirx.PrimFunc:
     return KINDS[spec.kind][3](spec, default_knob(spec) if knob is None else int(knob))
 
 
-def _arrays(spec: AttentionKernel, m: int, n: int, rng) -> list:
-    """Arguments (inputs and output, batch 1) of one call of ``spec`` at ``m`` query rows, ``n`` keys."""
+def timing_cases(rows, lengths=LENGTHS) -> list[tuple[int, int]]:
+    """(query rows M, keys N) a kernel called with ``rows`` is timed at (see :func:`measure`)."""
+    return list(dict.fromkeys((m or n, n) for m in sorted(set(rows)) for n in lengths
+                              if m != PROMPT or n <= PROMPT_MAX))
+
+
+def arrays(spec: AttentionKernel, m: int, n: int, rng) -> list[np.ndarray]:
+    """Arguments (inputs, then a zero output; batch 1) of one call of ``spec`` at ``m`` query rows
+    and ``n`` keys, as numpy arrays."""
     h, d, dt = spec.heads, spec.d, spec.dtype
     if spec.kind == "scores":
         shapes, out = [(1, h, m, d), (1, h, n, d)], (1, h, m, n)
@@ -199,36 +206,36 @@ def _arrays(spec: AttentionKernel, m: int, n: int, rng) -> list:
         shapes = [(1, h, m, n)] + ([tuple(1 if f == "1" else e for f, e in zip(spec.bias, (1, h, m))) + (n,)]
                                    if spec.bias else [])
         out = (1, h, m, n)
-    return [tvm.runtime.tensor(rng.standard_normal(s).astype(dt)) for s in shapes] + [tvm.runtime.empty(out, dt)]
+    return [rng.standard_normal(s).astype(dt) for s in shapes] + [np.zeros(out, dt)]
 
 
-def timing_cases(rows, lengths=LENGTHS) -> list[tuple[int, int]]:
-    """(query rows M, keys N) a kernel called with ``rows`` is timed at (see :func:`measure`)."""
-    return list(dict.fromkeys((m or n, n) for m in sorted(set(rows)) for n in lengths
-                              if m != PROMPT or n <= PROMPT_MAX))
-
-
-def measure(spec: AttentionKernel, rows=(1,), target=None, rounds: int = 30, knobs=None,
-            lengths=LENGTHS) -> tuple[int, dict]:
-    """Time ``spec``'s kernel for every knob (default :func:`candidates`) at every (query rows
-    ``rows`` x cache ``lengths``) on this machine (interleaved medians, batch 1; rows PROMPT: a
-    prompt over itself, M = N for the lengths up to PROMPT_MAX); returns (best knob,
-    {knob: {"M,N": ms}}). The best minimises the mean over (M, N) of its time relative to the
-    fastest knob there, so short and long caches count alike."""
+def time_local(spec: AttentionKernel, knobs, cases, target=None, rounds: int = 30) -> dict:
+    """``{knob: {"M,N": ms}}`` on this machine: interleaved medians over ``rounds`` rounds."""
     from ..targets import resolve_target
     from .timing import interleaved, median_ms
 
     target = resolve_target(target or "cpu")
-    knobs = tuple(knobs or candidates(spec))
     rng = np.random.default_rng(0)
-    cases = timing_cases(rows, lengths)
-    data = {c: _arrays(spec, *c, rng) for c in cases}
+    data = {c: [tvm.runtime.tensor(a) for a in arrays(spec, *c, rng)] for c in cases}
     fns = {}
     for k in knobs:
         fn = tvm.compile(tvm.IRModule({"main": kernel(spec, k)}), target)["main"]
         for c in cases:
             fns[f"{k} {c[0]},{c[1]}"] = [lambda fn=fn, a=data[c]: fn(*a)]
     t = {key: median_ms(v) for key, v in interleaved(fns, rounds=rounds).items()}
-    ms = {k: {f"{m},{n}": t[f"{k} {m},{n}"] for m, n in cases} for k in knobs}
+    return {k: {f"{m},{n}": t[f"{k} {m},{n}"] for m, n in cases} for k in knobs}
+
+
+def measure(spec: AttentionKernel, rows=(1,), target=None, rounds: int = 30, knobs=None,
+            lengths=LENGTHS, timer=None) -> tuple[int, dict]:
+    """Time ``spec``'s kernel for every knob (default :func:`candidates`) at every (query rows
+    ``rows`` x cache ``lengths``) (batch 1; rows PROMPT: a prompt over itself, M = N for the
+    lengths up to PROMPT_MAX); returns (best knob, {knob: {"M,N": ms}}). ``timer(spec, knobs,
+    cases)`` measures (default :func:`time_local`; schedules/rpc.py measures on RPC servers). The
+    best minimises the mean over (M, N) of its time relative to the fastest knob there, so short
+    and long caches count alike."""
+    knobs = tuple(knobs or candidates(spec))
+    cases = timing_cases(rows, lengths)
+    ms = timer(spec, knobs, cases) if timer else time_local(spec, knobs, cases, target, rounds)
     score = {k: np.mean([ms[k][c] / min(ms[x][c] for x in knobs) for c in ms[k]]) for k in knobs}
     return min(score, key=score.get), ms

@@ -116,3 +116,38 @@ class RPCMeasurer:
         with ThreadPoolExecutor(len(self.sessions)) as pool:
             parts = list(pool.map(run, self.sessions, share))
         return {t: v for p in parts for t, v in p.items()}
+
+    def time_attention(self, spec, knobs, cases) -> dict:
+        """``{knob: {"M,N": ms}}`` of an attention kernel (schedules/attention_cpu.py) on the
+        servers: the timer of ``attention_cpu.measure``; knobs split over the sessions, each timed
+        by ``time_evaluator`` (median of ``repeat``, caches flushed) at every case."""
+        import tvm
+
+        from . import attention_cpu as A
+
+        libs = {}
+        for k in knobs:  # compiled here; a fresh name per measurer and knob (see _build)
+            path = os.path.join(self.workdir, f"attn-{os.path.basename(self.workdir)}-{spec.name}-k{k}.so")
+            if not os.path.exists(path):
+                tvm.compile(tvm.IRModule({"main": A.kernel(spec, k)}), self.target).export_library(path)
+            libs[k] = path
+        rng = np.random.default_rng(0)
+        data = {c: A.arrays(spec, *c, rng) for c in cases}
+        share = [list(libs.items())[i::len(self.sessions)] for i in range(len(self.sessions))]
+
+        def run(remote, jobs):
+            dev = remote.cpu(0)
+            args = {c: [tvm.runtime.tensor(a, dev) for a in arrs] for c, arrs in data.items()}
+            out = {}
+            for k, path in jobs:
+                mod = self.loaded.get((id(remote), path))
+                if mod is None:
+                    remote.upload(path)
+                    mod = self.loaded[id(remote), path] = remote.load_module(os.path.basename(path))
+                ev = mod.time_evaluator("main", dev, number=1, repeat=self.repeat, cache_flush_bytes=self.cold)
+                out[k] = {f"{m},{n}": float(np.median(ev(*args[m, n]).results) * 1e3) for m, n in cases}
+            return out
+
+        with ThreadPoolExecutor(len(self.sessions)) as pool:
+            parts = list(pool.map(run, self.sessions, share))
+        return {k: v for p in parts for k, v in p.items()}

@@ -224,11 +224,11 @@ def tune_missing(db: TuningDB, keys: list[tuple], **kw) -> int:
 
 
 def tune_attention(db: TuningDB, kernels: dict, budget_s: float | None = None, rounds: int = 30,
-                   progress=log) -> dict:
+                   measurer=None, progress=log) -> dict:
     """Search the knob of every attention kernel (``{AttentionKernel: query rows}``,
     float_tuning.attention_kernels) missing from ``db``, saving each at once; a kernel is started
-    only while the time the last one took fits in ``budget_s``; ``rounds`` of interleaved timing.
-    Returns (done, left, seconds)."""
+    only while the time the last one took fits in ``budget_s``; ``rounds`` of interleaved timing
+    here, or on the RPC servers of ``measurer`` (an RPCMeasurer). Returns (done, left, seconds)."""
     from .attention_cpu import KINDS, measure
 
     t0 = time.perf_counter()
@@ -238,10 +238,10 @@ def tune_attention(db: TuningDB, kernels: dict, budget_s: float | None = None, r
         if budget_s is not None and (time.perf_counter() - t0) + took > budget_s:
             break
         ts = time.perf_counter()
-        best, ms = measure(spec, rows, rounds=rounds)
+        best, ms = measure(spec, rows, rounds=rounds, timer=measurer.time_attention if measurer else None)
         took = time.perf_counter() - ts
-        db.put(attention_key(spec), {"knob": best, "ms": {str(b): v for b, v in ms.items()},
-                                     "rows": list(rows), "measured_by": "local"})
+        db.put(attention_key(spec), {"knob": best, "ms": {str(b): v for b, v in ms.items()}, "rows": list(rows),
+                                     "measured_by": measurer.name if measurer else "local"})
         done += 1
         worst = max(ms, key=lambda b: sum(ms[b].values()))
         knob = KINDS[spec.kind][0]
