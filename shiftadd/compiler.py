@@ -94,8 +94,12 @@ def export(ex, path: str, mod) -> None:
         ex.export_library(path)
 
 
-def _knob_source(kernel: str, tune: bool, db, target=None):
-    """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up)."""
+def _knob_source(kernel: str, tune: bool, db, target=None, keys=()):
+    """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up).
+    With ``tune``, the kernel ``keys`` missing from the database are tuned here, at once: before
+    the fits, whose BLAS and torch threads would otherwise still be busy on the other core while a
+    kernel is timed (compile --tune then picked single-thread splits that were 1.4x slower in the
+    decode step). Keys the rewrite asks for beyond them are tuned when asked."""
     summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0}
     if kernel != "avx2":
         return None, summary
@@ -103,6 +107,8 @@ def _knob_source(kernel: str, tune: bool, db, target=None):
 
     tdb = TuningDB.open(db, target=target)
     summary["db"] = str(tdb.path)
+    if tune and keys:
+        summary["tuned_now"] += tune_missing(tdb, list(keys))
 
     def knobs(*key):
         if tune and tdb.get(*key) is None:
@@ -111,6 +117,20 @@ def _knob_source(kernel: str, tune: bool, db, target=None):
         return tdb.knobs(*key)
 
     return knobs, summary
+
+
+def _kernel_keys(imported, cfg, skip, avg_bits, kernel: str, tune: bool) -> list[tuple]:
+    """The AVX2 kernel keys the rewrite of ``imported`` will look up (every width a mixed-bit
+    allocation may pick), for tuning them up front; empty unless tuning the AVX2 kernel."""
+    if kernel != "avx2" or not tune or cfg.layout == "column":
+        return []
+    from .quant.allocate import CHOICES
+    from .relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
+    from .tune import kernel_keys
+
+    main = imported.mod["main"]
+    return kernel_keys(weight_matmul_shapes(main, imported.params, ()), cfg, tuple(skip),
+                       CHOICES if avg_bits is not None else None, sibling_groups(main, imported.params, ()))
 
 
 def pick_kernel(kernel: str, target) -> str:
@@ -297,6 +317,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     if rewrite:
         from .reparam import plan_fit
 
+        knobs, tuning = _knob_source(kernel, tune, db, tgt, _kernel_keys(imported, cfg, skip, avg_bits, kernel, tune))
+
         if calib_windows > 0:
             from .data import token_windows, wiki_split
 
@@ -317,7 +339,6 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
                 raise ValueError("scale tuning needs calibration windows (calib_windows > 0 and a tokenizer)")
             tuned = _tune_scales(model, plan, batches, cfg, tune_scales, imported)
             params = {**params, **tuned.norms}
-        knobs, tuning = _knob_source(kernel, tune, db, tgt)
         mod, params, report = rewrite_lut_matmul(mod, params, cfg, skip=tuple(skip), keep_dequantized=keep_dequantized,
                                                  fitted=plan.fitted, layer_bits=plan.layer_bits, kernel=kernel,
                                                  knobs=knobs, also=tuple(extra))
