@@ -8,7 +8,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..schedules.attention_cpu import PROMPT, AttentionKernel, kernel
+from ..schedules.attention_cpu import PROMPT, AttentionKernel, default_knob, kernel
 from .rewrite_lut_matmul import _is_op, mutate_functions
 
 
@@ -23,8 +23,6 @@ class KernelTable:
         """The GlobalVar of ``spec``'s kernel (added on first use, named with its knob); ``rows``,
         the call's query rows, are recorded (a symbolic count as PROMPT)."""
         if spec not in self.funcs:
-            from ..schedules.attention_cpu import default_knob
-
             knob = self.knob_of(spec)
             knob = default_knob(spec) if knob is None else int(knob)
             name = f"{spec.name}_k{knob}"

@@ -139,8 +139,8 @@ class TuningDB:
 
     def attention_knob(self, spec) -> int | None:
         """The tuned knob of an attention kernel (AttentionKernel), or None (untuned: the default)."""
-        e = self.entries.get(attention_key(spec))
-        return int(e["knob"]) if e else None
+        knob = self.entries.get(attention_key(spec), {}).get("knob")
+        return int(knob) if isinstance(knob, int) else None  # an entry without one: untuned
 
     def put(self, key: str, entry: dict) -> None:
         self.entries[key] = entry
