@@ -79,6 +79,16 @@ class RPCMeasurer:
                                       f"(keys there: {known or 'none'})")
             time.sleep(0.5)
 
+    def _evaluator(self, remote, dev, path: str):
+        """``time_evaluator`` of ``main`` in the library at ``path`` on ``remote`` (median of
+        ``repeat``, caches flushed); uploaded once per server: replacing a library it has loaded
+        would crash it."""
+        mod = self.loaded.get((id(remote), path))
+        if mod is None:
+            remote.upload(path)
+            mod = self.loaded[id(remote), path] = remote.load_module(os.path.basename(path))
+        return mod.time_evaluator("main", dev, number=1, repeat=self.repeat, cache_flush_bytes=self.cold)
+
     def _build(self, kk: tuple, kn: L.Knobs) -> str:
         import tvm
 
@@ -105,11 +115,7 @@ class RPCMeasurer:
             for i, (tag, path) in enumerate(jobs):
                 if i and deadline is not None and time.perf_counter() > deadline:
                     break
-                mod = self.loaded.get((id(remote), path))
-                if mod is None:  # upload once per server: replacing a library it has loaded would crash it
-                    remote.upload(path)
-                    mod = self.loaded[id(remote), path] = remote.load_module(os.path.basename(path))
-                ev = mod.time_evaluator("main", dev, number=1, repeat=self.repeat, cache_flush_bytes=self.cold)
+                ev = self._evaluator(remote, dev, path)
                 out[tag] = float(np.median(ev(*args).results) * 1e3)
             return out
 
@@ -140,11 +146,7 @@ class RPCMeasurer:
             args = {c: [tvm.runtime.tensor(a, dev) for a in arrs] for c, arrs in data.items()}
             out = {}
             for k, path in jobs:
-                mod = self.loaded.get((id(remote), path))
-                if mod is None:
-                    remote.upload(path)
-                    mod = self.loaded[id(remote), path] = remote.load_module(os.path.basename(path))
-                ev = mod.time_evaluator("main", dev, number=1, repeat=self.repeat, cache_flush_bytes=self.cold)
+                ev = self._evaluator(remote, dev, path)
                 out[k] = {f"{m},{n}": float(np.median(ev(*args[m, n]).results) * 1e3) for m, n in cases}
             return out
 
