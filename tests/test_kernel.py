@@ -113,16 +113,35 @@ def run_avx2(x, bw, knobs=None, knobs_batch=None, fp8=False):
     return y.numpy()
 
 
-def check_avx2(x, bw, y):
+def check_avx2(x, bw, y, knobs=None, knobs_batch=None):
     """Equal to the int8-table reference to float rounding, and to the float-table reference within
-    the table-rounding bound (each entry off by at most half its unit's scale)."""
-    from shiftadd.schedules.lut_avx2 import lut_avx2_reference, table_error_bound
+    the table-rounding bound (each entry off by at most half its unit's scale). A call whose knobs
+    (``knobs`` at M = 1, else the batch knobs, resolved as make_lut_avx2 does) take the int8 path is
+    checked against that path's reference instead."""
+    from shiftadd.schedules import lut_avx2 as L
 
-    ref = lut_avx2_reference(x, bw)
+    kn = knobs or L.DEFAULT_KNOBS
+    used = kn if x.shape[0] == 1 else knobs_batch or (L.DEFAULT_BATCH_KNOBS if kn == L.DEFAULT_KNOBS else kn)
+    if used.path == 1 and L.int8_active():
+        return check_int8(x, bw, y)
+    ref = L.lut_avx2_reference(x, bw)
+    table_error_bound = L.table_error_bound
     scale = max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(y, ref, atol=1e-5 * scale * np.sqrt(x.shape[1] / 64 + 1))
     exact = lut_matmul_reference(x, bw)
     assert (np.abs(ref - exact) <= table_error_bound(x, bw) * (1 + 1e-6) + 1e-9 * scale).all()
+
+
+def check_int8(x, bw, y):
+    """The int8 path: equal to its numpy reference (exact integer dots) to float rounding, and to the
+    float reference within the weight and activation rounding bound."""
+    from shiftadd.schedules.lut_avx2 import int8_error_bound, int8_reference
+
+    ref = int8_reference(x, bw)
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(y, ref, atol=1e-5 * scale * np.sqrt(x.shape[1] / 64 + 1))
+    exact = lut_matmul_reference(x, bw)
+    assert (np.abs(ref - exact) <= int8_error_bound(x, bw) * (1 + 1e-5) + 1e-9 * scale).all()
 
 
 pytestmark_avx2 = pytest.mark.skipif(not __import__("shiftadd.schedules.lut_avx2", fromlist=["x"]).target_supported(TARGET),
@@ -149,8 +168,8 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
                    alpha=rng.choice([0.5, 0.375, 2.0 ** -7, 3.0], size=(bits, n, ng)).astype(np.float32),
                    offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None)
     kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
-    y = run_avx2(x, bw, kn, KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)], fp8)
-    check_avx2(x, bw, y)
+    kb = KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)]
+    check_avx2(x, bw, run_avx2(x, bw, kn, kb, fp8), kn, kb)
 
 
 @pytestmark_avx2
@@ -160,7 +179,57 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
 def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
     """The block layout (scales per 8 inputs x ``rows`` rows, rows a multiple of 32) on the AVX2 kernel."""
     x, bw = block_fit(m, k, n, bits, rows, offset, seed)
-    check_avx2(x, bw, run_avx2(x, bw))
+    check_avx2(x, bw, run_avx2(x, bw))  # M > 1: the default batch knobs (the int8 path where the CPU has it)
+
+
+@pytestmark_avx2
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(2, 15), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
+       pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), mt=st.sampled_from([1, 2, 4, 6]),
+       tasks=st.sampled_from([0, 1]), fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]),
+       seed=st.integers(0, 2**16))
+def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, seed):
+    """The dequantise-to-int8 path (M > 1) over odd shapes (K not a multiple of the group or of 4, N
+    not of 16 or 32, M not of the rows per pass), every rows-per-pass knob and thread split, 1-4
+    planes, groups of 8 to 1040 inputs, per-row and block (32/64-row) scales, float16 and e5m2
+    storage, negative and zero scales (a zero-scale row group must dequantise to zero). On a CPU
+    without VNNI the same call takes the LUT path and is checked against that."""
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import Knobs
+
+    rng = np.random.default_rng(seed)
+    group = 8 * pairs
+    ng, na = -(-k // group), -(-n // rows)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
+    x[rng.random((m, k)) < 0.1] = 0.0
+    alpha = rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0, 0.0], size=(bits, na, ng)).astype(np.float32)
+    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows,
+                   alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+                   offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+                   if offset else None)
+    kb = Knobs(mt, 1, tasks, 1)
+    check_avx2(x, bw, run_avx2(x, bw, knobs_batch=kb, fp8=fp8), knobs_batch=kb)
+
+
+@pytestmark_avx2
+def test_int8_path_off_falls_back_to_lut(monkeypatch):
+    """SHIFTADD_NO_INT8 (what a CPU without VNNI runs) sends a path-1 batch call to the LUT path:
+    the same compiled function then equals the LUT reference, and the int8 one without it."""
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import Knobs, int8_active, int8_reference, lut_avx2_reference
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 130)).astype(np.float32)
+    bw = BCQWeight(signs=rng.random((3, 40, 130)) < 0.5, group=64,
+                   alpha=rng.choice([0.5, 0.375, 2.0 ** -7], size=(3, 40, 3)).astype(np.float32))
+    kb = Knobs(6, 1, 0, 1)
+    monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
+    assert not int8_active()
+    y = run_avx2(x, bw, knobs_batch=kb)
+    np.testing.assert_allclose(y, lut_avx2_reference(x, bw), rtol=1e-5, atol=1e-4)
+    monkeypatch.delenv("SHIFTADD_NO_INT8")
+    if int8_active():
+        np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), int8_reference(x, bw), rtol=1e-5, atol=1e-4)
 
 
 @pytestmark_avx2

@@ -36,21 +36,28 @@ FEATURES = ("avx2", "fma", "f16c")
 
 @dataclass(frozen=True)
 class Knobs:
-    """Tuning knobs of one kernel: activation rows per pass, 32-row blocks per pass, thread split."""
+    """Tuning knobs of one kernel: activation rows per pass, 32-row blocks per pass, thread split,
+    and the path: 0 = LUT-add, 1 = dequantise-to-int8 GEMM (AVX-512 VNNI; rbk unused; on a CPU
+    without it the micro-kernel takes the LUT path with mt <= 2)."""
     mt: int = 1
     rbk: int = 1
     tasks: int = 0  # 0: every thread of TVM's pool; 1: the calling thread alone (no wake-up)
+    path: int = 0
 
     def tag(self) -> str:
-        return f"m{self.mt}r{self.rbk}t{self.tasks}"
+        return f"i8m{self.mt}t{self.tasks}" if self.path else f"m{self.mt}r{self.rbk}t{self.tasks}"
 
 
-KNOB_SPACE = [Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (4, 1))
-              for t in (0, 1)]  # the (mt, rbk) pairs the micro-kernel instantiates
+KNOB_SPACE = ([Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (4, 1))
+               for t in (0, 1)]  # the (mt, rbk) pairs the micro-kernel instantiates
+              + [Knobs(mt, 1, t, 1) for mt in (2, 4, 6) for t in (0, 1)])  # the int8 path's rows per pass
 # untuned defaults, measured on 4096x4096 here: 4 row blocks per pass keep 4 weight streams in flight
-# (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4); 2 activation rows share each code load
+# (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4); for M > 1 the int8 path, 4 rows per
+# pass (the LUT path's cost grows with every activation row; on a CPU without VNNI the kernel falls
+# back to the LUT path with 2 activation rows sharing each code load)
 DEFAULT_KNOBS = Knobs(1, 4, 0)
-DEFAULT_BATCH_KNOBS = Knobs(2, 1, 0)
+DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
+INT8_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 
 
 def target_supported(target) -> bool:
@@ -59,6 +66,16 @@ def target_supported(target) -> bool:
 
     try:
         return target.kind.name == "llvm" and bool(codegen.target_has_features(list(FEATURES), target))
+    except Exception:  # noqa: BLE001 - a non-x86 target has no such features
+        return False
+
+
+def int8_supported(target) -> bool:
+    """True when ``target`` (a TVM llvm Target) runs the int8 path (AVX-512 F/BW/VNNI)."""
+    from tvm.target import codegen
+
+    try:
+        return target_supported(target) and bool(codegen.target_has_features(list(INT8_FEATURES), target))
     except Exception:  # noqa: BLE001 - a non-x86 target has no such features
         return False
 
@@ -207,6 +224,73 @@ def lut_avx2_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
     return y
 
 
+def int8_weights(w: BCQWeight) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights [N, NG*group], step [N, NG]) exactly as the int8 path dequantises them: per
+    (row, group) S = sum_b |alpha_b|, a_b = rint(alpha_b * ((127 - q) / S)), wq = sum_b a_b s_b and
+    step S / (127 - q) (so |wq| <= 127); float32 ops in the kernel's order."""
+    q, n, k = w.signs.shape
+    ng = -(-k // w.group)
+    a = w.alpha.astype(np.float32)  # [q, N, NG]
+    s = np.abs(a[0])
+    for b in range(1, q):
+        s = s + np.abs(a[b])
+    lim = np.float32(127 - q)
+    with np.errstate(divide="ignore"):
+        inv = np.where(s > 0, lim / s, np.float32(0)).astype(np.float32)
+    ai = np.rint(a * inv[None]).astype(np.int64)  # [q, N, NG]
+    sp = np.zeros((q, n, ng * w.group), np.int64)
+    sp[:, :, :k] = np.where(w.signs, 1, -1)
+    wq = (sp.reshape(q, n, ng, w.group) * ai[..., None]).sum(0).reshape(n, -1)
+    return wq.astype(np.int8), (s / lim).astype(np.float32)
+
+
+def int8_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 activations [M, NG*group], scales [M, NG]) as the int8 path quantises them: one scale
+    max|x| / 127 per (row, group), rint(x * (127 / max)) (round half to even)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    ng = -(-k // group)
+    xp = np.zeros((m, ng * group), np.float32)
+    xp[:, :k] = x
+    mx = np.abs(xp.reshape(m, ng, group)).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(mx > 0, np.float32(127) / mx, np.float32(0)).astype(np.float32)
+    xq = np.rint(xp.reshape(m, ng, group) * inv[..., None]).reshape(m, -1).astype(np.int8)
+    return xq, (mx / np.float32(127)).astype(np.float32)
+
+
+def int8_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
+    """The int8 path's semantics in numpy (exact integer dot products per group, then float64)."""
+    m, k = x.shape
+    n = w.shape[0]
+    ng = -(-k // w.group)
+    wq, step = int8_weights(w)
+    xq, xs = int8_activations(x, w.group)
+    dots = np.einsum("mgk,ngk->mng", xq.reshape(m, ng, -1).astype(np.int64), wq.reshape(n, ng, -1).astype(np.int64))
+    y = (dots * xs[:, None, :].astype(np.float64) * step[None].astype(np.float64)).sum(-1)
+    if w.offset is not None:
+        xp = np.zeros((m, ng * w.group))
+        xp[:, :k] = x
+        y += xp.reshape(m, ng, -1).sum(-1) @ w.offset.T.astype(np.float64)
+    return y
+
+
+def int8_error_bound(x: np.ndarray, w: BCQWeight) -> np.ndarray:
+    """Upper bound of |int8 path - float reference| per output: weights off by at most q/2 steps,
+    activations by half their scale."""
+    m, k = x.shape
+    n = w.shape[0]
+    ng = -(-k // w.group)
+    wq, step = int8_weights(w)
+    xq, xs = int8_activations(x, w.group)
+    q = w.signs.shape[0]
+    xp = np.zeros((m, ng * w.group))
+    xp[:, :k] = np.abs(x)
+    xa = xp.reshape(m, ng, -1).sum(-1)  # [M, NG]
+    wabs = np.abs(wq.astype(np.float64)).reshape(n, ng, -1).sum(-1) * step  # [N, NG]: sum |dequantised w|
+    return xa @ (step.astype(np.float64) * (q / 2)).T + (xs.astype(np.float64) / 2) @ wabs.T
+
+
 def table_error_bound(x: np.ndarray, w: BCQWeight) -> np.ndarray:
     """Upper bound of |kernel - float reference| per output, from rounding each table entry (≤ scale/2)."""
     m, k = x.shape
@@ -254,6 +338,12 @@ def load_in_process() -> str:
     return path
 
 
+def int8_active() -> bool:
+    """Whether the micro-kernel takes the int8 path here when asked to (this CPU has AVX-512
+    F/BW/VNNI and ``SHIFTADD_NO_INT8`` is unset): what a batch call with ``path=1`` computes."""
+    return bool(ctypes.CDLL(load_in_process()).shiftadd_int8_supported())
+
+
 # -- the TIR wrapper --------------------------------------------------------------------------------
 def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1,
                   knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None, fp8: bool = False):
@@ -279,8 +369,7 @@ def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, al
         return T.call_extern(
             "int32", "shiftadd_lut_matmul", X.data, m, i64(k), codes.data, alpha.data, zoff.data, i64(use_z),
             i64(n), i64(pairs), i64(u4), i64(g4), i64(ng), i64(alpha_rows), i64(int(fp8)), i64(q), i64(kn.mt),
-            i64(kn.rbk),
-            i64(kn.tasks), tab.data, ls.data, gs.data, Y.data)
+            i64(kn.rbk), i64(kn.path), i64(kn.tasks), tab.data, ls.data, gs.data, Y.data)
 
     @T.prim_func
     def lut8(x_h: T.handle, codes: T.Buffer((nb, pairs, q, ROWS), "uint8"),

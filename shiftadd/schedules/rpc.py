@@ -79,6 +79,11 @@ class RPCMeasurer:
                                       f"(keys there: {known or 'none'})")
             time.sleep(0.5)
 
+    @property
+    def int8(self) -> bool:
+        """Whether the remote target has the int8 path's features (AVX-512 F/BW/VNNI)."""
+        return L.int8_supported(self.target)
+
     def _evaluator(self, remote, dev, path: str):
         """``time_evaluator`` of ``main`` in the library at ``path`` on ``remote`` (median of
         ``repeat``, caches flushed); uploaded once per server: replacing a library it has loaded

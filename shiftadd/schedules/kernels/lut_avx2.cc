@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include <algorithm>
 
@@ -237,6 +238,222 @@ GemmFn pick_q(int64_t q, int mt, int rbk) {
   }
 }
 
+// ---- the int8 path for M > 1: dequantise to int8, then an AVX-512 VNNI GEMM ---------------------------
+// Per (row, group) the planes' scales become integers a_b = rint(alpha_b * inv), inv = (127 - Q) / S,
+// S = sum_b |alpha_b| (so sum_b |a_b| <= 127), and the weight is the int8 wq = sum_b a_b s_b, step S / (127 - Q).
+// Activations: one int8 scale per (row, group), xq = rint(x * 127 / max|x|), fed to vpdpbusd as xq + 128
+// (unsigned); the 128 * sum(wq) this adds is subtracted up front. Offsets stay z * (exact group sum).
+// A panel of 32 weight rows is dequantised once into a thread-local buffer ([quad][half][16 rows x 4]) and
+// reused by every activation row: the dequantisation is three ops per plane per 64 weights.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vnni")
+
+struct I8Scratch {
+  uint8_t* p = nullptr;
+  size_t cap = 0;
+  ~I8Scratch() { free(p); }
+  uint8_t* get(size_t n) {
+    if (n > cap) {
+      free(p);
+      cap = (n + 63) / 64 * 64;
+      p = static_cast<uint8_t*>(aligned_alloc(64, cap));
+    }
+    return p;
+  }
+};
+
+struct I8Panel {
+  __m512i* w;      // [t4p][2] 16 rows x 4 weights
+  __m512i* cinit;  // [ng][2] -128 * sum of the group's weights, per row
+  __m512* wsc;     // [ng][2] weight step per row
+  __m512* zf;      // [ng][2] offsets per row
+};
+
+alignas(64) const uint8_t kRep0[64] = {0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                       0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                       0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                       0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12};
+alignas(64) const uint8_t kRowRep[64] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                         4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7,
+                                         8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11,
+                                         12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15};
+alignas(64) const uint8_t kBitLo[64] = {1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
+                                        1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
+                                        1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
+
+inline __m512 scales16(const void* base, int64_t i, int f8) {
+  if (f8)
+    return _mm512_cvtph_ps(_mm256_slli_epi16(
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(base) + i))), 8));
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i)));
+}
+
+// Dequantise row block rb (32 rows) into the panel.
+template <int Q>
+void i8_dequant(const uint8_t* codes, const void* alpha, const void* zoff, int use_z, int64_t rb, const Shape& s,
+                const I8Panel& P) {
+  const __m512i rep0 = _mm512_load_si512(kRep0), rowrep = _mm512_load_si512(kRowRep);
+  const __m512i bitlo = _mm512_load_si512(kBitLo), bithi = _mm512_slli_epi16(bitlo, 4);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512 lim = _mm512_set1_ps(float(127 - Q));
+  const int64_t w = s.ar == 1 ? 32 : 1;
+  const int64_t ab = s.ar == 1 ? rb : rb * 32 / s.ar;
+  const int64_t ppg = s.g4 / 2;
+  for (int64_t g = 0; g < s.ng; ++g) {
+    __m512i twoa[2][Q], nega[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t al = (ab * s.ng + g) * Q * w;
+      __m512 a[Q];
+      for (int b = 0; b < Q; ++b)
+        a[b] = w == 32 ? scales16(alpha, al + b * 32 + 16 * h, s.f8) : _mm512_set1_ps(scale1(alpha, al + b, s.f8));
+      __m512 sum = _mm512_abs_ps(a[0]);
+      for (int b = 1; b < Q; ++b) sum = _mm512_add_ps(sum, _mm512_abs_ps(a[b]));
+      const __mmask16 nz = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
+      const __m512 inv = _mm512_maskz_div_ps(nz, lim, sum);
+      P.wsc[g * 2 + h] = _mm512_div_ps(sum, lim);
+      __m512i A = _mm512_setzero_si512();
+      for (int b = 0; b < Q; ++b) {
+        const __m512i ai = _mm512_cvtps_epi32(_mm512_mul_ps(a[b], inv));
+        A = _mm512_add_epi32(A, ai);
+        twoa[h][b] = _mm512_shuffle_epi8(_mm512_slli_epi32(ai, 1), rep0);
+      }
+      nega[h] = _mm512_shuffle_epi8(_mm512_sub_epi32(_mm512_setzero_si512(), A), rep0);
+      if (use_z) {
+        const int64_t z = (ab * s.ng + g) * w;
+        P.zf[g * 2 + h] = w == 32 ? scales16(zoff, z + 16 * h, s.f8) : _mm512_set1_ps(scale1(zoff, z, s.f8));
+      } else {
+        P.zf[g * 2 + h] = _mm512_setzero_ps();
+      }
+    }
+    __m512i csum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t pp = g * ppg; pp < (g + 1) * ppg; ++pp) {
+      const uint8_t* c = codes + (rb * s.pairs + pp) * Q * 32;
+      for (int h = 0; h < 2; ++h) {
+        __m512i lo = nega[h], hi = nega[h];
+        for (int b = 0; b < Q; ++b) {
+          const __m512i r = _mm512_shuffle_epi8(
+              _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 32 + 16 * h))), rowrep);
+          lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(r, bitlo), lo, twoa[h][b]);
+          hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(r, bithi), hi, twoa[h][b]);
+        }
+        csum[h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(csum[h], ones, lo), ones, hi);
+        _mm512_store_si512(P.w + (2 * pp) * 2 + h, lo);
+        _mm512_store_si512(P.w + (2 * pp + 1) * 2 + h, hi);
+      }
+    }
+    for (int h = 0; h < 2; ++h) P.cinit[g * 2 + h] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(csum[h], 7));
+  }
+}
+
+// y rows [m0, m1), columns of row block rb, MT activation rows at a time.
+template <int MT>
+void i8_gemm(const uint8_t* xu, const float* asc, const float* gsum, int64_t m0, int64_t m1, int use_z, int64_t rb,
+             const Shape& s, const I8Panel& P, float* y) {
+  const int64_t kp = s.t4p() * 4;
+  const int64_t row0 = rb * 32;
+  const int64_t left = s.n - row0;
+  const __mmask16 mk[2] = {__mmask16(left >= 16 ? 0xFFFF : (1u << left) - 1),
+                           __mmask16(left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1)};
+  for (int64_t m = m0; m + MT <= m1; m += MT) {
+    __m512 f[MT][2];
+    for (int i = 0; i < MT; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < s.ng; ++g) {
+      __m512i acc[MT][2];
+      for (int i = 0; i < MT; ++i) {
+        acc[i][0] = P.cinit[g * 2];
+        acc[i][1] = P.cinit[g * 2 + 1];
+      }
+      for (int64_t t = g * s.g4; t < (g + 1) * s.g4; ++t) {
+        const __m512i w0 = _mm512_load_si512(P.w + t * 2), w1 = _mm512_load_si512(P.w + t * 2 + 1);
+        for (int i = 0; i < MT; ++i) {
+          int32_t xv;
+          __builtin_memcpy(&xv, xu + (m + i) * kp + 4 * t, 4);
+          const __m512i xb = _mm512_set1_epi32(xv);
+          acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xb, w0);
+          acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], xb, w1);
+        }
+      }
+      for (int i = 0; i < MT; ++i) {
+        const __m512 as = _mm512_set1_ps(asc[(m + i) * s.ng + g]);
+        for (int h = 0; h < 2; ++h)
+          f[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][h]), _mm512_mul_ps(P.wsc[g * 2 + h], as), f[i][h]);
+        if (use_z) {
+          const __m512 gs = _mm512_set1_ps(gsum[(m + i) * s.ng + g]);
+          for (int h = 0; h < 2; ++h) f[i][h] = _mm512_fmadd_ps(P.zf[g * 2 + h], gs, f[i][h]);
+        }
+      }
+    }
+    for (int i = 0; i < MT; ++i)
+      for (int h = 0; h < 2; ++h) _mm512_mask_storeu_ps(y + (m + i) * s.n + row0 + 16 * h, mk[h], f[i][h]);
+  }
+}
+
+// Quantised activations (xq + 128, uint8 [M][Kp]) and their scales (float [M][ng]) of the (row, group)
+// pairs [v0, v1): float32 ops as the numpy reference does them, rint = round half to even.
+void i8_quantize(const float* x, int64_t k, const Shape& s, int64_t v0, int64_t v1, uint8_t* xu, float* asc) {
+  const int64_t gk = s.g4 * 4, kp = s.t4p() * 4;
+  auto first = [](int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); };
+  for (int64_t v = v0; v < v1; ++v) {
+    const int64_t m = v / s.ng, g = v % s.ng, end = (g + 1) * gk;
+    const float* xr = x + m * k;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t kk = g * gk; kk < end; kk += 16)  // groups of 8 end mid-vector: stop at the group and at k
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(std::min(end, k) - kk), xr + kk)));
+    const float m1 = _mm512_reduce_max_ps(mx);
+    const float inv = m1 > 0.0f ? 127.0f / m1 : 0.0f;
+    asc[v] = m1 / 127.0f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (int64_t kk = g * gk; kk < end; kk += 16) {
+      const __m512 xv = _mm512_maskz_loadu_ps(first(std::min(end, k) - kk), xr + kk);
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(xv, vi)), off);
+      _mm512_mask_cvtepi32_storeu_epi8(xu + m * kp + kk, first(end - kk), q);  // padding past k: xq = 0
+    }
+  }
+}
+
+template <int Q>
+void i8_panels(const uint8_t* xu, const float* asc, const float* gsum, int64_t m, int mt, const uint8_t* codes,
+               const void* alpha, const void* zoff, int use_z, int64_t rb0, int64_t rb1, const Shape& s, float* y) {
+  static thread_local I8Scratch scratch;
+  const int64_t t4p = s.t4p();
+  uint8_t* base = scratch.get(size_t(t4p * 2 + s.ng * 8) * 64);
+  const I8Panel P{reinterpret_cast<__m512i*>(base), reinterpret_cast<__m512i*>(base + t4p * 2 * 64),
+                  reinterpret_cast<__m512*>(base + (t4p * 2 + s.ng * 2) * 64),
+                  reinterpret_cast<__m512*>(base + (t4p * 2 + s.ng * 4) * 64)};
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    i8_dequant<Q>(codes, alpha, zoff, use_z, rb, s, P);
+    int64_t i = 0;
+    if (mt >= 6) for (; i + 6 <= m; i += 6) i8_gemm<6>(xu, asc, gsum, i, i + 6, use_z, rb, s, P, y);
+    if (mt >= 4) for (; i + 4 <= m; i += 4) i8_gemm<4>(xu, asc, gsum, i, i + 4, use_z, rb, s, P, y);
+    if (mt >= 2) for (; i + 2 <= m; i += 2) i8_gemm<2>(xu, asc, gsum, i, i + 2, use_z, rb, s, P, y);
+    for (; i < m; ++i) i8_gemm<1>(xu, asc, gsum, i, i + 1, use_z, rb, s, P, y);
+  }
+}
+
+#pragma GCC pop_options
+
+using I8Fn = void (*)(const uint8_t*, const float*, const float*, int64_t, int, const uint8_t*, const void*,
+                      const void*, int, int64_t, int64_t, const Shape&, float*);
+
+I8Fn pick_i8(int64_t q) {
+  switch (q) {
+    case 1: return i8_panels<1>;
+    case 2: return i8_panels<2>;
+    case 3: return i8_panels<3>;
+    case 4: return i8_panels<4>;
+    default: return nullptr;
+  }
+}
+
+// SHIFTADD_NO_INT8=1 turns the int8 path off (what a CPU without VNNI runs; read per call: tests flip it).
+bool i8_supported() {
+  const char* off = getenv("SHIFTADD_NO_INT8");
+  if (off && off[0] && off[0] != '0') return false;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
 // TVM runtime thread pool (c_backend_api.h), resolved from libtvm_runtime at load time.
 struct ParallelEnv {
   void* sync_handle;
@@ -256,6 +473,8 @@ struct Job {
   int64_t nb;
   int rbk;
   GemmFn gemm;
+  I8Fn i8;  // the int8 path (M > 1) when chosen and supported, else null
+  int mt;
   int8_t* tab;
   float* ls;
   float* gsum;
@@ -273,13 +492,24 @@ int run_task(int task, ParallelEnv* penv, void* cdata) {
   const Job& j = *static_cast<const Job*>(cdata);
   const int nt = penv ? penv->num_task : 1;
   int64_t a, b;
-  share(j.m * j.s.nunits(), task, nt, 1, &a, &b);
-  build_tables(j.x, j.k, j.s, a, b, j.tab, j.ls);
+  if (j.i8) {
+    share(j.m * j.s.ng, task, nt, 1, &a, &b);
+    i8_quantize(j.x, j.k, j.s, a, b, reinterpret_cast<uint8_t*>(j.tab), j.ls);
+  } else {
+    share(j.m * j.s.nunits(), task, nt, 1, &a, &b);
+    build_tables(j.x, j.k, j.s, a, b, j.tab, j.ls);
+  }
   if (j.use_z) {
     share(j.m * j.s.ng, task, nt, 1, &a, &b);
     group_sums(j.x, j.k, j.s, a, b, j.gsum);
   }
   if (nt > 1) TVMBackendParallelBarrier(task, penv);
+  if (j.i8) {
+    share(j.nb, task, nt, 1, &a, &b);
+    if (a < b) j.i8(reinterpret_cast<const uint8_t*>(j.tab), j.ls, j.gsum, j.m, j.mt, j.codes, j.alpha, j.zoff, j.use_z,
+                    a, b, j.s, j.y);
+    return 0;
+  }
   share(j.nb, task, nt, j.rbk, &a, &b);
   if (a < b) j.gemm(j.tab, j.ls, j.gsum, 0, j.m, j.codes, j.alpha, j.zoff, j.use_z, a, b, j.s, j.y);
   return 0;
@@ -293,17 +523,27 @@ extern "C" {
 // tab int8 [M][2 pairs][16], ls float [M][nunits], gsum float [M][ng]). One launch on TVM's thread
 // pool (``tasks`` 0: all its threads; 1: this thread only): every task builds its share of the tables,
 // a barrier, then its share of the 32-row blocks. q planes (1..4); mt activation rows and rbk row blocks
-// per pass (tuning knobs). Returns 0, or -1 for an unsupported q / knob.
+// per pass (tuning knobs). ``path`` 1 takes the int8 path (dequantised panels, AVX-512 VNNI; mt rows per
+// pass, 1/2/4/6) where the CPU has it, else the LUT path with mt <= 2 and rbk 1 (same workspaces: the
+// int8 path keeps its activations in tab and their scales in ls). Returns 0, or -1 for an unsupported
+// q / knob.
 int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const void* alpha,
                         const void* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
                         int64_t ng, int64_t rows_per_alpha, int64_t scale_fp8, int64_t q, int64_t mt, int64_t rbk,
-                        int64_t tasks, int8_t* tab, float* ls, float* gsum, float* y) {
+                        int64_t path, int64_t tasks, int8_t* tab, float* ls, float* gsum, float* y) {
+  const bool i8 = path == 1 && i8_supported();
+  if (path == 1 && !i8) mt = std::min<int64_t>(mt, 2), rbk = 1;
   Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_fp8 != 0)},
         (n + 31) / 32,
-        int(rbk), pick_q(q, int(mt), int(rbk)), tab, ls, gsum, y};
-  if (!j.gemm || u4 % 2 || g4 % u4) return -1;
+        int(rbk), pick_q(q, int(mt), int(rbk)), i8 ? pick_i8(q) : nullptr, int(mt), tab, ls, gsum, y};
+  if (path < 0 || path > 1 || (i8 ? !j.i8 || (mt != 1 && mt != 2 && mt != 4 && mt != 6) : !j.gemm) || u4 % 2 ||
+      g4 % u4 || g4 % 2)
+    return -1;
   if (tasks == 1) return run_task(0, nullptr, &j);
   return TVMBackendParallelLaunch(run_task, &j, int(tasks));
 }
+
+// 1 when this CPU runs the int8 path (AVX-512 F/BW/VNNI) and SHIFTADD_NO_INT8 is unset, else 0.
+int shiftadd_int8_supported() { return i8_supported() ? 1 : 0; }
 
 }  // extern "C"
