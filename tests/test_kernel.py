@@ -122,7 +122,7 @@ def check_avx2(x, bw, y, knobs=None, knobs_batch=None):
 
     kn = knobs or L.DEFAULT_KNOBS
     used = kn if x.shape[0] == 1 else knobs_batch or (L.DEFAULT_BATCH_KNOBS if kn == L.DEFAULT_KNOBS else kn)
-    if used.path == 1 and L.int8_active():
+    if used.path == 1 and 1 in L.active_paths():
         return check_int8(x, bw, y)
     ref = L.lut_avx2_reference(x, bw)
     table_error_bound = L.table_error_bound
@@ -212,23 +212,51 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
 
 
 @pytestmark_avx2
-def test_int8_path_off_falls_back_to_lut(monkeypatch):
-    """SHIFTADD_NO_INT8 (what a CPU without VNNI runs) sends a path-1 batch call to the LUT path:
-    the same compiled function then equals the LUT reference, and the int8 one without it."""
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 3), k=st.integers(1, 300), n=st.integers(1, 200), bits=st.sampled_from([1, 2, 3, 4]),
+       pairs=st.sampled_from([1, 2, 3, 8, 130]), offset=st.booleans(), rbk=st.sampled_from([1, 2, 4]),
+       fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]), seed=st.integers(0, 2**16))
+def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8, rows, seed):
+    """The 512-bit LUT path (two planes per load; an odd last plane on 256-bit registers) equals the
+    LUT reference over odd shapes (N not a multiple of 16, 32 or the row blocks per pass), 1-4
+    planes, per-row and block scales, float16 and e5m2 storage; M > 1 rows run it one at a time."""
     from shiftadd.quant.bcq import BCQWeight
-    from shiftadd.schedules.lut_avx2 import Knobs, int8_active, int8_reference, lut_avx2_reference
+    from shiftadd.schedules.lut_avx2 import Knobs
+
+    rng = np.random.default_rng(seed)
+    group = 8 * pairs
+    ng, na = -(-k // group), -(-n // rows)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
+    alpha = rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0], size=(bits, na, ng)).astype(np.float32)
+    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows,
+                   alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+                   offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+                   if offset else None)
+    kn = Knobs(1, rbk, 0, 2)
+    check_avx2(x, bw, run_avx2(x, bw, kn, kn, fp8), kn, kn)
+
+
+@pytestmark_avx2
+def test_avx512_paths_off_fall_back_to_lut(monkeypatch):
+    """SHIFTADD_NO_AVX512 (what an AVX2-only CPU runs) sends a path-1 batch call and a path-2 call
+    to the 256-bit LUT path: the same compiled functions then equal the LUT reference, and without
+    it the int8 reference (path 1) and the LUT reference again (path 2: same tables, wider registers)."""
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import Knobs, active_paths, int8_reference, lut_avx2_reference
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 130)).astype(np.float32)
     bw = BCQWeight(signs=rng.random((3, 40, 130)) < 0.5, group=64,
                    alpha=rng.choice([0.5, 0.375, 2.0 ** -7], size=(3, 40, 3)).astype(np.float32))
-    kb = Knobs(6, 1, 0, 1)
-    monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
-    assert not int8_active()
-    y = run_avx2(x, bw, knobs_batch=kb)
-    np.testing.assert_allclose(y, lut_avx2_reference(x, bw), rtol=1e-5, atol=1e-4)
-    monkeypatch.delenv("SHIFTADD_NO_INT8")
-    if int8_active():
+    kb, wide = Knobs(6, 1, 0, 1), Knobs(1, 4, 0, 2)
+    monkeypatch.setenv("SHIFTADD_NO_AVX512", "1")
+    assert active_paths() == {0}
+    lut = lut_avx2_reference(x, bw)
+    np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), lut, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
+    monkeypatch.delenv("SHIFTADD_NO_AVX512")
+    np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
+    if 1 in active_paths():
         np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), int8_reference(x, bw), rtol=1e-5, atol=1e-4)
 
 

@@ -37,27 +37,32 @@ FEATURES = ("avx2", "fma", "f16c")
 @dataclass(frozen=True)
 class Knobs:
     """Tuning knobs of one kernel: activation rows per pass, 32-row blocks per pass, thread split,
-    and the path: 0 = LUT-add, 1 = dequantise-to-int8 GEMM (AVX-512 VNNI; rbk unused; on a CPU
-    without it the micro-kernel takes the LUT path with mt <= 2)."""
+    and the path: 0 = LUT-add on 256-bit registers, 1 = dequantise-to-int8 GEMM (AVX-512 VNNI; rbk
+    unused), 2 = LUT-add on 512-bit registers (AVX-512 BW; mt 1). On a CPU without a path's
+    features the micro-kernel takes path 0 (int8: with mt <= 2, rbk 1)."""
     mt: int = 1
     rbk: int = 1
     tasks: int = 0  # 0: every thread of TVM's pool; 1: the calling thread alone (no wake-up)
     path: int = 0
 
     def tag(self) -> str:
-        return f"i8m{self.mt}t{self.tasks}" if self.path else f"m{self.mt}r{self.rbk}t{self.tasks}"
+        if self.path == 1:
+            return f"i8m{self.mt}t{self.tasks}"
+        return f"{'w' if self.path == 2 else ''}m{self.mt}r{self.rbk}t{self.tasks}"
 
 
 KNOB_SPACE = ([Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (4, 1))
                for t in (0, 1)]  # the (mt, rbk) pairs the micro-kernel instantiates
-              + [Knobs(mt, 1, t, 1) for mt in (2, 4, 6) for t in (0, 1)])  # the int8 path's rows per pass
+              + [Knobs(mt, 1, t, 1) for mt in (2, 4, 6) for t in (0, 1)]  # the int8 path's rows per pass
+              + [Knobs(1, rbk, t, 2) for rbk in (1, 2, 4) for t in (0, 1)])  # the 512-bit LUT path
 # untuned defaults, measured on 4096x4096 here: 4 row blocks per pass keep 4 weight streams in flight
-# (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4); for M > 1 the int8 path, 4 rows per
-# pass (the LUT path's cost grows with every activation row; on a CPU without VNNI the kernel falls
-# back to the LUT path with 2 activation rows sharing each code load)
-DEFAULT_KNOBS = Knobs(1, 4, 0)
+# (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4), on 512-bit registers where the CPU has
+# them (4-bit M=1: 0.33 -> 0.24 ms); for M > 1 the int8 path, 4 rows per pass (the LUT path's cost
+# grows with every activation row; on a CPU without VNNI the kernel falls back to the LUT path with
+# 2 activation rows sharing each code load)
+DEFAULT_KNOBS = Knobs(1, 4, 0, 2)
 DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
-INT8_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
+AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 
 
 def target_supported(target) -> bool:
@@ -70,14 +75,19 @@ def target_supported(target) -> bool:
         return False
 
 
-def int8_supported(target) -> bool:
-    """True when ``target`` (a TVM llvm Target) runs the int8 path (AVX-512 F/BW/VNNI)."""
+def paths_supported(target) -> frozenset[int]:
+    """The paths (Knobs.path) ``target`` (a TVM llvm Target with AVX2) runs: 0 always, 2 with AVX-512
+    F/BW, 1 with VNNI too."""
     from tvm.target import codegen
 
-    try:
-        return target_supported(target) and bool(codegen.target_has_features(list(INT8_FEATURES), target))
-    except Exception:  # noqa: BLE001 - a non-x86 target has no such features
-        return False
+    def has(*feats):
+        try:
+            return bool(codegen.target_has_features(list(feats), target))
+        except Exception:  # noqa: BLE001 - a non-x86 target has no such features
+            return False
+
+    wide = target_supported(target) and has("avx512f", "avx512bw")
+    return frozenset({0} | ({2} if wide else set()) | ({1} if wide and has("avx512vnni") else set()))
 
 
 def unit_tables(g4: int) -> int | None:
@@ -338,10 +348,11 @@ def load_in_process() -> str:
     return path
 
 
-def int8_active() -> bool:
-    """Whether the micro-kernel takes the int8 path here when asked to (this CPU has AVX-512
-    F/BW/VNNI and ``SHIFTADD_NO_INT8`` is unset): what a batch call with ``path=1`` computes."""
-    return bool(ctypes.CDLL(load_in_process()).shiftadd_int8_supported())
+def active_paths() -> frozenset[int]:
+    """The paths the micro-kernel takes here when asked to (this CPU's features; ``SHIFTADD_NO_AVX512``
+    set turns paths 1 and 2 off): a call with another path computes path 0's result."""
+    bits = ctypes.CDLL(load_in_process()).shiftadd_paths()
+    return frozenset(p for p, b in ((0, 1), (1, 2), (2, 4)) if bits & b)
 
 
 # -- the TIR wrapper --------------------------------------------------------------------------------

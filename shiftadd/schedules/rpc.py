@@ -80,9 +80,9 @@ class RPCMeasurer:
             time.sleep(0.5)
 
     @property
-    def int8(self) -> bool:
-        """Whether the remote target has the int8 path's features (AVX-512 F/BW/VNNI)."""
-        return L.int8_supported(self.target)
+    def paths(self) -> frozenset[int]:
+        """The kernel paths the remote target has the features of (Knobs.path)."""
+        return L.paths_supported(self.target)
 
     def _evaluator(self, remote, dev, path: str):
         """``time_evaluator`` of ``main`` in the library at ``path`` on ``remote`` (median of

@@ -49,7 +49,7 @@ def context(target=None) -> dict:
     tgt = resolve_target(target or "cpu") if target is None or isinstance(target, str) else target
     mcpu = str(tgt.attrs.get("mcpu", "generic"))
     try:
-        feats = ",".join(f for f in L.FEATURES + L.INT8_FEATURES if codegen.target_has_features([f], tgt))
+        feats = ",".join(f for f in L.FEATURES + L.AVX512_FEATURES if codegen.target_has_features([f], tgt))
     except Exception:  # noqa: BLE001 - not an x86 target
         feats = ""
     src = hashlib.sha256(L.SOURCE.read_bytes() + repr(L.KNOB_SPACE).encode()).hexdigest()[:16]
@@ -151,13 +151,17 @@ class TuningDB:
             tmp.write_text(json.dumps({"context": self.ctx, "entries": self.entries}, indent=1, sort_keys=True))
 
 
-def candidates(m: int, int8: bool = False) -> list[L.Knobs]:
-    """The knobs timed at ``m`` activation rows; ``int8``: the machine has the int8 path (M > 1 only:
-    at M = 1 dequantising a panel for one row costs more than the LUT steps it replaces)."""
+def candidates(m: int, paths=frozenset({0})) -> list[L.Knobs]:
+    """The knobs timed at ``m`` activation rows, of the ``paths`` the machine runs (Knobs.path). The
+    int8 path only for M > 1 (at M = 1 dequantising a panel for one row costs more than the LUT steps
+    it replaces); for M > 1 the 512-bit LUT path only with 4 row blocks per pass."""
+    def ok(kn):
+        return kn.path in paths
     if m == 1:  # activation-row tiling does nothing for one row
-        return [kn for kn in L.KNOB_SPACE if kn.mt == 1 and not kn.path]
+        return [kn for kn in L.KNOB_SPACE if ok(kn) and kn.mt == 1 and kn.path != 1]
     return [kn for kn in L.KNOB_SPACE
-            if (kn.path and int8) or (not kn.path and kn.rbk <= 4 and (kn.mt > 1 or kn.rbk == 4))]
+            if ok(kn) and (kn.path == 1 or (kn.path == 2 and kn.rbk == 4)
+                           or (kn.path == 0 and kn.rbk <= 4 and (kn.mt > 1 or kn.rbk == 4)))]
 
 
 class LocalMeasurer:
@@ -169,9 +173,9 @@ class LocalMeasurer:
         self.cold_mib, self.rounds, self.seed = cold_mib, rounds, seed
 
     @property
-    def int8(self) -> bool:
-        """Whether this machine's kernel takes the int8 path (a candidate only where it runs)."""
-        return L.int8_active()
+    def paths(self) -> frozenset[int]:
+        """The kernel paths this machine takes (a candidate only where it runs)."""
+        return L.active_paths()
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
         import tvm
@@ -226,7 +230,7 @@ def tune_phases(db: TuningDB, keys: list[tuple], measurer=None, budget_s: float 
     todo = [(kk, ph) for kk in dict.fromkeys(keys) for ph in PHASES if not db.has_phase(key_of(*kk), ph)]
     done, per_cand = 0, []
     for i, (kk, ph) in enumerate(todo, 1):
-        cands = candidates(PHASES[ph], getattr(measurer, "int8", False))
+        cands = candidates(PHASES[ph], getattr(measurer, "paths", frozenset({0})))
         left = None if deadline is None else deadline - time.perf_counter()
         if left is not None and (left <= 0 or (per_cand and np.mean(per_cand) * len(cands) > left)):
             break

@@ -238,6 +238,133 @@ GemmFn pick_q(int64_t q, int mt, int rbk) {
   }
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+
+// ---- the LUT path on 512-bit registers (path 2; AVX-512 BW): one load brings two planes of a 32-row
+// block (they are adjacent in the code layout), so each vpshufb looks up 64 (row, plane) codes. The
+// tables and their scales are the LUT path's, so the result equals it bit for bit up to float order.
+inline __m512 scales16(const void* base, int64_t i, int f8) {
+  if (f8)
+    return _mm512_cvtph_ps(_mm256_slli_epi16(
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(base) + i))), 8));
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i)));
+}
+
+// Widen the int16 sums of planes (b, b + 1) to floats: rows 0-15 and 16-31 of each plane.
+inline void widen512(__m512i lo, __m512i hi, __m512 f[2][2]) {
+  // lo lanes: (rows 0-7, 16-23) of plane b, then of plane b+1; hi: rows 8-15, 24-31
+  const __m512i pb = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
+  const __m512i pc = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
+  f[0][0] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(pb)));
+  f[0][1] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(pb, 1)));
+  f[1][0] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(pc)));
+  f[1][1] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(pc, 1)));
+}
+
+template <int Q, int RB>
+void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
+                  const uint8_t* codes, const void* alpha, const void* zoff, int use_z, int64_t rb,
+                  const Shape& s, float* y) {
+  constexpr int QP = Q / 2, QO = Q % 2;  // plane pairs on 512-bit registers, an odd last plane on 256-bit
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const int64_t t4p = s.t4p(), nu = s.nunits(), upg = s.g4 / s.u4, ppu = s.u4 / 2;
+  const int64_t w = s.ar == 1 ? 32 : 1;
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 accf[RB][2];
+    for (int r = 0; r < RB; ++r) accf[r][0] = accf[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0, u = 0; g < s.ng; ++g)
+    for (int64_t uu = 0; uu < upg; ++uu, ++u) {
+      __m512i acc[RB][QP + 1][2];
+      __m256i acco[RB][2];
+      for (int r = 0; r < RB; ++r) {
+        for (int b = 0; b < QP; ++b) acc[r][b][0] = acc[r][b][1] = _mm512_setzero_si512();
+        acco[r][0] = acco[r][1] = _mm256_setzero_si256();
+      }
+      for (int64_t j = 0; j < ppu; ++j) {
+        const int64_t p = u * ppu + j;
+        const int8_t* t = tab + (m * t4p + 2 * p) * 16;
+        const __m512i ta = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+        const __m512i tb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
+        for (int r = 0; r < RB; ++r) {
+          const uint8_t* c = codes + ((rb + r) * s.pairs + p) * Q * 32;
+          for (int b = 0; b < QP; ++b) {
+            const __m512i v = _mm512_loadu_si512(c + b * 64);
+            const __m512i x0 = _mm512_shuffle_epi8(ta, _mm512_and_si512(v, nib));
+            const __m512i x1 = _mm512_shuffle_epi8(tb, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+            acc[r][b][0] = _mm512_add_epi16(acc[r][b][0], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(x0, x1)));
+            acc[r][b][1] = _mm512_add_epi16(acc[r][b][1], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(x0, x1)));
+          }
+          if (QO) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + QP * 64));
+            const __m256i n8 = _mm512_castsi512_si256(nib), o8 = _mm512_castsi512_si256(ones);
+            const __m256i x0 = _mm256_shuffle_epi8(_mm512_castsi512_si256(ta), _mm256_and_si256(v, n8));
+            const __m256i x1 = _mm256_shuffle_epi8(_mm512_castsi512_si256(tb), _mm256_and_si256(_mm256_srli_epi16(v, 4), n8));
+            acco[r][0] = _mm256_add_epi16(acco[r][0], _mm256_maddubs_epi16(o8, _mm256_unpacklo_epi8(x0, x1)));
+            acco[r][1] = _mm256_add_epi16(acco[r][1], _mm256_maddubs_epi16(o8, _mm256_unpackhi_epi8(x0, x1)));
+          }
+        }
+      }
+      const __m512 sc = _mm512_set1_ps(ls[m * nu + u]);
+      for (int r = 0; r < RB; ++r) {
+        const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
+        const int64_t al = (ab * s.ng + g) * Q * w;
+        __m512 t2[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int b = 0; b < QP; ++b) {
+          __m512 f[2][2];
+          widen512(acc[r][b][0], acc[r][b][1], f);
+          for (int e = 0; e < 2; ++e)
+            for (int h = 0; h < 2; ++h) {
+              const __m512 a = w == 32 ? scales16(alpha, al + (2 * b + e) * 32 + 16 * h, s.f8)
+                                       : _mm512_set1_ps(scale1(alpha, al + 2 * b + e, s.f8));
+              t2[h] = _mm512_fmadd_ps(f[e][h], a, t2[h]);
+            }
+        }
+        if (QO) {  // lo: rows 0-7 | 16-23, hi: rows 8-15 | 24-31
+          for (int h = 0; h < 2; ++h) {
+            const __m256i rows = _mm256_permute2x128_si256(acco[r][0], acco[r][1], h ? 0x31 : 0x20);
+            const __m512 a = w == 32 ? scales16(alpha, al + (Q - 1) * 32 + 16 * h, s.f8)
+                                     : _mm512_set1_ps(scale1(alpha, al + Q - 1, s.f8));
+            t2[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(rows)), a, t2[h]);
+          }
+        }
+        for (int h = 0; h < 2; ++h) accf[r][h] = _mm512_fmadd_ps(t2[h], sc, accf[r][h]);
+      }
+      if (use_z && uu + 1 == upg) {
+        const __m512 gs = _mm512_set1_ps(gsum[m * s.ng + g]);
+        for (int r = 0; r < RB; ++r) {
+          const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
+          const int64_t z = (ab * s.ng + g) * w;
+          for (int h = 0; h < 2; ++h) {
+            const __m512 zv = w == 32 ? scales16(zoff, z + 16 * h, s.f8) : _mm512_set1_ps(scale1(zoff, z, s.f8));
+            accf[r][h] = _mm512_fmadd_ps(zv, gs, accf[r][h]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      const int64_t row0 = (rb + r) * 32, left = s.n - row0;
+      for (int h = 0; h < 2; ++h) {
+        const int64_t l = left - 16 * h;
+        const __mmask16 mk = l >= 16 ? 0xFFFF : l <= 0 ? 0 : __mmask16((1u << l) - 1);
+        _mm512_mask_storeu_ps(y + m * s.n + row0 + 16 * h, mk, accf[r][h]);
+      }
+    }
+  }
+}
+
+template <int Q, int RB>
+void lut512_range(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
+                  const uint8_t* codes, const void* alpha, const void* zoff, int use_z,
+                  int64_t rb0, int64_t rb1, const Shape& s, float* y) {
+  int64_t rb = rb0;
+  for (; rb + RB <= rb1; rb += RB) lut512_block<Q, RB>(tab, ls, gsum, m0, m1, codes, alpha, zoff, use_z, rb, s, y);
+  for (; rb < rb1; ++rb) lut512_block<Q, 1>(tab, ls, gsum, m0, m1, codes, alpha, zoff, use_z, rb, s, y);
+}
+
+#pragma GCC pop_options
+
 // ---- the int8 path for M > 1: dequantise to int8, then an AVX-512 VNNI GEMM ---------------------------
 // Per (row, group) the planes' scales become integers a_b = rint(alpha_b * inv), inv = (127 - Q) / S,
 // S = sum_b |alpha_b| (so sum_b |a_b| <= 127), and the weight is the int8 wq = sum_b a_b s_b, step S / (127 - Q).
@@ -281,12 +408,6 @@ alignas(64) const uint8_t kBitLo[64] = {1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2
                                         1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
                                         1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
 
-inline __m512 scales16(const void* base, int64_t i, int f8) {
-  if (f8)
-    return _mm512_cvtph_ps(_mm256_slli_epi16(
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(base) + i))), 8));
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i)));
-}
 
 // Dequantise row block rb (32 rows) into the panel.
 template <int Q>
@@ -446,13 +567,22 @@ I8Fn pick_i8(int64_t q) {
   }
 }
 
-// SHIFTADD_NO_INT8=1 turns the int8 path off (what a CPU without VNNI runs; read per call: tests flip it).
-bool i8_supported() {
-  const char* off = getenv("SHIFTADD_NO_INT8");
-  if (off && off[0] && off[0] != '0') return false;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+GemmFn pick_lut512(int64_t q, int rbk) {
+  if (q == 2) return rbk == 4 ? lut512_range<2, 4> : rbk == 2 ? lut512_range<2, 2> : lut512_range<2, 1>;
+  if (q == 4) return rbk == 4 ? lut512_range<4, 4> : rbk == 2 ? lut512_range<4, 2> : lut512_range<4, 1>;
+  if (q == 3) return rbk == 4 ? lut512_range<3, 4> : rbk == 2 ? lut512_range<3, 2> : lut512_range<3, 1>;
+  if (q == 1) return rbk == 4 ? lut512_range<1, 4> : rbk == 2 ? lut512_range<1, 2> : lut512_range<1, 1>;
+  return nullptr;
 }
+
+// SHIFTADD_NO_AVX512=1 turns both 512-bit paths off (what an AVX2-only CPU runs; read per call: tests flip it).
+bool wide_supported() {
+  const char* off = getenv("SHIFTADD_NO_AVX512");
+  if (off && off[0] && off[0] != '0') return false;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+bool i8_supported() { return wide_supported() && __builtin_cpu_supports("avx512vnni"); }
 
 // TVM runtime thread pool (c_backend_api.h), resolved from libtvm_runtime at load time.
 struct ParallelEnv {
@@ -525,25 +655,29 @@ extern "C" {
 // a barrier, then its share of the 32-row blocks. q planes (1..4); mt activation rows and rbk row blocks
 // per pass (tuning knobs). ``path`` 1 takes the int8 path (dequantised panels, AVX-512 VNNI; mt rows per
 // pass, 1/2/4/6) where the CPU has it, else the LUT path with mt <= 2 and rbk 1 (same workspaces: the
-// int8 path keeps its activations in tab and their scales in ls). Returns 0, or -1 for an unsupported
-// q / knob.
+// int8 path keeps its activations in tab and their scales in ls); ``path`` 2 with mt 1 the LUT path on
+// 512-bit registers (AVX-512 BW) where the CPU has it, else the LUT path with the same knobs. Returns 0,
+// or -1 for an unsupported q / knob.
 int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const void* alpha,
                         const void* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
                         int64_t ng, int64_t rows_per_alpha, int64_t scale_fp8, int64_t q, int64_t mt, int64_t rbk,
                         int64_t path, int64_t tasks, int8_t* tab, float* ls, float* gsum, float* y) {
   const bool i8 = path == 1 && i8_supported();
   if (path == 1 && !i8) mt = std::min<int64_t>(mt, 2), rbk = 1;
+  GemmFn gemm = pick_q(q, int(mt), int(rbk));
+  if (path == 2 && wide_supported() && mt == 1) gemm = pick_lut512(q, int(rbk)) ? pick_lut512(q, int(rbk)) : gemm;
   Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_fp8 != 0)},
         (n + 31) / 32,
-        int(rbk), pick_q(q, int(mt), int(rbk)), i8 ? pick_i8(q) : nullptr, int(mt), tab, ls, gsum, y};
-  if (path < 0 || path > 1 || (i8 ? !j.i8 || (mt != 1 && mt != 2 && mt != 4 && mt != 6) : !j.gemm) || u4 % 2 ||
+        int(rbk), gemm, i8 ? pick_i8(q) : nullptr, int(mt), tab, ls, gsum, y};
+  if (path < 0 || path > 2 || (i8 ? !j.i8 || (mt != 1 && mt != 2 && mt != 4 && mt != 6) : !j.gemm) || u4 % 2 ||
       g4 % u4 || g4 % 2)
     return -1;
   if (tasks == 1) return run_task(0, nullptr, &j);
   return TVMBackendParallelLaunch(run_task, &j, int(tasks));
 }
 
-// 1 when this CPU runs the int8 path (AVX-512 F/BW/VNNI) and SHIFTADD_NO_INT8 is unset, else 0.
-int shiftadd_int8_supported() { return i8_supported() ? 1 : 0; }
+// The paths this CPU takes when asked (SHIFTADD_NO_AVX512 unset): bit 1 the int8 path (AVX-512
+// F/BW/VNNI), bit 2 the 512-bit LUT path (AVX-512 F/BW); the LUT path (bit 0) always.
+int shiftadd_paths() { return 1 | (i8_supported() ? 2 : 0) | (wide_supported() ? 4 : 0); }
 
 }  // extern "C"
