@@ -24,6 +24,23 @@
 
 #include <algorithm>
 
+// Software prefetch distance (bytes ahead in each row block's code stream) of the M = 1 LUT loops:
+// cold 4096-class GEMVs ran 10-20 % faster with 2048 than with the hardware prefetchers alone
+// (11008x4096 4-bit, 2 threads: 1.26-1.34 -> 1.08-1.16 ms; 512 and 1024 were in between, 4096 no better).
+#ifndef SHIFTADD_PFD
+#define SHIFTADD_PFD 2048
+#endif
+
+namespace {
+
+// Prefetch the code bytes [c, c + n) + SHIFTADD_PFD, one request per 64-byte line.
+inline void prefetch_codes(const uint8_t* c, int64_t n) {
+  if (SHIFTADD_PFD > 0)
+    for (int64_t l = 0; l < n; l += 64) _mm_prefetch(reinterpret_cast<const char*>(c + l + SHIFTADD_PFD), _MM_HINT_T0);
+}
+
+}  // namespace
+
 namespace {
 
 // Scales and offsets: float16, or float8 e5m2 = the high byte of the same float16 (f8).
@@ -85,6 +102,7 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
         }
         for (int r = 0; r < RB; ++r) {
           const uint8_t* c = codes + ((rb + r) * s.pairs + p) * Q * 32;
+          if (MT == 1) prefetch_codes(c, Q * 32);
           for (int b = 0; b < Q; ++b) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
             const __m256i lo = _mm256_and_si256(v, nib);
@@ -289,6 +307,7 @@ void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t
         const __m512i tb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
         for (int r = 0; r < RB; ++r) {
           const uint8_t* c = codes + ((rb + r) * s.pairs + p) * Q * 32;
+          prefetch_codes(c, Q * 32);
           for (int b = 0; b < QP; ++b) {
             const __m512i v = _mm512_loadu_si512(c + b * 64);
             const __m512i x0 = _mm512_shuffle_epi8(ta, _mm512_and_si512(v, nib));
