@@ -1,6 +1,7 @@
-"""Kernel benchmark (issue 4): our AVX2 LUT-add kernel at 2/3/4 bits against ONNX Runtime's
-MatMulNBits (int2/int4, block 32/128, accuracy_level 4 = int8 activations and 0 = float), ONNX
-Runtime fp32 MatMul, torch fp32 and TVM fp32 (our default CPU schedule), in one run.
+"""Kernel benchmark (issue 4): our LUT-add micro-kernel at 2/3/4 bits (AVX2, plus its AVX-512 paths
+where the CPU has them) against ONNX Runtime's MatMulNBits (int2/int4, block 32/128, accuracy_level
+4 = int8 activations and 0 = float), ONNX Runtime fp32 MatMul, torch fp32 and TVM fp32 (our default
+CPU schedule), in one run.
 
 Thread pools do not spin between calls (TVM_THREAD_POOL_SPIN_COUNT=0, OMP_WAIT_POLICY=PASSIVE, ORT
 allow_spinning=0): spinning pools of one peer starve the next one on 2 cores.

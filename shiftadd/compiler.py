@@ -94,13 +94,14 @@ def export(ex, path: str, mod) -> None:
         ex.export_library(path)
 
 
-def _knob_source(kernel: str, tune: bool, db, target=None, keys=()):
+def _knob_source(kernel: str, tune: bool, db, target=None, keys=(), int8_batch: bool = True):
     """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up).
     With ``tune``, the kernel ``keys`` missing from the database are tuned here, at once: before
     the fits, whose BLAS and torch threads would otherwise still be busy on the other core while a
     kernel is timed (compile --tune then picked single-thread splits that were 1.4x slower in the
-    decode step). Keys the rewrite asks for beyond them are tuned when asked."""
-    summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0}
+    decode step). Keys the rewrite asks for beyond them are tuned when asked. ``int8_batch`` False
+    keeps M > 1 on the LUT path (TuningDB.knobs)."""
+    summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0, "int8_batch": int8_batch}
     if kernel != "avx2":
         return None, summary
     from .schedules.tuning import TuningDB, tune_missing
@@ -114,7 +115,7 @@ def _knob_source(kernel: str, tune: bool, db, target=None, keys=()):
         if tune and tdb.get(*key) is None:
             summary["tuned_now"] += tune_missing(tdb, [key])
         summary["from_db" if tdb.get(*key) else "default"] += 1
-        return tdb.knobs(*key)
+        return tdb.knobs(*key, int8=int8_batch)
 
     return knobs, summary
 
@@ -232,7 +233,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
             scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
             loss_aware: bool = True, stack_siblings: bool = True, share_kv: bool = True,
-            attention: bool = True, tune_scales: int = 0) -> CompileResult:
+            attention: bool = True, tune_scales: int = 0, int8_batch: bool = True) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -259,7 +260,10 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     two binary orders) instead of two (float16 APoT with ``apot_terms`` terms). The AVX2 kernel's
     knobs come from the tuning database ``db`` (default ~/.cache/shiftadd/tuning.json, or
     $SHIFTADD_TUNING_DB); with ``tune`` the kernels missing there are tuned on this machine first and
-    saved, so the next compile does no search; without an entry the default knobs serve. ``kv_cache``
+    saved, so the next compile does no search; without an entry the default knobs serve. Where the CPU
+    has AVX-512 VNNI, M > 1 (prefill, batches) may run the int8 path (dequantised weights, int8
+    activations per (row, group): a little less exact than the LUT tables); ``int8_batch=False`` keeps
+    the LUT path at every M (slower prefill). ``kv_cache``
     (Hugging Face models) exports a prefill graph returning the keys/values and a ``decode`` graph taking
     them back, compiled as functions ``main`` and ``decode`` of the one module over the same weights,
     so generation runs the prompt once and then one token per step. ``stack_siblings``: AVX2 LUT
@@ -317,7 +321,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     if rewrite:
         from .reparam import plan_fit
 
-        knobs, tuning = _knob_source(kernel, tune, db, tgt, _kernel_keys(imported, cfg, skip, avg_bits, kernel, tune))
+        knobs, tuning = _knob_source(kernel, tune, db, tgt, _kernel_keys(imported, cfg, skip, avg_bits, kernel, tune),
+                                     int8_batch)
 
         if calib_windows > 0:
             from .data import token_windows, wiki_split

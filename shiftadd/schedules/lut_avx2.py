@@ -62,6 +62,7 @@ KNOB_SPACE = ([Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8),
 # 2 activation rows sharing each code load)
 DEFAULT_KNOBS = Knobs(1, 4, 0, 2)
 DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
+LUT_BATCH_KNOBS = Knobs(2, 1, 0)  # M > 1 kept on the LUT path (compile int8_batch=False), untuned
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 
 

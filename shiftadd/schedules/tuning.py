@@ -134,8 +134,16 @@ class TuningDB:
         e.setdefault("measured_by", {})[phase] = measured_by
         self.save()
 
-    def knobs(self, k, n, bits, group, offset, rows) -> tuple[L.Knobs, L.Knobs]:
-        return self.get(k, n, bits, group, offset, rows) or (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
+    def knobs(self, k, n, bits, group, offset, rows, int8: bool = True) -> tuple[L.Knobs, L.Knobs]:
+        """(decode, batch) knobs, tuned or the defaults. ``int8`` False keeps M > 1 on the LUT path
+        (the decode kernel's arithmetic at every M): a batch pick on the int8 path is replaced by
+        the fastest LUT candidate this entry timed, else LUT_BATCH_KNOBS."""
+        dec, bat = self.get(k, n, bits, group, offset, rows) or (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
+        if not int8 and bat.path == 1:
+            ms = self.entries.get(key_of(k, n, bits, group, offset, rows), {}).get("ms", {}).get("batch", {})
+            lut = {kn.tag(): kn for kn in L.KNOB_SPACE if kn.path != 1 and kn.tag() in ms}
+            bat = lut[min(lut, key=ms.get)] if lut else L.LUT_BATCH_KNOBS
+        return dec, bat
 
     def attention_knob(self, spec) -> int | None:
         """The tuned knob of an attention kernel (AttentionKernel), or None (untuned: the default)."""
