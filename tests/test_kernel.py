@@ -238,9 +238,10 @@ def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8,
 
 @pytestmark_avx2
 def test_avx512_paths_off_fall_back_to_lut(monkeypatch):
-    """SHIFTADD_NO_AVX512 (what an AVX2-only CPU runs) sends a path-1 batch call and a path-2 call
-    to the 256-bit LUT path: the same compiled functions then equal the LUT reference, and without
-    it the int8 reference (path 1) and the LUT reference again (path 2: same tables, wider registers)."""
+    """SHIFTADD_NO_AVX512 (what an AVX2-only CPU runs; read once, and again by active_paths) sends a
+    path-1 batch call and a path-2 call to the 256-bit LUT path: the same compiled functions then
+    equal the LUT reference, and without it the int8 reference (path 1) and the LUT reference again
+    (path 2: same tables, wider registers)."""
     from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import Knobs, active_paths, int8_reference, lut_avx2_reference
 
@@ -255,8 +256,9 @@ def test_avx512_paths_off_fall_back_to_lut(monkeypatch):
     np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), lut, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
     monkeypatch.delenv("SHIFTADD_NO_AVX512")
+    paths = active_paths()  # read again (the micro-kernel caches it between these calls)
     np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
-    if 1 in active_paths():
+    if 1 in paths:
         np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), int8_reference(x, bw), rtol=1e-5, atol=1e-4)
 
 

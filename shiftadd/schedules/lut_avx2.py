@@ -351,7 +351,8 @@ def load_in_process() -> str:
 
 def active_paths() -> frozenset[int]:
     """The paths the micro-kernel takes here when asked to (this CPU's features; ``SHIFTADD_NO_AVX512``
-    set turns paths 1 and 2 off): a call with another path computes path 0's result."""
+    set turns paths 1 and 2 off): a call with another path computes path 0's result. The kernel reads
+    the variable once per process and again at each call of this function."""
     bits = ctypes.CDLL(load_in_process()).shiftadd_paths()
     return frozenset(p for p, b in ((0, 1), (1, 2), (2, 4)) if bits & b)
 

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <atomic>
 
 // Software prefetch distance (bytes ahead in each row block's code stream) of the M = 1 LUT loops:
 // cold 4096-class GEMVs ran 10-20 % faster with 2048 than with the hardware prefetchers alone
@@ -403,6 +404,7 @@ struct I8Scratch {
       free(p);
       cap = (n + 63) / 64 * 64;
       p = static_cast<uint8_t*>(aligned_alloc(64, cap));
+      if (!p) cap = 0;
     }
     return p;
   }
@@ -553,11 +555,12 @@ void i8_quantize(const float* x, int64_t k, const Shape& s, int64_t v0, int64_t 
 }
 
 template <int Q>
-void i8_panels(const uint8_t* xu, const float* asc, const float* gsum, int64_t m, int mt, const uint8_t* codes,
+int i8_panels(const uint8_t* xu, const float* asc, const float* gsum, int64_t m, int mt, const uint8_t* codes,
                const void* alpha, const void* zoff, int use_z, int64_t rb0, int64_t rb1, const Shape& s, float* y) {
   static thread_local I8Scratch scratch;
   const int64_t t4p = s.t4p();
   uint8_t* base = scratch.get(size_t(t4p * 2 + s.ng * 8) * 64);
+  if (!base) return -1;
   const I8Panel P{reinterpret_cast<__m512i*>(base), reinterpret_cast<__m512i*>(base + t4p * 2 * 64),
                   reinterpret_cast<__m512*>(base + (t4p * 2 + s.ng * 2) * 64),
                   reinterpret_cast<__m512*>(base + (t4p * 2 + s.ng * 4) * 64)};
@@ -569,11 +572,12 @@ void i8_panels(const uint8_t* xu, const float* asc, const float* gsum, int64_t m
     if (mt >= 2) for (; i + 2 <= m; i += 2) i8_gemm<2>(xu, asc, gsum, i, i + 2, use_z, rb, s, P, y);
     for (; i < m; ++i) i8_gemm<1>(xu, asc, gsum, i, i + 1, use_z, rb, s, P, y);
   }
+  return 0;
 }
 
 #pragma GCC pop_options
 
-using I8Fn = void (*)(const uint8_t*, const float*, const float*, int64_t, int, const uint8_t*, const void*,
+using I8Fn = int (*)(const uint8_t*, const float*, const float*, int64_t, int, const uint8_t*, const void*,
                       const void*, int, int64_t, int64_t, const Shape&, float*);
 
 I8Fn pick_i8(int64_t q) {
@@ -594,11 +598,20 @@ GemmFn pick_lut512(int64_t q, int rbk) {
   return nullptr;
 }
 
-// SHIFTADD_NO_AVX512=1 turns both 512-bit paths off (what an AVX2-only CPU runs; read per call: tests flip it).
-bool wide_supported() {
+// SHIFTADD_NO_AVX512=1 turns both 512-bit paths off (what an AVX2-only CPU runs). Read once, not per
+// call (a decode step makes ~200 calls); shiftadd_paths() reads it again (tests flip it in-process).
+int wide_check() {
   const char* off = getenv("SHIFTADD_NO_AVX512");
-  if (off && off[0] && off[0] != '0') return false;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (off && off[0] && off[0] != '0') return 0;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+}
+
+std::atomic<int> g_wide{-1};
+
+bool wide_supported() {
+  int w = g_wide.load(std::memory_order_relaxed);
+  if (w < 0) g_wide.store(w = wide_check(), std::memory_order_relaxed);
+  return w == 1;
 }
 
 bool i8_supported() { return wide_supported() && __builtin_cpu_supports("avx512vnni"); }
@@ -655,8 +668,8 @@ int run_task(int task, ParallelEnv* penv, void* cdata) {
   if (nt > 1) TVMBackendParallelBarrier(task, penv);
   if (j.i8) {
     share(j.nb, task, nt, 1, &a, &b);
-    if (a < b) j.i8(reinterpret_cast<const uint8_t*>(j.tab), j.ls, j.gsum, j.m, j.mt, j.codes, j.alpha, j.zoff, j.use_z,
-                    a, b, j.s, j.y);
+    if (a < b) return j.i8(reinterpret_cast<const uint8_t*>(j.tab), j.ls, j.gsum, j.m, j.mt, j.codes, j.alpha, j.zoff,
+                           j.use_z, a, b, j.s, j.y);  // -1: no memory for the panel
     return 0;
   }
   share(j.nb, task, nt, j.rbk, &a, &b);
@@ -695,8 +708,11 @@ int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* cod
   return TVMBackendParallelLaunch(run_task, &j, int(tasks));
 }
 
-// The paths this CPU takes when asked (SHIFTADD_NO_AVX512 unset): bit 1 the int8 path (AVX-512
-// F/BW/VNNI), bit 2 the 512-bit LUT path (AVX-512 F/BW); the LUT path (bit 0) always.
-int shiftadd_paths() { return 1 | (i8_supported() ? 2 : 0) | (wide_supported() ? 4 : 0); }
+// The paths this CPU takes when asked (SHIFTADD_NO_AVX512 unset; read again here): bit 1 the int8 path
+// (AVX-512 F/BW/VNNI), bit 2 the 512-bit LUT path (AVX-512 F/BW); the LUT path (bit 0) always.
+int shiftadd_paths() {
+  g_wide.store(wide_check(), std::memory_order_relaxed);
+  return 1 | (i8_supported() ? 2 : 0) | (wide_supported() ? 4 : 0);
+}
 
 }  // extern "C"
