@@ -255,18 +255,22 @@ def int8_weights(w: BCQWeight) -> tuple[np.ndarray, np.ndarray]:
     return wq.astype(np.int8), (s / lim).astype(np.float32)
 
 
+def _groups(x: np.ndarray, group: int, dtype=np.float64) -> np.ndarray:
+    """``x`` [M, K] as [M, NG, group], zero past K (how the kernels see a ragged last group)."""
+    m, k = x.shape
+    xp = np.zeros((m, -(-k // group) * group), dtype)
+    xp[:, :k] = x
+    return xp.reshape(m, -1, group)
+
+
 def int8_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(int8 activations [M, NG*group], scales [M, NG]) as the int8 path quantises them: one scale
     max|x| / 127 per (row, group), rint(x * (127 / max)) (round half to even)."""
-    x = np.asarray(x, np.float32)
-    m, k = x.shape
-    ng = -(-k // group)
-    xp = np.zeros((m, ng * group), np.float32)
-    xp[:, :k] = x
-    mx = np.abs(xp.reshape(m, ng, group)).max(-1)
+    xg = _groups(np.asarray(x, np.float32), group, np.float32)
+    mx = np.abs(xg).max(-1)
     with np.errstate(divide="ignore"):
         inv = np.where(mx > 0, np.float32(127) / mx, np.float32(0)).astype(np.float32)
-    xq = np.rint(xp.reshape(m, ng, group) * inv[..., None]).reshape(m, -1).astype(np.int8)
+    xq = np.rint(xg * inv[..., None]).reshape(len(xg), -1).astype(np.int8)
     return xq, (mx / np.float32(127)).astype(np.float32)
 
 
@@ -280,24 +284,18 @@ def int8_reference(x: np.ndarray, w: BCQWeight) -> np.ndarray:
     dots = np.einsum("mgk,ngk->mng", xq.reshape(m, ng, -1).astype(np.int64), wq.reshape(n, ng, -1).astype(np.int64))
     y = (dots * xs[:, None, :].astype(np.float64) * step[None].astype(np.float64)).sum(-1)
     if w.offset is not None:
-        xp = np.zeros((m, ng * w.group))
-        xp[:, :k] = x
-        y += xp.reshape(m, ng, -1).sum(-1) @ w.offset.T.astype(np.float64)
+        y += _groups(x, w.group).sum(-1) @ w.offset.T.astype(np.float64)
     return y
 
 
 def int8_error_bound(x: np.ndarray, w: BCQWeight) -> np.ndarray:
     """Upper bound of |int8 path - float reference| per output: weights off by at most q/2 steps,
     activations by half their scale."""
-    m, k = x.shape
-    n = w.shape[0]
-    ng = -(-k // w.group)
+    n, q = w.shape[0], w.signs.shape[0]
     wq, step = int8_weights(w)
-    xq, xs = int8_activations(x, w.group)
-    q = w.signs.shape[0]
-    xp = np.zeros((m, ng * w.group))
-    xp[:, :k] = np.abs(x)
-    xa = xp.reshape(m, ng, -1).sum(-1)  # [M, NG]
+    _, xs = int8_activations(x, w.group)
+    xa = _groups(np.abs(x), w.group).sum(-1)  # [M, NG]
+    ng = xa.shape[1]
     wabs = np.abs(wq.astype(np.float64)).reshape(n, ng, -1).sum(-1) * step  # [N, NG]: sum |dequantised w|
     return xa @ (step.astype(np.float64) * (q / 2)).T + (xs.astype(np.float64) / 2) @ wabs.T
 
