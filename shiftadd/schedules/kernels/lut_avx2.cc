@@ -263,6 +263,11 @@ GemmFn pick_q(int64_t q, int mt, int rbk) {
 // ---- the LUT path on 512-bit registers (path 2; AVX-512 BW): one load brings two planes of a 32-row
 // block (they are adjacent in the code layout), so each vpshufb looks up 64 (row, plane) codes. The
 // tables and their scales are the LUT path's, so the result equals it bit for bit up to float order.
+// The first n of 16 lanes (n clamped to 0..16): stores and loads of a ragged row block or group.
+inline __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
 inline __m512 scales16(const void* base, int64_t i, int f8) {
   if (f8)
     return _mm512_cvtph_ps(_mm256_slli_epi16(
@@ -367,8 +372,7 @@ void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t
       const int64_t row0 = (rb + r) * 32, left = s.n - row0;
       for (int h = 0; h < 2; ++h) {
         const int64_t l = left - 16 * h;
-        const __mmask16 mk = l >= 16 ? 0xFFFF : l <= 0 ? 0 : __mmask16((1u << l) - 1);
-        _mm512_mask_storeu_ps(y + m * s.n + row0 + 16 * h, mk, accf[r][h]);
+        _mm512_mask_storeu_ps(y + m * s.n + row0 + 16 * h, lanes16(l), accf[r][h]);
       }
     }
   }
@@ -494,8 +498,7 @@ void i8_gemm(const uint8_t* xu, const float* asc, const float* gsum, int64_t m0,
   const int64_t kp = s.t4p() * 4;
   const int64_t row0 = rb * 32;
   const int64_t left = s.n - row0;
-  const __mmask16 mk[2] = {__mmask16(left >= 16 ? 0xFFFF : (1u << left) - 1),
-                           __mmask16(left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1)};
+  const __mmask16 mk[2] = {lanes16(left), lanes16(left - 16)};
   for (int64_t m = m0; m + MT <= m1; m += MT) {
     __m512 f[MT][2];
     for (int i = 0; i < MT; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
@@ -534,22 +537,21 @@ void i8_gemm(const uint8_t* xu, const float* asc, const float* gsum, int64_t m0,
 // pairs [v0, v1): float32 ops as the numpy reference does them, rint = round half to even.
 void i8_quantize(const float* x, int64_t k, const Shape& s, int64_t v0, int64_t v1, uint8_t* xu, float* asc) {
   const int64_t gk = s.g4 * 4, kp = s.t4p() * 4;
-  auto first = [](int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); };
   for (int64_t v = v0; v < v1; ++v) {
     const int64_t m = v / s.ng, g = v % s.ng, end = (g + 1) * gk;
     const float* xr = x + m * k;
     __m512 mx = _mm512_setzero_ps();
     for (int64_t kk = g * gk; kk < end; kk += 16)  // groups of 8 end mid-vector: stop at the group and at k
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(std::min(end, k) - kk), xr + kk)));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(std::min(end, k) - kk), xr + kk)));
     const float m1 = _mm512_reduce_max_ps(mx);
     const float inv = m1 > 0.0f ? 127.0f / m1 : 0.0f;
     asc[v] = m1 / 127.0f;
     const __m512 vi = _mm512_set1_ps(inv);
     const __m512i off = _mm512_set1_epi32(128);
     for (int64_t kk = g * gk; kk < end; kk += 16) {
-      const __m512 xv = _mm512_maskz_loadu_ps(first(std::min(end, k) - kk), xr + kk);
+      const __m512 xv = _mm512_maskz_loadu_ps(lanes16(std::min(end, k) - kk), xr + kk);
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(xv, vi)), off);
-      _mm512_mask_cvtepi32_storeu_epi8(xu + m * kp + kk, first(end - kk), q);  // padding past k: xq = 0
+      _mm512_mask_cvtepi32_storeu_epi8(xu + m * kp + kk, lanes16(end - kk), q);  // padding past k: xq = 0
     }
   }
 }
@@ -697,7 +699,9 @@ int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* cod
   const bool i8 = path == 1 && i8_supported();
   if (path == 1 && !i8) mt = std::min<int64_t>(mt, 2), rbk = 1;
   GemmFn gemm = pick_q(q, int(mt), int(rbk));
-  if (path == 2 && wide_supported() && mt == 1) gemm = pick_lut512(q, int(rbk)) ? pick_lut512(q, int(rbk)) : gemm;
+  if (path == 2 && wide_supported() && mt == 1) {
+    if (GemmFn wide = pick_lut512(q, int(rbk))) gemm = wide;
+  }
   Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_fp8 != 0)},
         (n + 31) / 32,
         int(rbk), gemm, i8 ? pick_i8(q) : nullptr, int(mt), tab, ls, gsum, y};
