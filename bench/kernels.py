@@ -136,17 +136,17 @@ def tvm_fp32(k, n, copies, rng):
     return vm, ws
 
 
-def ours(k, n, bits, copies, rng, db, fp8=False):
+def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP):
     import tvm
 
     from shiftadd.schedules import lut_avx2 as L
     from shiftadd.targets import resolve_target
 
     L.load_in_process()
-    knobs = db.knobs(k, n, bits, GROUP, True, 1) if db is not None else (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
-    f = L.make_lut_avx2(k, n, bits, GROUP, True, 1, *knobs, fp8=fp8)
+    knobs = db.knobs(k, n, bits, group, True, 1) if db is not None else (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
+    f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
-    packs = [[tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, GROUP, fp8=fp8, rng=rng)]
+    packs = [[tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, group, fp8=fp8, rng=rng)]
              for _ in range(copies)]
     nbytes = sum(a.numpy().nbytes for a in packs[0])
     return lib["main"], packs, nbytes, knobs
@@ -161,15 +161,16 @@ def bench_shape(k, n, ms, args, bw_gbs, db, rng):
     cold = args.cold_mib * 2**20
     impls = {}  # name -> (bits or None, weight bytes, make(m) -> list of callables)
 
-    for bits in (2, 3, 4):
-        for fmt in args.scale_formats:
-            probe = copies_for(k * n * bits // 8, cold)
-            fn, packs, nbytes, knobs = ours(k, n, bits, probe, rng, db, fmt == "e5m2")
-            name = f"ours {bits}-bit" + (" e5m2" if fmt == "e5m2" else "")
-            impls[name] = (bits, nbytes, (lambda fn=fn, packs=packs, n=n: lambda m, x: [
-                (lambda p=p, y=tvm.runtime.empty((m, n), "float32"), xt=tvm.runtime.tensor(x): fn(xt, *p, y))
-                for p in packs]))
-    for bits in (2, 4):
+    for bits, fmt, group in ((b, f, g) for b in args.bits for f in args.scale_formats for g in args.groups):
+        if group % 8 or group > k:
+            continue
+        probe = copies_for(k * n * bits // 8, cold)
+        fn, packs, nbytes, knobs = ours(k, n, bits, probe, rng, db, fmt == "e5m2", group)
+        name = f"ours {bits}-bit" + (" e5m2" if fmt == "e5m2" else "") + (f" g{group}" if group != GROUP else "")
+        impls[name] = (bits, nbytes, (lambda fn=fn, packs=packs, n=n: lambda m, x: [
+            (lambda p=p, y=tvm.runtime.empty((m, n), "float32"), xt=tvm.runtime.tensor(x): fn(xt, *p, y))
+            for p in packs]))
+    for bits in sorted({2 if b == 2 else 4 for b in args.bits}):
         for block in (32, 128):
             for acc in (4, 0):
                 sess, nbytes = ort_nbits(k, n, bits, block, acc, copies_for(k * n * bits // 8, cold), rng)
@@ -306,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="first tune our kernels missing from the database")
     ap.add_argument("--scale-formats", nargs="+", default=["fp16", "e5m2"], choices=["fp16", "e5m2"],
                     help="our scale storage: float16 APoT (2 bytes) and/or float8 e5m2 (1 byte)")
+    ap.add_argument("--groups", nargs="+", type=int, default=[GROUP],
+                    help=f"our scale groups (inputs per scale; default {GROUP}, the compile default)")
+    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4], help="our widths")
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("--summary", metavar="JSON", help="only print the summary table of a saved kernels.json")
     a = ap.parse_args(argv)
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
     if a.tune and db is not None:
         from shiftadd.schedules.tuning import tune_missing
 
-        tune_missing(db, [(k, n, bits, GROUP, True, 1) for k, n in shapes for bits in (2, 3, 4)])
+        tune_missing(db, [(k, n, bits, g, True, 1) for k, n in shapes for bits in a.bits for g in a.groups])
     rng = np.random.default_rng(0)
     bw = bandwidth_gbs()
     log(f"bandwidth {bw:.1f} GB/s; TVM threads {os.environ.get('TVM_NUM_THREADS')}; "
