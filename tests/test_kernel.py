@@ -1,5 +1,8 @@
 """Property tests of the LUT-add TensorIR kernel against numpy references of the method's semantics."""
 
+import contextlib
+import os
+
 import numpy as np
 import pytest
 import tvm
@@ -99,6 +102,29 @@ def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
 
 
 # -- the AVX2 int8-table micro-kernel (schedules/lut_avx2.py) ---------------------------------------
+@contextlib.contextmanager
+def kernel_switches(**env):
+    """Set (value) or unset (None) the micro-kernel's switches (SHIFTADD_NO_AVX512, SHIFTADD_NO_INT8)
+    for the block; the kernel reads them again on entry and on exit (it caches them per process)."""
+    from shiftadd.schedules.lut_avx2 import active_paths
+
+    old = {k: os.environ.get(k) for k in env}
+
+    def put(values):
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        active_paths()
+
+    put(env)
+    try:
+        yield
+    finally:
+        put(old)
+
+
 def run_avx2(x, bw, knobs=None, knobs_batch=None, fp8=False):
     from shiftadd.schedules import lut_avx2 as L
 
@@ -187,13 +213,13 @@ def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
 @given(m=st.integers(2, 15), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
        pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), mt=st.sampled_from([1, 2, 4, 6]),
        tasks=st.sampled_from([0, 1]), fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]),
-       seed=st.integers(0, 2**16))
-def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, seed):
+       avx2=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, avx2, seed):
     """The dequantise-to-int8 path (M > 1) over odd shapes (K not a multiple of the group or of 4, N
-    not of 16 or 32, M not of the rows per pass), every rows-per-pass knob and thread split, 1-4
+    not of 8, 16 or 32, M not of the rows per pass), every rows-per-pass knob and thread split, 1-4
     planes, groups of 8 to 1040 inputs, per-row and block (32/64-row) scales, float16 and e5m2
-    storage, negative and zero scales (a zero-scale row group must dequantise to zero). On a CPU
-    without VNNI the same call takes the LUT path and is checked against that."""
+    storage, negative and zero scales (a zero-scale row group must dequantise to zero), on AVX-512
+    VNNI where the CPU has it and on AVX2 (``avx2``: SHIFTADD_NO_AVX512, what Zen 3 runs)."""
     from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import Knobs
 
@@ -208,7 +234,8 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
                    offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
                    if offset else None)
     kb = Knobs(mt, 1, tasks, 1)
-    check_avx2(x, bw, run_avx2(x, bw, knobs_batch=kb, fp8=fp8), knobs_batch=kb)
+    with kernel_switches(SHIFTADD_NO_AVX512="1" if avx2 else None):
+        check_avx2(x, bw, run_avx2(x, bw, knobs_batch=kb, fp8=fp8), knobs_batch=kb)
 
 
 @pytestmark_avx2
@@ -237,29 +264,32 @@ def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8,
 
 
 @pytestmark_avx2
-def test_avx512_paths_off_fall_back_to_lut(monkeypatch):
-    """SHIFTADD_NO_AVX512 (what an AVX2-only CPU runs; read once, and again by active_paths) sends a
-    path-1 batch call and a path-2 call to the 256-bit LUT path: the same compiled functions then
-    equal the LUT reference, and without it the int8 reference (path 1) and the LUT reference again
-    (path 2: same tables, wider registers)."""
+def test_kernel_switches_pick_the_path():
+    """SHIFTADD_NO_AVX512 (what an AVX2-only CPU runs) sends a path-2 call to the 256-bit LUT path and
+    a path-1 batch to the int8 path on AVX2; SHIFTADD_NO_INT8 sends the path-1 batch to the LUT path.
+    The same compiled function equals the matching reference each time; the int8 path gives the same
+    bits on AVX2 as on VNNI (the same integers, the same float ops per lane)."""
     from shiftadd.quant.bcq import BCQWeight
-    from shiftadd.schedules.lut_avx2 import Knobs, active_paths, int8_reference, lut_avx2_reference
+    from shiftadd.schedules.lut_avx2 import Knobs, active_paths, int8_isa, int8_reference, lut_avx2_reference
 
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((5, 130)).astype(np.float32)
-    bw = BCQWeight(signs=rng.random((3, 40, 130)) < 0.5, group=64,
-                   alpha=rng.choice([0.5, 0.375, 2.0 ** -7], size=(3, 40, 3)).astype(np.float32))
+    x = rng.standard_normal((7, 130)).astype(np.float32)
+    bw = BCQWeight(signs=rng.random((3, 41, 130)) < 0.5, group=64,
+                   alpha=rng.choice([0.5, 0.375, 2.0 ** -7], size=(3, 41, 3)).astype(np.float32),
+                   offset=rng.choice([-0.25, 0.125], size=(41, 3)).astype(np.float32))
     kb, wide = Knobs(6, 1, 0, 1), Knobs(1, 4, 0, 2)
-    monkeypatch.setenv("SHIFTADD_NO_AVX512", "1")
-    assert active_paths() == {0}
-    lut = lut_avx2_reference(x, bw)
-    np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), lut, rtol=1e-5, atol=1e-4)
+    lut, i8 = lut_avx2_reference(x, bw), int8_reference(x, bw)
+    native = run_avx2(x, bw, knobs_batch=kb)
+    np.testing.assert_allclose(native, i8, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
-    monkeypatch.delenv("SHIFTADD_NO_AVX512")
-    paths = active_paths()  # read again (the micro-kernel caches it between these calls)
-    np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
-    if 1 in paths:
-        np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), int8_reference(x, bw), rtol=1e-5, atol=1e-4)
+    with kernel_switches(SHIFTADD_NO_AVX512="1"):
+        assert active_paths() == {0, 1} and int8_isa() == "avx2"
+        assert np.array_equal(run_avx2(x, bw, knobs_batch=kb), native)
+        np.testing.assert_allclose(run_avx2(x, bw, wide, wide), lut, rtol=1e-5, atol=1e-4)
+    with kernel_switches(SHIFTADD_NO_INT8="1"):
+        assert 1 not in active_paths() and int8_isa() is None
+        np.testing.assert_allclose(run_avx2(x, bw, knobs_batch=kb), lut, rtol=1e-5, atol=1e-4)
+    assert 1 in active_paths()  # switches restored
 
 
 @pytestmark_avx2

@@ -37,9 +37,10 @@ FEATURES = ("avx2", "fma", "f16c")
 @dataclass(frozen=True)
 class Knobs:
     """Tuning knobs of one kernel: activation rows per pass, 32-row blocks per pass, thread split,
-    and the path: 0 = LUT-add on 256-bit registers, 1 = dequantise-to-int8 GEMM (AVX-512 VNNI; rbk
-    unused), 2 = LUT-add on 512-bit registers (AVX-512 BW; mt 1). On a CPU without a path's
-    features the micro-kernel takes path 0 (int8: with mt <= 2, rbk 1)."""
+    and the path: 0 = LUT-add on 256-bit registers, 1 = dequantise-to-int8 GEMM (AVX-512 VNNI, else
+    AVX2 with at most 4 rows per pass; rbk unused), 2 = LUT-add on 512-bit registers (AVX-512 BW;
+    mt 1). On a CPU without AVX-512 path 2 runs as path 0; with SHIFTADD_NO_INT8 path 1 runs as path
+    0 with mt <= 2, rbk 1."""
     mt: int = 1
     rbk: int = 1
     tasks: int = 0  # 0: every thread of TVM's pool; 1: the calling thread alone (no wake-up)
@@ -58,12 +59,12 @@ KNOB_SPACE = ([Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8),
 # untuned defaults, measured on 4096x4096 here: 4 row blocks per pass keep 4 weight streams in flight
 # (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4), on 512-bit registers where the CPU has
 # them (4-bit M=1: 0.33 -> 0.24 ms); for M > 1 the int8 path, 4 rows per pass (the LUT path's cost
-# grows with every activation row; on a CPU without VNNI the kernel falls back to the LUT path with
-# 2 activation rows sharing each code load)
+# grows with every activation row; the int8 path's does not grow with the planes)
 DEFAULT_KNOBS = Knobs(1, 4, 0, 2)
 DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
 LUT_BATCH_KNOBS = Knobs(2, 1, 0)  # M > 1 kept on the LUT path (compile int8_batch=False), untuned
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
+SWITCHES = ("SHIFTADD_NO_AVX512", "SHIFTADD_NO_INT8")  # environment switches the micro-kernel reads
 
 
 def target_supported(target) -> bool:
@@ -77,8 +78,8 @@ def target_supported(target) -> bool:
 
 
 def paths_supported(target) -> frozenset[int]:
-    """The paths (Knobs.path) ``target`` (a TVM llvm Target with AVX2) runs: 0 always, 2 with AVX-512
-    F/BW, 1 with VNNI too."""
+    """The paths (Knobs.path) ``target`` (a TVM llvm Target with AVX2) runs: 0 and 1 (the int8 path,
+    on AVX2 or AVX-512 VNNI) always, 2 with AVX-512 F/BW."""
     from tvm.target import codegen
 
     def has(*feats):
@@ -88,7 +89,7 @@ def paths_supported(target) -> frozenset[int]:
             return False
 
     wide = target_supported(target) and has("avx512f", "avx512bw")
-    return frozenset({0} | ({2} if wide else set()) | ({1} if wide and has("avx512vnni") else set()))
+    return frozenset({0, 1} | ({2} if wide else set()))
 
 
 def unit_tables(g4: int) -> int | None:
@@ -347,12 +348,23 @@ def load_in_process() -> str:
     return path
 
 
+def _path_bits() -> int:
+    return ctypes.CDLL(load_in_process()).shiftadd_paths()
+
+
 def active_paths() -> frozenset[int]:
     """The paths the micro-kernel takes here when asked to (this CPU's features; ``SHIFTADD_NO_AVX512``
-    set turns paths 1 and 2 off): a call with another path computes path 0's result. The kernel reads
-    the variable once per process and again at each call of this function."""
-    bits = ctypes.CDLL(load_in_process()).shiftadd_paths()
+    set turns path 2 off, ``SHIFTADD_NO_INT8`` path 1): a call with another path computes path 0's
+    result. The kernel reads the variables once per process and again at each call of this function."""
+    bits = _path_bits()
     return frozenset(p for p, b in ((0, 1), (1, 2), (2, 4)) if bits & b)
+
+
+def int8_isa() -> str | None:
+    """Which registers the int8 path (path 1) runs on here: "avx512-vnni", "avx2", or None when
+    ``SHIFTADD_NO_INT8`` turns it off (both compute the same integers, so the same result)."""
+    bits = _path_bits()
+    return None if not bits & 2 else "avx512-vnni" if bits & 8 else "avx2"
 
 
 # -- the TIR wrapper --------------------------------------------------------------------------------

@@ -257,6 +257,22 @@ GemmFn pick_q(int64_t q, int mt, int rbk) {
   }
 }
 
+// The int8 paths' per-thread panel buffer (grown, never shrunk; freed with the thread).
+struct I8Scratch {
+  uint8_t* p = nullptr;
+  size_t cap = 0;
+  ~I8Scratch() { free(p); }
+  uint8_t* get(size_t n) {
+    if (n > cap) {
+      free(p);
+      cap = (n + 63) / 64 * 64;
+      p = static_cast<uint8_t*>(aligned_alloc(64, cap));
+      if (!p) cap = 0;
+    }
+    return p;
+  }
+};
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw")
 
@@ -398,21 +414,6 @@ void lut512_range(const int8_t* tab, const float* ls, const float* gsum, int64_t
 // reused by every activation row: the dequantisation is three ops per plane per 64 weights.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vnni")
-
-struct I8Scratch {
-  uint8_t* p = nullptr;
-  size_t cap = 0;
-  ~I8Scratch() { free(p); }
-  uint8_t* get(size_t n) {
-    if (n > cap) {
-      free(p);
-      cap = (n + 63) / 64 * 64;
-      p = static_cast<uint8_t*>(aligned_alloc(64, cap));
-      if (!p) cap = 0;
-    }
-    return p;
-  }
-};
 
 struct I8Panel {
   __m512i* w;      // [t4p][2] 16 rows x 4 weights
@@ -579,15 +580,171 @@ int i8_panels(const uint8_t* xu, const float* asc, const float* gsum, int64_t m,
 
 #pragma GCC pop_options
 
+// ---- the int8 path on 256-bit registers (AVX2 only, e.g. Zen 3): the same integers as the VNNI path,
+// hence the same result bit for bit. Panels in the same byte layout (per 4 inputs, 32 rows x 4 int8),
+// dequantised by and/cmpeq/and/add per plane; exact int32 dots by vpmaddubsw + vpmaddwd. vpmaddubsw
+// multiplies unsigned by signed bytes and saturates its pair sums at int16, so it gets |w| and
+// sign(w) * xq (both <= 127 in magnitude: pair sums <= 32258, never saturated).
+struct I8Panel2 {
+  uint8_t* w;  // [t4p][128]: 4 inputs x 32 rows, row r at bytes 4r..4r+3
+  float* wsc;  // [ng][32] weight step per row
+  float* zf;   // [ng][32] offsets per row
+};
+
+template <int Q>
+void i8_dequant_avx2(const uint8_t* codes, const void* alpha, const void* zoff, int use_z, int64_t rb,
+                     const Shape& s, const I8Panel2& P) {
+  const __m256i rep0 = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                        0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+  // rows 8v..8v+7 of the 16-row half v / 2: code bytes 0-7 (v even) or 8-15 (v odd), each 4 times
+  const __m256i rowrep[2] = {
+      _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
+      _mm256_setr_epi8(8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11,
+                       12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15)};
+  const __m256i bitlo = _mm256_set1_epi32(0x08040201), bithi = _mm256_set1_epi32(int(0x80402010));
+  const __m256 lim = _mm256_set1_ps(float(127 - Q));
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const int64_t w = s.ar == 1 ? 32 : 1;
+  const int64_t ab = s.ar == 1 ? rb : rb * 32 / s.ar;
+  const int64_t ppg = s.g4 / 2;
+  for (int64_t g = 0; g < s.ng; ++g) {
+    __m256i twoa[4][Q], nega[4];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t al = (ab * s.ng + g) * Q * w;
+      __m256 a[Q];
+      for (int b = 0; b < Q; ++b)
+        a[b] = w == 32 ? scales8(alpha, al + b * 32 + 8 * v, s.f8) : _mm256_set1_ps(scale1(alpha, al + b, s.f8));
+      __m256 sum = _mm256_and_ps(a[0], absm);
+      for (int b = 1; b < Q; ++b) sum = _mm256_add_ps(sum, _mm256_and_ps(a[b], absm));
+      const __m256 nz = _mm256_cmp_ps(sum, _mm256_setzero_ps(), _CMP_GT_OQ);
+      const __m256 inv = _mm256_and_ps(_mm256_div_ps(lim, sum), nz);
+      _mm256_store_ps(P.wsc + g * 32 + 8 * v, _mm256_div_ps(sum, lim));
+      __m256i A = _mm256_setzero_si256();
+      for (int b = 0; b < Q; ++b) {
+        const __m256i ai = _mm256_cvtps_epi32(_mm256_mul_ps(a[b], inv));
+        A = _mm256_add_epi32(A, ai);
+        twoa[v][b] = _mm256_shuffle_epi8(_mm256_slli_epi32(ai, 1), rep0);
+      }
+      nega[v] = _mm256_shuffle_epi8(_mm256_sub_epi32(_mm256_setzero_si256(), A), rep0);
+      const int64_t z = (ab * s.ng + g) * w;
+      _mm256_store_ps(P.zf + g * 32 + 8 * v,
+                      !use_z ? _mm256_setzero_ps()
+                             : w == 32 ? scales8(zoff, z + 8 * v, s.f8) : _mm256_set1_ps(scale1(zoff, z, s.f8)));
+    }
+    for (int64_t pp = g * ppg; pp < (g + 1) * ppg; ++pp) {
+      const uint8_t* c = codes + (rb * s.pairs + pp) * Q * 32;
+      for (int v = 0; v < 4; ++v) {
+        __m256i lo = nega[v], hi = nega[v];
+        for (int b = 0; b < Q; ++b) {
+          const __m256i r = _mm256_shuffle_epi8(
+              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 32 + 16 * (v / 2)))),
+              rowrep[v & 1]);
+          lo = _mm256_add_epi8(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(r, bitlo), bitlo), twoa[v][b]));
+          hi = _mm256_add_epi8(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(r, bithi), bithi), twoa[v][b]));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(P.w + (2 * pp) * 128 + 32 * v), lo);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(P.w + (2 * pp + 1) * 128 + 32 * v), hi);
+      }
+    }
+  }
+}
+
+// The first n of 8 lanes (n clamped to 0..8), as a vpmaskmovd mask.
+inline __m256i lanes8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(0, std::min<int64_t>(8, n)))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// y rows [m0, m1), columns of row block rb, MT activation rows at a time, 8 rows per pass. Exact int32
+// dots by vpmaddwd on int16 (no saturation, one multiply op per 16 products; vpmaddubsw would need
+// a vpsignb per activation row, and Intel runs all three on the same two ports): each 16 panel bytes
+// (4 rows x 4 inputs) widen to int16, an activation row's 4 inputs are broadcast as int16, so each
+// int32 lane sums half a row's quad; the two halves are added once per group (vphaddd).
+template <int MT>
+void i8_gemm_avx2(const int16_t* x16, const float* asc, const float* gsum, int64_t m0, int64_t m1, int use_z,
+                  int64_t rb, const Shape& s, const I8Panel2& P, float* y) {
+  const int64_t kp = s.t4p() * 4;
+  const int64_t row0 = rb * 32;
+  for (int64_t m = m0; m + MT <= m1; m += MT) {
+    for (int e = 0; e < 4 && row0 + 8 * e < s.n; ++e) {
+      __m256 f[MT];
+      for (int i = 0; i < MT; ++i) f[i] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < s.ng; ++g) {
+        __m256i acc[MT][2];
+        for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+        for (int64_t t = g * s.g4; t < (g + 1) * s.g4; ++t) {
+          const uint8_t* wp = P.w + t * 128 + 32 * e;
+          const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp)));
+          const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + 16)));
+          for (int i = 0; i < MT; ++i) {
+            int64_t xv;
+            __builtin_memcpy(&xv, x16 + (m + i) * kp + 4 * t, 8);
+            const __m256i xb = _mm256_set1_epi64x(xv);
+            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(w0, xb));
+            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(w1, xb));
+          }
+        }
+        const __m256 wsc = _mm256_load_ps(P.wsc + g * 32 + 8 * e);
+        for (int i = 0; i < MT; ++i) {
+          const __m256i dot = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xD8);  // rows 0-7
+          const __m256 as = _mm256_set1_ps(asc[(m + i) * s.ng + g]);
+          f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wsc, as), f[i]);
+          if (use_z)
+            f[i] = _mm256_fmadd_ps(_mm256_load_ps(P.zf + g * 32 + 8 * e), _mm256_set1_ps(gsum[(m + i) * s.ng + g]), f[i]);
+        }
+      }
+      const int64_t r = row0 + 8 * e;
+      for (int i = 0; i < MT; ++i) _mm256_maskstore_ps(y + (m + i) * s.n + r, lanes8(s.n - r), f[i]);
+    }
+  }
+}
+
+// i8_quantize without AVX-512: the same float32 ops per element (rint = round half to even); the
+// activations go out as int16 xq ([M][Kp], in the same workspace) for vpmaddwd.
+void i8_quantize_avx2(const float* x, int64_t k, const Shape& s, int64_t v0, int64_t v1, uint8_t* xu, float* asc) {
+  int16_t* x16 = reinterpret_cast<int16_t*>(xu);
+  const int64_t gk = s.g4 * 4, kp = s.t4p() * 4;
+  for (int64_t v = v0; v < v1; ++v) {
+    const int64_t m = v / s.ng, g = v % s.ng, end = (g + 1) * gk, stop = std::min(end, k);
+    const float* xr = x + m * k;
+    float m1 = 0.0f;
+    for (int64_t kk = g * gk; kk < stop; ++kk) m1 = std::max(m1, fabsf(xr[kk]));
+    const float inv = m1 > 0.0f ? 127.0f / m1 : 0.0f;
+    asc[v] = m1 / 127.0f;
+    for (int64_t kk = g * gk; kk < end; ++kk)
+      x16[m * kp + kk] = int16_t(kk < k ? nearbyintf(xr[kk] * inv) : 0.0f);  // padding past k: xq = 0
+  }
+}
+
+template <int Q>
+int i8_panels_avx2(const uint8_t* xu, const float* asc, const float* gsum, int64_t m, int mt, const uint8_t* codes,
+                   const void* alpha, const void* zoff, int use_z, int64_t rb0, int64_t rb1, const Shape& s,
+                   float* y) {
+  static thread_local I8Scratch scratch;
+  const int64_t t4p = s.t4p();
+  uint8_t* base = scratch.get(size_t(t4p * 128 + s.ng * 32 * 4 * 2));
+  if (!base) return -1;
+  const int16_t* x16 = reinterpret_cast<const int16_t*>(xu);  // i8_quantize_avx2's int16 activations
+  const I8Panel2 P{base, reinterpret_cast<float*>(base + t4p * 128), reinterpret_cast<float*>(base + t4p * 128) + s.ng * 32};
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    i8_dequant_avx2<Q>(codes, alpha, zoff, use_z, rb, s, P);
+    int64_t i = 0;  // 16 ymm registers: at most 4 activation rows per pass (mt 6 runs as 4)
+    if (mt >= 4) for (; i + 4 <= m; i += 4) i8_gemm_avx2<4>(x16, asc, gsum, i, i + 4, use_z, rb, s, P, y);
+    if (mt >= 2) for (; i + 2 <= m; i += 2) i8_gemm_avx2<2>(x16, asc, gsum, i, i + 2, use_z, rb, s, P, y);
+    for (; i < m; ++i) i8_gemm_avx2<1>(x16, asc, gsum, i, i + 1, use_z, rb, s, P, y);
+  }
+  return 0;
+}
+
 using I8Fn = int (*)(const uint8_t*, const float*, const float*, int64_t, int, const uint8_t*, const void*,
                       const void*, int, int64_t, int64_t, const Shape&, float*);
 
-I8Fn pick_i8(int64_t q) {
+I8Fn pick_i8(int64_t q, bool vnni) {
   switch (q) {
-    case 1: return i8_panels<1>;
-    case 2: return i8_panels<2>;
-    case 3: return i8_panels<3>;
-    case 4: return i8_panels<4>;
+    case 1: return vnni ? i8_panels<1> : i8_panels_avx2<1>;
+    case 2: return vnni ? i8_panels<2> : i8_panels_avx2<2>;
+    case 3: return vnni ? i8_panels<3> : i8_panels_avx2<3>;
+    case 4: return vnni ? i8_panels<4> : i8_panels_avx2<4>;
     default: return nullptr;
   }
 }
@@ -600,23 +757,31 @@ GemmFn pick_lut512(int64_t q, int rbk) {
   return nullptr;
 }
 
-// SHIFTADD_NO_AVX512=1 turns both 512-bit paths off (what an AVX2-only CPU runs). Read once, not per
-// call (a decode step makes ~200 calls); shiftadd_paths() reads it again (tests flip it in-process).
-int wide_check() {
-  const char* off = getenv("SHIFTADD_NO_AVX512");
-  if (off && off[0] && off[0] != '0') return 0;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+// What this CPU runs, from its features and two switches. SHIFTADD_NO_AVX512=1 turns the 512-bit
+// registers off (what an AVX2-only CPU runs: the LUT path, the int8 path on 256-bit registers);
+// SHIFTADD_NO_INT8=1 the int8 path (M > 1 then takes the LUT path, as M = 1 does). Read once, not per
+// call (a decode step makes ~200 calls); shiftadd_paths() reads them again (tests flip them in-process).
+enum : int { kWide = 1, kVnni = 2, kInt8 = 4 };
+
+bool env_on(const char* name) {
+  const char* v = getenv(name);
+  return v && v[0] && v[0] != '0';
 }
 
-std::atomic<int> g_wide{-1};
-
-bool wide_supported() {
-  int w = g_wide.load(std::memory_order_relaxed);
-  if (w < 0) g_wide.store(w = wide_check(), std::memory_order_relaxed);
-  return w == 1;
+int cpu_check() {
+  int f = env_on("SHIFTADD_NO_INT8") ? 0 : kInt8;
+  if (!env_on("SHIFTADD_NO_AVX512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    f |= kWide | (__builtin_cpu_supports("avx512vnni") ? kVnni : 0);
+  return f;
 }
 
-bool i8_supported() { return wide_supported() && __builtin_cpu_supports("avx512vnni"); }
+std::atomic<int> g_cpu{-1};
+
+int cpu() {
+  int f = g_cpu.load(std::memory_order_relaxed);
+  if (f < 0) g_cpu.store(f = cpu_check(), std::memory_order_relaxed);
+  return f;
+}
 
 // TVM runtime thread pool (c_backend_api.h), resolved from libtvm_runtime at load time.
 struct ParallelEnv {
@@ -637,7 +802,8 @@ struct Job {
   int64_t nb;
   int rbk;
   GemmFn gemm;
-  I8Fn i8;  // the int8 path (M > 1) when chosen and supported, else null
+  I8Fn i8;  // the int8 path (M > 1) when chosen and not switched off, else null
+  bool vnni;  // the int8 path on AVX-512 VNNI (else on AVX2)
   int mt;
   int8_t* tab;
   float* ls;
@@ -658,7 +824,7 @@ int run_task(int task, ParallelEnv* penv, void* cdata) {
   int64_t a, b;
   if (j.i8) {
     share(j.m * j.s.ng, task, nt, 1, &a, &b);
-    i8_quantize(j.x, j.k, j.s, a, b, reinterpret_cast<uint8_t*>(j.tab), j.ls);
+    (j.vnni ? i8_quantize : i8_quantize_avx2)(j.x, j.k, j.s, a, b, reinterpret_cast<uint8_t*>(j.tab), j.ls);
   } else {
     share(j.m * j.s.nunits(), task, nt, 1, &a, &b);
     build_tables(j.x, j.k, j.s, a, b, j.tab, j.ls);
@@ -687,24 +853,26 @@ extern "C" {
 // tab int8 [M][2 pairs][16], ls float [M][nunits], gsum float [M][ng]). One launch on TVM's thread
 // pool (``tasks`` 0: all its threads; 1: this thread only): every task builds its share of the tables,
 // a barrier, then its share of the 32-row blocks. q planes (1..4); mt activation rows and rbk row blocks
-// per pass (tuning knobs). ``path`` 1 takes the int8 path (dequantised panels, AVX-512 VNNI; mt rows per
-// pass, 1/2/4/6) where the CPU has it, else the LUT path with mt <= 2 and rbk 1 (same workspaces: the
-// int8 path keeps its activations in tab and their scales in ls); ``path`` 2 with mt 1 the LUT path on
+// per pass (tuning knobs). ``path`` 1 takes the int8 path (dequantised panels; mt rows per pass,
+// 1/2/4/6; AVX-512 VNNI where the CPU has it, else AVX2 with at most 4), or with SHIFTADD_NO_INT8 the
+// LUT path with mt <= 2 and rbk 1 (same workspaces: the int8 path keeps its activations in tab and
+// their scales in ls); ``path`` 2 with mt 1 the LUT path on
 // 512-bit registers (AVX-512 BW) where the CPU has it, else the LUT path with the same knobs. Returns 0,
 // or -1 for an unsupported q / knob.
 int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const void* alpha,
                         const void* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
                         int64_t ng, int64_t rows_per_alpha, int64_t scale_fp8, int64_t q, int64_t mt, int64_t rbk,
                         int64_t path, int64_t tasks, int8_t* tab, float* ls, float* gsum, float* y) {
-  const bool i8 = path == 1 && i8_supported();
+  const int f = cpu();
+  const bool i8 = path == 1 && (f & kInt8), vnni = f & kVnni;
   if (path == 1 && !i8) mt = std::min<int64_t>(mt, 2), rbk = 1;
   GemmFn gemm = pick_q(q, int(mt), int(rbk));
-  if (path == 2 && wide_supported() && mt == 1) {
+  if (path == 2 && (f & kWide) && mt == 1) {
     if (GemmFn wide = pick_lut512(q, int(rbk))) gemm = wide;
   }
   Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_fp8 != 0)},
         (n + 31) / 32,
-        int(rbk), gemm, i8 ? pick_i8(q) : nullptr, int(mt), tab, ls, gsum, y};
+        int(rbk), gemm, i8 ? pick_i8(q, vnni) : nullptr, vnni, int(mt), tab, ls, gsum, y};
   if (path < 0 || path > 2 || (i8 ? !j.i8 || (mt != 1 && mt != 2 && mt != 4 && mt != 6) : !j.gemm) || u4 % 2 ||
       g4 % u4 || g4 % 2)
     return -1;
@@ -712,11 +880,13 @@ int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* cod
   return TVMBackendParallelLaunch(run_task, &j, int(tasks));
 }
 
-// The paths this CPU takes when asked (SHIFTADD_NO_AVX512 unset; read again here): bit 1 the int8 path
-// (AVX-512 F/BW/VNNI), bit 2 the 512-bit LUT path (AVX-512 F/BW); the LUT path (bit 0) always.
+// The paths this CPU takes when asked (the switches read again here): bit 0 the LUT path (always),
+// bit 1 the int8 path (unless SHIFTADD_NO_INT8), bit 2 the 512-bit LUT path (AVX-512 F/BW, unless
+// SHIFTADD_NO_AVX512), bit 3 set when the int8 path runs on AVX-512 VNNI (else on AVX2).
 int shiftadd_paths() {
-  g_wide.store(wide_check(), std::memory_order_relaxed);
-  return 1 | (i8_supported() ? 2 : 0) | (wide_supported() ? 4 : 0);
+  const int f = cpu_check();
+  g_cpu.store(f, std::memory_order_relaxed);
+  return 1 | (f & kInt8 ? 2 : 0) | (f & kWide ? 4 : 0) | ((f & kInt8) && (f & kVnni) ? 8 : 0);
 }
 
 }  // extern "C"
