@@ -249,11 +249,13 @@ def summary(rows, bw) -> str:
     """One line per (shape, M): each of our variants and the best peer of each kind, in ms."""
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     ours = list(dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("ours")))
-    head = ("| K x N | M | " + " | ".join(ours) + " | best ORT int2 | best ORT int4 | best fp32 | "
-            "ours 2-bit / best int2 | ours 3-bit / best int4 | ours 4-bit / best int4 |")
+    widths = sorted({r["bits"] for r in rows if r["impl"].startswith("ours")})
+    peers = sorted({2 if b == 2 else 4 for b in widths})
+    head = ("| K x N | M | " + " | ".join(ours) + "".join(f" | best ORT int{b}" for b in peers) + " | best fp32 | "
+            + " | ".join(f"ours {b}-bit / best int{2 if b == 2 else 4}" for b in widths) + " |")
     lines = [f"2-thread read bandwidth measured in the run: {bw:.1f} GB/s; times in ms (median); "
-             "speedups > 1 mean ours is faster (best of our scale formats)\n", head,
-             "|---|---:|" + "---:|" * (len(ours) + 6)]
+             "speedups > 1 mean ours is faster (best of our scale formats and groups)\n", head,
+             "|---|---:|" + "---:|" * (len(ours) + len(peers) + 1 + len(widths))]
     for s in shapes:
         for m in sorted({r["m"] for r in rows if r["shape"] == s}):
             rr = {r["impl"]: r for r in rows if r["shape"] == s and r["m"] == m}
@@ -262,12 +264,12 @@ def summary(rows, bw) -> str:
                 c = [r for name, r in rr.items() if name.startswith(prefix)]
                 return min(c, key=lambda r: r["ms"])
 
-            b2, b4 = best("ORT int2 "), best("ORT int4 ")
+            bp = {b: best(f"ORT int{b} ") for b in peers}
             fp = min((r for r in rr.values() if r["bits"] == 32), key=lambda r: r["ms"])
-            sp = [(b2 if bits == 2 else b4)["ms"] / best(f"ours {bits}-bit")["ms"] for bits in (2, 3, 4)]
+            sp = [bp[2 if bits == 2 else 4]["ms"] / best(f"ours {bits}-bit")["ms"] for bits in widths]
             lines.append(f"| {s} | {m} | " + " | ".join(f"{rr[o]['ms']:.3f}" for o in ours)
-                         + f" | {b2['ms']:.3f} ({b2['impl'][9:]}) | {b4['ms']:.3f} ({b4['impl'][9:]}) | "
-                         f"{fp['ms']:.3f} ({fp['impl']}) | " + " | ".join(f"{v:.2f}x" for v in sp) + " |")
+                         + "".join(f" | {bp[b]['ms']:.3f} ({bp[b]['impl'][9:]})" for b in peers)
+                         + f" | {fp['ms']:.3f} ({fp['impl']}) | " + " | ".join(f"{v:.2f}x" for v in sp) + " |")
     return "\n".join(lines)
 
 
