@@ -192,6 +192,11 @@ def main() -> None:
          lambda p: shiftadd.compile("smollm2", p, bits=3, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
         (f"ours mixed 3.0, loss-aware allocation, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
          lambda p: shiftadd.compile("smollm2", p, avg_bits=3.0, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
+        # 4-bit weight-only (no calibration, like ORT's RTN rows) with one-byte scales per group of 64 to 512
+        # inputs: what the bytes that bench/kernels.py's M = 1 4-bit rows save cost in quality (2026-11-28)
+        *[(f"ours 4-bit weight-only, e5m2 scales, group {g}",
+           lambda p, g=g: shiftadd.compile(str(src), p, bits=4, group=g, calib_windows=0, scale_format="e5m2",
+                                           tokenizer=tok).so) for g in (64, 128, 256, 512)],
         # the same 3-bit fit as the defaults row, run by the exact float-table kernel: what the int8 tables cost
         (f"ours 3-bit, {DEFAULTS.replace('AVX2', 'float tables')}",
          lambda p: shiftadd.compile(str(src), p, bits=3, kernel="f32", **d).so),

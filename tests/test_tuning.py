@@ -137,17 +137,19 @@ def test_knobs_of_one_thread_pool_regime_are_not_applied_in_the_other(tmp_path, 
     assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1)[0].tasks == 0  # both kept
 
 
-def test_single_thread_split_needs_a_margin_with_spinning_workers(monkeypatch):
-    """With spinning workers a tasks=1 candidate wins only by SPLIT_MARGIN; without spinning
-    (TVM_THREAD_POOL_SPIN_COUNT=0, bench/kernels.py's regime) the fastest wins outright."""
+@pytest.mark.parametrize("spin", [None, "0"])
+def test_single_thread_split_needs_a_margin(spin, monkeypatch):
+    """A tasks=1 candidate wins only by SPLIT_MARGIN, with spinning workers and without
+    (TVM_THREAD_POOL_SPIN_COUNT=0, bench/kernels.py's regime)."""
     from shiftadd.schedules import lut_avx2 as L
     from shiftadd.schedules.tuning import SPLIT_MARGIN, pick
 
     cands = [L.Knobs(1, 1, 0), L.Knobs(1, 2, 0), L.Knobs(1, 1, 1)]
     close = {"m1r1t0": 0.0110, "m1r2t0": 0.0105, "m1r1t1": 0.0100}
     far = {**close, "m1r1t1": 0.0105 / (1 + SPLIT_MARGIN) * 0.99}
-    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    if spin is None:
+        monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", spin)
     assert pick(close, cands) == "m1r2t0" and pick(far, cands) == "m1r1t1"
     assert pick({"m1r1t0": 0.02, "m1r1t1": 0.03}, cands) == "m1r1t0"
-    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "0")
-    assert pick(close, cands) == "m1r1t1"

@@ -213,15 +213,16 @@ SPLIT_MARGIN = 0.15  # a single-thread pick must beat the best all-threads one b
 
 
 def pick(ms: dict[str, float], cands: list[L.Knobs]) -> str:
-    """The tag of the fastest candidate, except that with spinning workers (the runtime's regime,
-    see spin_regime) a single-thread split (tasks = 1) is kept only when it beats the fastest
-    all-threads candidate by SPLIT_MARGIN. Why: on this shared 2-vCPU machine the split's ranking
-    flips with the other vCPU's load from one tuning to the next (576x960 3-bit, three tunings in one
-    process: 0.016 ms t1, 0.010 t0, 0.013 t0), and a single-thread kernel in a decode step, where
-    both workers spin, gives away the second core."""
+    """The tag of the fastest candidate, except that a single-thread split (tasks = 1) is kept only
+    when it beats the fastest all-threads candidate by SPLIT_MARGIN. Why: on this shared 2-vCPU
+    machine the split's ranking flips with the other vCPU's load from one tuning to the next
+    (576x960 3-bit, three tunings in one process: 0.016 ms t1, 0.010 t0, 0.013 t0); a single-thread
+    kernel in a decode step, where both workers spin, gives away the second core; and without
+    spinning (bench/kernels.py), where one thread rightly wins small kernels by its saved wake-up,
+    an 11008x4096 GEMV picked one thread on a 5 % edge and then ran 1.7x slower than its neighbours."""
     best = min(ms, key=ms.get)
     tasks = {c.tag(): c.tasks for c in cands}
-    if spin_regime() or tasks.get(best) != 1:
+    if tasks.get(best) != 1:
         return best
     pool = [t for t in ms if tasks.get(t) == 0]
     alt = min(pool, key=ms.get) if pool else None
