@@ -153,3 +153,20 @@ def test_single_thread_split_needs_a_margin(spin, monkeypatch):
         monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", spin)
     assert pick(close, cands) == "m1r2t0" and pick(far, cands) == "m1r1t1"
     assert pick({"m1r1t0": 0.02, "m1r1t1": 0.03}, cands) == "m1r1t0"
+
+
+def test_knobs_timed_under_a_kernel_switch_are_not_used_without_it(tmp_path, monkeypatch):
+    """SHIFTADD_NO_AVX512 / SHIFTADD_NO_INT8 change which path runs, so the tuning context records
+    them: a database tuned under a switch is ignored (with a warning) without it, and vice versa."""
+    monkeypatch.setenv("SHIFTADD_NO_AVX512", "1")
+    db = TuningDB.open(tmp_path / "t.json")
+    db.put(key_of(64, 32, 2, 32, True, 1), {"decode": {"mt": 1, "rbk": 2, "tasks": 0},
+                                            "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}})
+    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is not None
+    monkeypatch.setenv("SHIFTADD_NO_AVX512", "0")  # read as unset, as the micro-kernel reads it
+    with pytest.warns(UserWarning, match=r"another context \(cpu differ\)"):
+        assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is None
+    monkeypatch.delenv("SHIFTADD_NO_AVX512")
+    monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
+    with pytest.warns(UserWarning, match=r"another context"):
+        assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is None

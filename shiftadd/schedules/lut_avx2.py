@@ -67,6 +67,13 @@ AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 SWITCHES = ("SHIFTADD_NO_AVX512", "SHIFTADD_NO_INT8")  # environment switches the micro-kernel reads
 
 
+def switch_on(name: str) -> bool:
+    """Whether the micro-kernel reads switch ``name`` as set (as its env_on does: set, not empty,
+    not starting with "0")."""
+    v = os.environ.get(name, "")
+    return bool(v) and v[0] != "0"
+
+
 def target_supported(target) -> bool:
     """True when ``target`` (a TVM llvm Target) has AVX2, FMA and F16C."""
     from tvm.target import codegen
