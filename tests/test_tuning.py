@@ -170,3 +170,6 @@ def test_knobs_timed_under_a_kernel_switch_are_not_used_without_it(tmp_path, mon
     monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
     with pytest.warns(UserWarning, match=r"another context"):
         assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is None
+    from shiftadd.targets import resolve_target
+
+    assert "SHIFTADD_NO_INT8" in TuningDB.open(tmp_path / "u.json", target=resolve_target("cpu")).ctx["cpu"]

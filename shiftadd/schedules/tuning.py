@@ -53,8 +53,8 @@ def context(target=None) -> dict:
     except Exception:  # noqa: BLE001 - not an x86 target
         feats = ""
     src = hashlib.sha256(L.SOURCE.read_bytes() + repr(L.KNOB_SPACE).encode()).hexdigest()[:16]
-    if target is None or (isinstance(target, str) and target == "cpu"):  # this process's switches
-        feats += "".join(f"; {v}" for v in L.SWITCHES if L.switch_on(v))  # change what runs here
+    # this process's kernel switches change which path runs (for an RPC target: the tuning job's own)
+    feats += "".join(f"; {v}" for v in L.SWITCHES if L.switch_on(v))
     return {"version": VERSION, "tvm": tvm.__version__, "cpu": f"{mcpu}; {feats}", "kernel": src,
             "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0)}
 
