@@ -143,7 +143,8 @@ def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP):
     from shiftadd.targets import resolve_target
 
     L.load_in_process()
-    knobs = db.knobs(k, n, bits, group, True, 1) if db is not None else (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
+    knobs = (db.knobs(k, n, bits, group, True, 1) if db is not None  # else what an untuned compile gets
+             else L.default_knobs(bits, L.int8_isa() == "avx512-vnni"))
     f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
     packs = [[tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, group, fp8=fp8, rng=rng)]

@@ -64,7 +64,7 @@ def test_stale_database_is_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"1 entries were tuned for another context \(cpu, tvm differ\)"):
         stale = TuningDB.open(tmp_path / "t.json")
     assert stale.get(64, 32, 2, 32, True, 1) is None
-    assert stale.knobs(64, 32, 2, 32, True, 1) == (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
+    assert stale.knobs(64, 32, 2, 32, True, 1) == lut_avx2.default_knobs(2, stale.vnni)
 
 
 def test_int8_batch_off_keeps_the_lut_path(tmp_path):
@@ -173,3 +173,17 @@ def test_knobs_timed_under_a_kernel_switch_are_not_used_without_it(tmp_path, mon
     from shiftadd.targets import resolve_target
 
     assert "SHIFTADD_NO_INT8" in TuningDB.open(tmp_path / "u.json", target=resolve_target("cpu")).ctx["cpu"]
+
+
+def test_untuned_batch_knobs_follow_the_target(tmp_path, monkeypatch):
+    """Without a database entry the batch takes the int8 path, except on a target without VNNI at
+    <= 3 bits (the LUT loop measured faster there): SHIFTADD_NO_AVX512 is such a target here."""
+    vnni = TuningDB.open(tmp_path / "a.json").vnni
+    if vnni:
+        assert all(TuningDB.open(tmp_path / "a.json").knobs(64, 32, b, 32, True, 1)[1] == lut_avx2.DEFAULT_BATCH_KNOBS
+                   for b in (2, 3, 4))
+    monkeypatch.setenv("SHIFTADD_NO_AVX512", "1")
+    db = TuningDB.open(tmp_path / "b.json")
+    assert not db.vnni
+    assert [db.knobs(64, 32, b, 32, True, 1) for b in (2, 3, 4)] == [
+        (lut_avx2.DEFAULT_KNOBS, lut_avx2.LUT_BATCH_KNOBS)] * 2 + [(lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)]

@@ -63,6 +63,14 @@ KNOB_SPACE = ([Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8),
 DEFAULT_KNOBS = Knobs(1, 4, 0, 2)
 DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
 LUT_BATCH_KNOBS = Knobs(2, 1, 0)  # M > 1 kept on the LUT path (compile int8_batch=False), untuned
+
+
+def default_knobs(bits: int, vnni: bool = True) -> tuple[Knobs, Knobs]:
+    """Untuned (decode, batch) knobs for a target with or without AVX-512 VNNI. The batch takes the
+    int8 path, except without VNNI at <= 3 bits: there its AVX2 version (~10 uops per 64 products
+    per activation row) lost to the LUT loop in every tuning at M = 32 (2-bit 1.3-1.5x, 3-bit
+    1.0-1.2x; 4-bit the int8 path won 1.1-1.2x; docs/BENCHMARKS.md)."""
+    return DEFAULT_KNOBS, (DEFAULT_BATCH_KNOBS if vnni or bits >= 4 else LUT_BATCH_KNOBS)
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 SWITCHES = ("SHIFTADD_NO_AVX512", "SHIFTADD_NO_INT8")  # environment switches the micro-kernel reads
 

@@ -88,6 +88,8 @@ class TuningDB:
     def __init__(self, path: Path, data: dict | None = None, target=None):
         self.path = Path(path)
         self.ctx = context(target)
+        # the int8 path runs on VNNI for this target (else on AVX2, where the untuned defaults differ)
+        self.vnni = "avx512vnni" in self.ctx["cpu"] and "SHIFTADD_NO_AVX512" not in self.ctx["cpu"]
         self.entries: dict = {}
         self.stale = 0
         if data:
@@ -137,10 +139,11 @@ class TuningDB:
         self.save()
 
     def knobs(self, k, n, bits, group, offset, rows, int8: bool = True) -> tuple[L.Knobs, L.Knobs]:
-        """(decode, batch) knobs, tuned or the defaults. ``int8`` False keeps M > 1 on the LUT path
-        (the decode kernel's arithmetic at every M): a batch pick on the int8 path is replaced by
-        the fastest LUT candidate this entry timed, else LUT_BATCH_KNOBS."""
-        dec, bat = self.get(k, n, bits, group, offset, rows) or (L.DEFAULT_KNOBS, L.DEFAULT_BATCH_KNOBS)
+        """(decode, batch) knobs, tuned or the defaults for this target (lut_avx2.default_knobs).
+        ``int8`` False keeps M > 1 on the LUT path (the decode kernel's arithmetic at every M): a
+        batch pick on the int8 path is replaced by the fastest LUT candidate this entry timed, else
+        LUT_BATCH_KNOBS."""
+        dec, bat = self.get(k, n, bits, group, offset, rows) or L.default_knobs(bits, self.vnni)
         if not int8 and bat.path == 1:
             ms = self.entries.get(key_of(k, n, bits, group, offset, rows), {}).get("ms", {}).get("batch", {})
             lut = {kn.tag(): kn for kn in L.KNOB_SPACE if kn.path != 1 and kn.tag() in ms}

@@ -582,9 +582,7 @@ int i8_panels(const uint8_t* xu, const float* asc, const float* gsum, int64_t m,
 
 // ---- the int8 path on 256-bit registers (AVX2 only, e.g. Zen 3): the same integers as the VNNI path,
 // hence the same result bit for bit. Panels in the same byte layout (per 4 inputs, 32 rows x 4 int8),
-// dequantised by and/cmpeq/and/add per plane; exact int32 dots by vpmaddubsw + vpmaddwd. vpmaddubsw
-// multiplies unsigned by signed bytes and saturates its pair sums at int16, so it gets |w| and
-// sign(w) * xq (both <= 127 in magnitude: pair sums <= 32258, never saturated).
+// dequantised by and/cmpeq/and/add per plane; exact int32 dots by vpmaddwd on int16 (i8_gemm_avx2).
 struct I8Panel2 {
   uint8_t* w;  // [t4p][128]: 4 inputs x 32 rows, row r at bytes 4r..4r+3
   float* wsc;  // [ng][32] weight step per row
