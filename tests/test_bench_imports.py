@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -53,3 +55,5 @@ def test_kernel_summary_covers_the_widths_and_groups_of_the_run():
     assert "3-bit" not in head
     assert line.endswith("| 1.75x | 1.50x |")  # 0.35 / 0.20 and 0.525 / 0.35
     assert any("M=1 4-bit >= 1.5x ORT int4 | 1.50x (ours 4-bit e5m2 g512)" in g for g in K.goals(rows))
+    with pytest.raises(SystemExit):  # a group the kernel cannot read: refused before any work
+        K.main(["--groups", "100"])
