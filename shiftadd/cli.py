@@ -17,7 +17,8 @@ def _cmd_compile(a) -> int:
                      layout=a.layout, block_rows=a.block_rows, kernel=a.kernel,
                      tune=a.tune, db=a.db, scale_format=a.scale_format,
                      kv_cache=not a.no_kv_cache, refits=a.refits, tune_scales=a.tune_scales,
-                     loss_aware=not a.output_error_allocation, int8_batch=not a.no_int8_batch)
+                     loss_aware=not a.output_error_allocation, int8_batch=not a.no_int8_batch,
+                     tied_scales=a.tied_scales)
     if res.report is not None:
         print(res.report.summary())
         print(f"average stored bits per rewritten weight (scales and offsets included): {res.report.average_bits():.3f}")
@@ -148,6 +149,9 @@ def main(argv=None) -> int:
                    help="compile main only (no decode function: generation reruns the sequence per token)")
     c.add_argument("--scale-format", choices=("fp16", "e5m2"), default="fp16",
                    help="scale/offset storage: float16 APoT (default) or one-byte float8 e5m2 (APoT within 2 orders)")
+    c.add_argument("--tied-scales", action="store_true",
+                   help="one scale per row and group, plane b's being it times 2^-b (the uniform int grid as sign "
+                        "planes): fewer bytes per weight than a scale per plane, the planes' sums added by shifts")
     c.add_argument("--no-int8-batch", action="store_true",
                    help="keep M > 1 (prefill, batches) on the LUT tables instead of the int8 path where the CPU "
                         "has AVX-512 VNNI: the decode kernel's arithmetic at every M (on weight-only SmolLM2 3-bit "

@@ -233,7 +233,8 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
             kernel: str = "auto", tune: bool = False, db: str | os.PathLike | None = None,
             scale_format: str = "fp16", kv_cache: bool = True, refits: int = 3,
             loss_aware: bool = True, stack_siblings: bool = True, share_kv: bool = True,
-            attention: bool = True, tune_scales: int = 0, int8_batch: bool = True) -> CompileResult:
+            attention: bool = True, tune_scales: int = 0, int8_batch: bool = True,
+            tied_scales: bool = False) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
 
     ``calib_windows`` > 0 (default: DEFAULT_CALIB_WINDOWS when the model has a tokenizer, else 0) fits
@@ -257,7 +258,11 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     micro-kernel on AVX2 targets (T-MAC's technique, schedules/lut_avx2.py) and the float-table TIR
     kernel elsewhere; 'f32' forces the float tables (exact to float rounding). ``scale_format`` 'e5m2'
     stores every scale and offset in one byte (float8 e5m2: APoT values with up to three terms within
-    two binary orders) instead of two (float16 APoT with ``apot_terms`` terms). The AVX2 kernel's
+    two binary orders) instead of two (float16 APoT with ``apot_terms`` terms). ``tied_scales`` (row-group
+    layout) ties each group's plane scales as α·2^-b (the uniform grid of int quantization as sign
+    planes, quant.bcq.plane_weights): one stored scale per group instead of ``bits``, fewer bytes per
+    weight (4-bit, group 128, e5m2: 4.125 instead of 4.31), and the kernel adds the planes' sums by
+    shifts. The AVX2 kernel's
     knobs come from the tuning database ``db`` (default ~/.cache/shiftadd/tuning.json, or
     $SHIFTADD_TUNING_DB); with ``tune`` the kernels missing there are tuned on this machine first and
     saved, so the next compile does no search; without an entry the default knobs serve. Where the CPU
@@ -282,7 +287,7 @@ def compile(model: str, output: str | os.PathLike, bits: int = 3, group: int = 6
     t0 = time.time()
     paths(output)  # validates the output name before any work
     cfg = BCQConfig(bits=bits, group=group, apot_terms=apot_terms, rounds=rounds, offset=offset, layout=layout,
-                    scale_format=scale_format, refits=refits,
+                    scale_format=scale_format, refits=refits, tied=tied_scales,
                     block_rows=block_rows)  # validates
     tgt = resolve_target(target)
     kernel = pick_kernel(kernel, tgt)

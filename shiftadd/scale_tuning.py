@@ -80,7 +80,8 @@ class _Scales:
         self.bw, self.k, self.transposed = bw, k, transposed
         self.B = torch.from_numpy(b.reshape(q, n, ng, g))
         self.a0 = torch.from_numpy(np.asarray(bw.alpha, np.float32))
-        self.s = torch.zeros_like(self.a0, requires_grad=True)
+        # tied scales (quant.bcq.plane_weights) move together: one log-step per (row, group) keeps them tied
+        self.s = torch.zeros_like(self.a0[:1] if bw.tied else self.a0, requires_grad=True)
         self.z0 = torch.from_numpy(np.asarray(bw.offset, np.float32)) if bw.offset is not None else None
         self.t = torch.zeros_like(self.z0, requires_grad=True) if self.z0 is not None else None
 
@@ -93,7 +94,13 @@ class _Scales:
         a = self.a0 * torch.exp(self.s)
         z = self.z0 + self.a0[0] * self.t if self.z0 is not None else None
         if hard:  # straight-through: the forward pass sees the stored (rounded) values
-            a = a + (rnd(a.detach()).to(a.dtype) - a).detach()
+            if self.bw.tied:  # round plane 0's scale, the others are it times 2^-b
+                from .quant.bcq import plane_weights
+
+                stored = rnd(a[:1].detach()).to(a.dtype) * plane_weights(a.shape[0])[:, None, None]
+            else:
+                stored = rnd(a.detach()).to(a.dtype)
+            a = a + (stored - a).detach()
             if z is not None:
                 z = z + (rnd(z.detach()).to(z.dtype) - z).detach()
         return a, z
@@ -114,7 +121,7 @@ class _Scales:
         with torch.no_grad():
             a, z = self.scales(rnd, hard=True)
         return BCQWeight(signs=self.bw.signs, alpha=a.numpy().astype(np.float32), group=self.bw.group,
-                         offset=z.numpy().astype(np.float32) if z is not None else None)
+                         offset=z.numpy().astype(np.float32) if z is not None else None, tied=self.bw.tied)
 
 
 def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: float = 1.5e-3, batch: int = 2,

@@ -132,11 +132,16 @@ def run_avx2(x, bw, knobs=None, knobs_batch=None, fp8=False):
     codes, alpha, zoff = L.pack_avx2(bw, fp8)
     n, k = bw.shape
     f = L.make_lut_avx2(k, n, bw.bits, bw.group, bw.offset is not None, bw.alpha_rows,
-                        knobs or L.DEFAULT_KNOBS, knobs_batch, fp8)
+                        knobs or L.DEFAULT_KNOBS, knobs_batch, fp8, bw.tied)
     lib = tvm.compile(tvm.IRModule({"main": f}), TARGET)
     y = tvm.runtime.empty((x.shape[0], n), "float32", DEV)
     lib["main"](*[tvm.runtime.tensor(a, DEV) for a in (x, codes, alpha, zoff)], y)
     return y.numpy()
+
+
+def tie(alpha):
+    """Tied scales (quant.bcq.plane_weights): plane b's = plane 0's * 2^-b."""
+    return (alpha[:1] * (2.0 ** -np.arange(len(alpha)))[:, None, None]).astype(np.float32)
 
 
 def check_avx2(x, bw, y, knobs=None, knobs_batch=None):
@@ -178,11 +183,11 @@ pytestmark_avx2 = pytest.mark.skipif(not __import__("shiftadd.schedules.lut_avx2
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 7), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
        pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), knob=st.integers(0, 1000),
-       fp8=st.booleans(), seed=st.integers(0, 2**16))
-def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, seed):
+       fp8=st.booleans(), tied=st.booleans(), seed=st.integers(0, 2**16))
+def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, tied, seed):
     """Odd shapes (K not a multiple of 8, N not of 32), M > 1, every tuning-knob kind, 1-4 planes,
-    groups beyond the int16 bound (130 pairs: the kernel splits them into units), and scales stored
-    as float16 or as float8 e5m2 bytes (all the values drawn here are e5m2 values)."""
+    groups beyond the int16 bound (130 pairs: the kernel splits them into units), scales stored
+    as float16 or as float8 e5m2 bytes (all the values drawn here are e5m2 values), per plane or tied."""
     from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import KNOB_SPACE
 
@@ -190,8 +195,8 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
     group = 8 * pairs
     ng = -(-k // group)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group,
-                   alpha=rng.choice([0.5, 0.375, 2.0 ** -7, 3.0], size=(bits, n, ng)).astype(np.float32),
+    alpha = rng.choice([0.5, 0.375, 2.0 ** -7, 3.0], size=(bits, n, ng)).astype(np.float32)
+    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha=tie(alpha) if tied else alpha, tied=tied,
                    offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None)
     kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
     kb = KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)]
@@ -213,13 +218,14 @@ def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
 @given(m=st.integers(2, 15), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
        pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), mt=st.sampled_from([1, 2, 4, 6]),
        tasks=st.sampled_from([0, 1]), fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]),
-       avx2=st.booleans(), seed=st.integers(0, 2**16))
-def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, avx2, seed):
+       avx2=st.booleans(), tied=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, avx2, tied, seed):
     """The dequantise-to-int8 path (M > 1) over odd shapes (K not a multiple of the group or of 4, N
     not of 8, 16 or 32, M not of the rows per pass), every rows-per-pass knob and thread split, 1-4
     planes, groups of 8 to 1040 inputs, per-row and block (32/64-row) scales, float16 and e5m2
-    storage, negative and zero scales (a zero-scale row group must dequantise to zero), on AVX-512
-    VNNI where the CPU has it and on AVX2 (``avx2``: SHIFTADD_NO_AVX512, what Zen 3 runs)."""
+    storage, per-plane or tied scales, negative and zero scales (a zero-scale row group must
+    dequantise to zero), on AVX-512 VNNI where the CPU has it and on AVX2 (``avx2``:
+    SHIFTADD_NO_AVX512, what Zen 3 runs)."""
     from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import Knobs
 
@@ -229,7 +235,8 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
     x[rng.random((m, k)) < 0.1] = 0.0
     alpha = rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0, 0.0], size=(bits, na, ng)).astype(np.float32)
-    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows,
+    alpha = tie(alpha) if tied else alpha
+    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows, tied=tied,
                    alpha=np.repeat(alpha, rows, axis=1)[:, :n],
                    offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
                    if offset else None)
@@ -242,11 +249,12 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
 @settings(max_examples=30, deadline=None)
 @given(m=st.integers(1, 3), k=st.integers(1, 300), n=st.integers(1, 200), bits=st.sampled_from([1, 2, 3, 4]),
        pairs=st.sampled_from([1, 2, 3, 8, 130]), offset=st.booleans(), rbk=st.sampled_from([1, 2, 4]),
-       fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]), seed=st.integers(0, 2**16))
-def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8, rows, seed):
+       fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]), tied=st.booleans(), seed=st.integers(0, 2**16))
+def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8, rows, tied, seed):
     """The 512-bit LUT path (two planes per load; an odd last plane on 256-bit registers) equals the
     LUT reference over odd shapes (N not a multiple of 16, 32 or the row blocks per pass), 1-4
-    planes, per-row and block scales, float16 and e5m2 storage; M > 1 rows run it one at a time."""
+    planes, per-row and block scales, per-plane or tied, float16 and e5m2 storage; M > 1 rows run it
+    one at a time."""
     from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import Knobs
 
@@ -255,7 +263,8 @@ def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8,
     ng, na = -(-k // group), -(-n // rows)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
     alpha = rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0], size=(bits, na, ng)).astype(np.float32)
-    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows,
+    alpha = tie(alpha) if tied else alpha
+    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows, tied=tied,
                    alpha=np.repeat(alpha, rows, axis=1)[:, :n],
                    offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
                    if offset else None)
@@ -309,3 +318,30 @@ def test_avx2_kernel_rejects_layouts_it_cannot_read():
     five = BCQWeight(signs=np.ones((5, 32, 64), bool), alpha=np.full((5, 32, 1), 0.5, np.float32), group=64)
     with pytest.raises(RuntimeError, match="unsupported bits or knobs"):
         run_avx2(np.ones((1, 64), np.float32), five)
+
+
+@pytestmark_avx2
+def test_tied_scales_store_one_plane_and_compute_the_same():
+    """Tied scales keep one scale per (row, group) instead of q, and every path computes what the
+    same weights give with the q scales stored (the LUT paths add the planes' integer sums by shifts:
+    exact, so equal to float rounding; the int8 path dequantises the same integers: equal bit for bit).
+    Packing refuses scales that are not tied."""
+    from dataclasses import replace
+
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import Knobs, pack_avx2
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 200)).astype(np.float32)
+    alpha = tie(rng.choice([0.5, 0.375, 3.0], size=(4, 70, 2)).astype(np.float32))
+    tied = BCQWeight(signs=rng.random((4, 70, 200)) < 0.5, group=128, alpha=alpha, tied=True,
+                     offset=rng.choice([-0.25, 0.125], size=(70, 2)).astype(np.float32))
+    planes = replace(tied, tied=False)
+    assert pack_avx2(tied)[1].shape[2] == 1 and pack_avx2(planes)[1].shape[2] == 4
+    assert pack_avx2(tied, fp8=True)[1].nbytes * 4 == pack_avx2(planes, fp8=True)[1].nbytes
+    for kn in (Knobs(1, 1, 0, 0), Knobs(1, 2, 0, 2), Knobs(2, 1, 0, 0)):
+        np.testing.assert_allclose(run_avx2(x, tied, kn, kn), run_avx2(x, planes, kn, kn), rtol=1e-6, atol=1e-5)
+    kb = Knobs(4, 1, 0, 1)
+    assert np.array_equal(run_avx2(x, tied, knobs_batch=kb), run_avx2(x, planes, knobs_batch=kb))
+    with pytest.raises(ValueError, match="tied scales"):
+        pack_avx2(replace(tied, alpha=alpha[::-1].copy()))

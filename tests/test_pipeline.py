@@ -44,13 +44,17 @@ TOLERANCE = {"f32": 1e-3, "avx2": 2e-2}
 @pytest.mark.parametrize("family, bits, kernel, fmt", [(f, b, "f32", "fp16") for f in FAMILIES for b in (2, 3, 4)]
                          + [(f, 3, "avx2", "fp16") for f in FAMILIES] + [("llama", 2, "avx2", "fp16"),
                                                                         ("opt", 4, "avx2", "e5m2"),
-                                                                        ("llama", 3, "avx2", "e5m2")])
+                                                                        ("llama", 3, "avx2", "e5m2"),
+                                                                        ("opt", 4, "avx2", "e5m2+tied"),
+                                                                        ("llama", 3, "avx2", "e5m2+tied")])
 def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel, fmt, tiny_onnx, tmp_path):
     path = tiny_onnx(family)
     # llama: K = 72 and 100, so rows of K=100 end in a shorter group; the AVX2 kernel wants group % 8 == 0
     group = (24 if kernel == "avx2" else 36) if family == "llama" else 32
+    fmt, tied = fmt.split("+")[0], fmt.endswith("+tied")
     res = shiftadd.compile(path, tmp_path / "m.so", bits=bits, group=group, keep_dequantized=True,
-                           skip=() if family == "llama" else ("lm_head",), kernel=kernel, scale_format=fmt)
+                           skip=() if family == "llama" else ("lm_head",), kernel=kernel, scale_format=fmt,
+                           tied_scales=tied)
     rep = res.report
     if fmt == "e5m2":  # one byte per scale and offset: the stored .alpha/.offset parameters are uint8
         import tvm
@@ -60,6 +64,8 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel,
         stored = tvm.runtime.load_param_dict(paths(res.so)["params"].read_bytes())
         scales = [v for name, v in stored.items() if name.endswith((".alpha", ".offset"))]
         assert scales and all(str(v.dtype) == "uint8" for v in scales)
+        # tied: one stored scale per row and group ([NBA, NG, 1, 32]), per plane otherwise ([.., bits, 32])
+        assert {v.shape[2] for name, v in stored.items() if name.endswith(".alpha")} == {1 if tied else bits}
     assert all(r.kernel == kernel for r in rep.rewritten) and res.manifest["kernel"] == kernel
     # every weight matmul is rewritten except the skipped lm_head (tied to the embedding in OPT/GPT-2)
     n_linear = {"llama": 2 * 7 + 1, "opt": 2 * 6, "gpt2": 2 * 4}[family]
@@ -81,7 +87,7 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel,
     ids, mask = ragged_batch(bits, 2, 9)
     ours = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     ref = ort_logits(model, ids, mask)
-    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max(), (np.abs(ours - ref).max(), np.abs(ref).max())
     # and the rewrite really changed the model (the float model differs)
     assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3
 
@@ -158,5 +164,5 @@ def test_scale_layouts_run_exactly(family, layout, kernel, tiny_onnx, tmp_path):
     ids, mask = ragged_batch(5, 2, 9)
     ours = shiftadd.load(res.so).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     ref = ort_logits(model, ids, mask)
-    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max(), (np.abs(ours - ref).max(), np.abs(ref).max())
     assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3

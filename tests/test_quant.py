@@ -67,7 +67,8 @@ def test_deterministic():
 
 @pytest.mark.parametrize("kw, msg", [({"bits": 5}, "bits must be one of"), ({"bits": 1}, "bits must be one of"),
                                      ({"group": 7}, "multiple of 4"), ({"group": 0}, "multiple of 4"),
-                                     ({"apot_terms": 0}, "apot_terms"), ({"rounds": -1}, "rounds")])
+                                     ({"apot_terms": 0}, "apot_terms"), ({"rounds": -1}, "rounds"),
+                                     ({"tied": True, "layout": "block"}, "tied scales are a row-group layout")])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         BCQConfig(**kw)
@@ -126,3 +127,32 @@ def test_e5m2_scales_are_nearest_and_one_byte():
         assert np.linalg.norm(bw.dequantize() - w) < 1.5 * np.linalg.norm(fp16.dequantize() - w)
     with pytest.raises(ValueError, match="scale_format must be one of"):
         BCQConfig(scale_format="fp8")
+
+
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tied_scales_are_the_uniform_grid(bits, offset):
+    """Tied scales (α_b = α_0 2^-b, exactly): each group's values lie on the uniform grid
+    z + α_0 (2j + 1 - 2^q) / 2^(q-1), and the weight error is no worse than numpy's round-to-nearest
+    on the same kind of grid (asymmetric: spanning [min, max]; symmetric: ±max|w|) with unrounded scales."""
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((40, 136)).astype(np.float32)  # two groups of 64 and a ragged one of 8
+    bw = quantize_matrix(w, BCQConfig(bits=bits, group=64, offset=offset, tied=True))
+    assert bw.tied and np.array_equal(bw.alpha, bw.alpha[:1] * (2.0 ** -np.arange(bits))[:, None, None])
+    deq = bw.dequantize().astype(np.float64)
+    bounds = (0, 64, 128, 136)
+    rtn_err = 0.0
+    for gi, (g0, g1) in enumerate(zip(bounds[:-1], bounds[1:])):
+        z = bw.offset[:, gi:gi + 1] if offset else 0.0
+        lev = (deq[:, g0:g1] - z) / bw.alpha[0, :, gi:gi + 1] * 2 ** (bits - 1)  # odd integers in ±(2^q - 1)
+        assert np.allclose(lev, np.round(lev), atol=1e-4) and (np.abs(np.round(lev)) % 2 == 1).all()
+        v = w[:, g0:g1].astype(np.float64)
+        if offset:
+            lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
+            step = (hi - lo) / (2**bits - 1)
+            rtn = np.round((v - lo) / step) * step + lo
+        else:
+            step = 2 * np.abs(v).max(1, keepdims=True) / (2**bits - 1)
+            rtn = (np.clip(np.floor(v / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) + 0.5) * step
+        rtn_err += ((rtn - v) ** 2).sum()
+    assert ((deq - w) ** 2).sum() <= 1.001 * rtn_err

@@ -26,9 +26,9 @@ def _distinct_norms(model, seed=1):
     return model
 
 
-def _fits(model, bits=2):
+def _fits(model, bits=2, tied=False):
     """Weight-only 2-bit fits of every linear layer except lm_head, as [N, K] (GPT-2's Conv1D transposed)."""
-    cfg = BCQConfig(bits=bits, group=8, rounds=2)
+    cfg = BCQConfig(bits=bits, group=8, rounds=2, tied=tied)
     out = {}
     for n, m in model.named_modules():
         w = getattr(m, "weight", None)
@@ -56,11 +56,12 @@ def _kl_reference(model, fitted, norms, windows):
     return float((t.exp() * (t - s)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_tuning_lowers_the_kl_and_keeps_codes_and_format(family):
+@pytest.mark.parametrize("family, tied", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_tuning_lowers_the_kl_and_keeps_codes_and_format(family, tied):
+    """Tied scales (α_b = α_0 2^-b) stay tied: one tuned scale per (row, group)."""
     model = _distinct_norms(_tiny(family))
     before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fitted, cfg = _fits(model)
+    fitted, cfg = _fits(model, tied=tied)
     windows = np.random.default_rng(0).integers(0, VOCAB, (8, 12))
     res = tune_scales(model, fitted, windows, cfg.rounder(), steps=40, lr=2e-2, batch=4)
     # what it reports is what the weights compute (independent substitution, float64 softmax)
@@ -72,6 +73,7 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_format(family):
         assert np.array_equal(bw.signs, fitted[name].signs)  # codes fixed
         a = torch.from_numpy(bw.alpha)
         assert torch.equal(rnd(a).float(), a)  # stored values: APoT-exact
+        assert bw.tied == tied and (not tied or np.array_equal(bw.alpha, bw.alpha[:1] * 2.0 ** -np.arange(2)[:, None, None]))
         assert torch.equal(rnd(torch.from_numpy(bw.offset)).float(), torch.from_numpy(bw.offset))
     assert any(not np.array_equal(res.fitted[n].alpha, fitted[n].alpha) for n in fitted)
     norm_names = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__.endswith("Norm")}

@@ -44,6 +44,7 @@ class BCQConfig:
     block_rows: int = 64  # rows sharing a scale in the block layout
     scale_format: str = "fp16"  # fp16: APoT (apot_terms terms), 2 bytes | e5m2: float8 e5m2 (APoT, 1 byte)
     refits: int = 3  # with calibration, row-group: codebook refits against H alternated with the loop (quant/refit.py)
+    tied: bool = False  # row-group: plane b's scale is α·2^-b, one stored scale per group (see plane_weights)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -65,6 +66,9 @@ class BCQConfig:
             raise ValueError(f"rounds must be >= 0, got {self.rounds!r}")
         if self.refits < 0:
             raise ValueError(f"refits must be >= 0, got {self.refits!r}")
+        if self.tied and self.layout != "row-group":
+            raise ValueError(f"tied scales are a row-group layout (one scale per row and group), "
+                             f"got layout {self.layout!r}")
 
     def rounder(self):
         """Rounding of scales and offsets for the storage format (quant.apot.scale_rounder)."""
@@ -102,6 +106,7 @@ class BCQWeight(SignPlanes):
     group: int
     offset: np.ndarray | None = None  # float32 [N, NG] (APoT), or None
     alpha_rows: int = 1  # consecutive rows sharing one scale (block layout); the packer stores them once
+    tied: bool = False  # alpha[b] == alpha[0] * 2^-b exactly: the packers store alpha[0] only
 
     def dequantize(self) -> np.ndarray:
         """``Σ_b α_b ⊙ B_b`` as float32 [N, K], the matrix the kernel multiplies by."""
@@ -112,6 +117,17 @@ class BCQWeight(SignPlanes):
         if self.offset is not None:
             w += np.repeat(self.offset, self.group, axis=1)[:, :k]
         return w
+
+
+def plane_weights(q: int) -> torch.Tensor:
+    """Tied scales: plane b weighs 2^-b of plane 0's scale (float32 [q]).
+
+    ``W ≈ z + α Σ_b 2^-b B_b`` is the uniform grid of integer quantization (levels
+    ``z + α (2j + 1 - 2^q) / 2^(q-1)``, j = 0 .. 2^q - 1) written as sign planes, as T-MAC runs
+    GPTQ/int weights: ONE scale (and offset) per group instead of one per plane, so at 4 bits a group
+    stores 2 scales instead of 5, and the kernel combines the planes' partial sums by shifts before
+    the one scale multiply. Less freedom than per-plane scales at the same group; fewer bytes."""
+    return 2.0 ** -torch.arange(q, dtype=torch.float32)
 
 
 def _sign_patterns(q: int) -> torch.Tensor:
@@ -149,13 +165,18 @@ def _best_codes(v: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor) ->
 
 
 def _fit_groups(v: torch.Tensor, q: int, rounds: int, rnd,
-                offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                offset: bool, tied: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit α [R, q] (APoT, sorted by magnitude), B [R, q, G] and an offset z [R] (APoT; zeros when
     ``offset`` is False) to the rows of v [R, G]: ``v ≈ z + Σ_b α_b B_b``. ``rnd`` rounds scales and
-    offsets to the storage format (BCQConfig.rounder)."""
+    offsets to the storage format (BCQConfig.rounder). ``tied``: α_b = α_0 2^-b (plane_weights), the
+    least squares solves for α_0 (and z) alone and only α_0 is rounded."""
     z = torch.zeros(v.shape[0], dtype=torch.float32)
     r = v.clone()
-    if offset:  # init: the uniform grid of asymmetric RTN: spans [min, max], has a level at 0
+    pw = plane_weights(q)
+    if tied and not offset:  # symmetric uniform grid spanning ±max|v|
+        a0 = rnd(v.abs().amax(1) / (2.0 - 2.0 ** (1 - q))).to(torch.float32)
+        alpha = a0[:, None] * pw[None]
+    elif offset:  # init: the uniform grid of asymmetric RTN: spans [min, max], has a level at 0
         step = rnd((v.amax(1) - v.amin(1)) / (2**q - 1)).to(torch.float32)
         step = torch.where(step > 0, step, torch.ones_like(step))
         alpha = step[:, None] * (2.0 ** torch.arange(q - 2, -2, -1, dtype=torch.float32))[None]
@@ -182,19 +203,24 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, rnd,
     for _ in range(rounds):
         # least squares for α (and z jointly: design columns B_1..B_q and ones). Entries are ±1, so
         # the Gram matrix is exact in float32; the small solve runs in float64.
-        gram = (b @ b.transpose(1, 2)).to(torch.float64)
-        rhs = torch.einsum("rqg,rg->rq", b, v).to(torch.float64)
+        d = torch.einsum("q,rqg->rg", pw, b)[:, None] if tied else b  # design: Σ 2^-b B_b, or the planes
+        nq = d.shape[1]
+        gram = (d @ d.transpose(1, 2)).to(torch.float64)
+        rhs = torch.einsum("rqg,rg->rq", d, v).to(torch.float64)
         if offset:
-            bsum = b.sum(2).to(torch.float64)
+            bsum = d.sum(2).to(torch.float64)
             gram = torch.cat([torch.cat([gram, bsum[:, :, None]], 2),
                               torch.cat([bsum, torch.full_like(bsum[:, :1], v.shape[1])], 1)[:, None, :]], 1)
             rhs = torch.cat([rhs, vd.sum(1, keepdim=True)], 1)
         gram = gram + torch.eye(gram.shape[1], dtype=torch.float64) * 1e-9
         sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
         sol = torch.nan_to_num(sol)
-        a, _ = torch.sort(sol[:, :q].abs(), dim=1, descending=True)
-        alpha = rnd(a).to(torch.float32)
-        z = rnd(sol[:, q]).to(torch.float32) if offset else z
+        if tied:  # a negative α_0 is the same grid with every sign flipped: the code search absorbs it
+            alpha = rnd(sol[:, 0].abs()).to(torch.float32)[:, None] * pw[None]
+        else:
+            a, _ = torch.sort(sol[:, :q].abs(), dim=1, descending=True)
+            alpha = rnd(a).to(torch.float32)
+        z = rnd(sol[:, nq]).to(torch.float32) if offset else z
         b = _best_codes(v - z[:, None], alpha, patterns)
         err = err_of(alpha, b, z)
         better = err < best_err
@@ -225,15 +251,15 @@ def quantize_matrix(w: np.ndarray | torch.Tensor, cfg: BCQConfig) -> BCQWeight:
     with torch.no_grad():
         if full:
             v = w[:, : full * g].reshape(n * full, g)
-            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset)
+            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset, cfg.tied)
             alpha[:, :, :full] = a.reshape(n, full, q).permute(2, 0, 1)
             signs[:, :, : full * g] = (b > 0).reshape(n, full, q, g).permute(2, 0, 1, 3).reshape(q, n, full * g)
             offset[:, :full] = z.reshape(n, full)
         if full * g < k:  # ragged last group
             v = w[:, full * g :].contiguous()
-            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset)
+            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset, cfg.tied)
             alpha[:, :, full] = a.T
             signs[:, :, full * g :] = (b > 0).permute(1, 0, 2)
             offset[:, full] = z
     return BCQWeight(signs=signs.numpy(), alpha=alpha.numpy(), group=g,
-                     offset=offset.numpy() if cfg.offset else None)
+                     offset=offset.numpy() if cfg.offset else None, tied=cfg.tied)

@@ -96,7 +96,7 @@ def fit_layer(w: np.ndarray, cfg: BCQConfig, hessian: np.ndarray | None = None, 
             keep = (row_errors(W, torch.from_numpy(again.dequantize()), H)
                     < row_errors(W, torch.from_numpy(bw.dequantize()), H)).numpy()
             bw = BCQWeight(signs=np.where(keep[None, :, None], again.signs, bw.signs), alpha=bw.alpha,
-                           group=bw.group, offset=bw.offset)
+                           group=bw.group, offset=bw.offset, tied=bw.tied)
     return bw
 
 
@@ -173,7 +173,7 @@ def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, dam
     if layout == "block":
         return BCQWeight(signs=signs.numpy(), alpha=alpha.numpy(), group=BLOCK_COLS,
                          offset=zoff.numpy() if cfg.offset else None, alpha_rows=block_rows)
-    return BCQWeight(signs=signs.numpy(), alpha=base.alpha, group=g, offset=base.offset)
+    return BCQWeight(signs=signs.numpy(), alpha=base.alpha, group=g, offset=base.offset, tied=base.tied)
 
 
 def _fit_block(blk, grp, q, cfg, rows, alpha, zoff):

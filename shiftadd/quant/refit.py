@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .bcq import BCQWeight
+from .bcq import BCQWeight, plane_weights
 
 # Rows solved at once: bounds the [planes, groups, rows, K] float64 intermediate to ~64 MB.
 _CHUNK_BYTES = 64 << 20
@@ -41,13 +41,16 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
 
     ``w`` is the [N, K] float64 target. Planes whose solved α is negative flip their signs in that
     group, and α is re-sorted descending per group, the form the code search and packers expect.
+    Tied scales (``bw.tied``) solve for α_0 alone (the design's column is Σ_b 2^-b B_b) and stay tied.
     """
     q, n, k = bw.signs.shape
     g = bw.group
     ng = -(-k // g)
     kp = ng * g
     off = bw.offset is not None
-    P = q + int(off)
+    tied = bw.tied
+    qs = 1 if tied else q  # scales solved per group
+    P = qs + int(off)
     Hp = torch.zeros((kp, kp), dtype=torch.float64)
     Hp[:k, :k] = H
     Hb = Hp.reshape(ng, g, kp)
@@ -59,9 +62,10 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
         S = torch.zeros((P, r1 - r0, kp), dtype=torch.float64)  # the design: planes (and ones), by group
-        S[:q, :, :k] = torch.where(signs[:, r0:r1], 1.0, -1.0).to(torch.float64)
+        pm = torch.where(signs[:, r0:r1], 1.0, -1.0).to(torch.float64)
+        S[:qs, :, :k] = torch.einsum("q,qnk->nk", plane_weights(q).to(torch.float64), pm)[None] if tied else pm
         if off:
-            S[q, :, :k] = 1.0
+            S[qs, :, :k] = 1.0
         S = S.reshape(P, r1 - r0, ng, g)
         HS = torch.einsum("pnge,gek->pgnk", S, Hb).reshape(P, ng, r1 - r0, ng, g)
         gram = torch.einsum("pgnhe,rnhe->npgrh", HS, S).reshape(r1 - r0, P * ng, P * ng)
@@ -69,13 +73,18 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
         diag = gram.diagonal(dim1=1, dim2=2)
         gram += torch.diag_embed(diag * 1e-9 + 1e-30)  # empty groups (padding) stay solvable
         sol[r0:r1] = torch.linalg.solve(gram, rhs[..., None])[..., 0].reshape(r1 - r0, P, ng)
-    a = sol[:, :q].permute(1, 0, 2)  # [q, N, NG]
+    a = sol[:, :qs].permute(1, 0, 2)  # [qs, N, NG]
     flip = (a < 0).repeat_interleave(g, dim=2)[:, :, :k]
-    new_signs = signs ^ flip
-    a, order = torch.sort(a.abs(), dim=0, descending=True)
-    new_signs = torch.gather(new_signs, 0, order.repeat_interleave(g, dim=2)[:, :, :k])
-    cand = BCQWeight(signs=new_signs.numpy(), alpha=rnd(a).to(torch.float32).numpy(), group=g,
-                     offset=rnd(sol[:, q]).to(torch.float32).numpy() if off else None, alpha_rows=bw.alpha_rows)
+    new_signs = signs ^ flip  # tied: a negative α_0 flips every plane of the group
+    if tied:
+        alpha = rnd(a[0].abs()).to(torch.float32)[None] * plane_weights(q)[:, None, None]
+    else:
+        a, order = torch.sort(a.abs(), dim=0, descending=True)
+        new_signs = torch.gather(new_signs, 0, order.repeat_interleave(g, dim=2)[:, :, :k])
+        alpha = rnd(a).to(torch.float32)
+    cand = BCQWeight(signs=new_signs.numpy(), alpha=alpha.numpy(), group=g,
+                     offset=rnd(sol[:, qs]).to(torch.float32).numpy() if off else None, alpha_rows=bw.alpha_rows,
+                     tied=tied)
     better = row_errors(w, torch.from_numpy(cand.dequantize()), H) < row_errors(w, torch.from_numpy(bw.dequantize()), H)
     if bool(better.all()):
         return cand
@@ -83,4 +92,5 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
     signs_out = np.where(keep[None, :, None], cand.signs, bw.signs)
     alpha_out = np.where(keep[None, :, None], cand.alpha, bw.alpha)
     offset_out = np.where(keep[:, None], cand.offset, bw.offset) if off else None
-    return BCQWeight(signs=signs_out, alpha=alpha_out, group=g, offset=offset_out, alpha_rows=bw.alpha_rows)
+    return BCQWeight(signs=signs_out, alpha=alpha_out, group=g, offset=offset_out, alpha_rows=bw.alpha_rows,
+                     tied=tied)

@@ -2,7 +2,7 @@
 
 Why: each AVX2 LUT call builds its int8 tables from the activation and launches its tasks on the
 thread pool; at decode (M = 1) on SmolLM2's 576-wide layers that fixed cost is a large part of each
-call. Calls of the same kernel family (same K, bits, group, offsets, scale format) on the same
+call. Calls of the same kernel family (same K, bits, group, offsets, scale format and tying) on the same
 activation become one call over their rows stacked, since the packed layout keeps 32-row blocks
 outermost (schedules/lut_avx2.py ``pack_avx2``): the stacked arrays are the members' arrays
 concatenated on axis 0, and each member's output is a column slice of the stacked output. Same
@@ -23,7 +23,7 @@ from tvm import relax
 from ..schedules import lut_avx2
 from .rewrite_lut_matmul import _drop_unused_params
 
-_NAME = re.compile(r"^shiftadd_lut8_k(\d+)_n(\d+)_q(\d)_g(\d+)(_z)?(_r\d+)?(_f8)?$")
+_NAME = re.compile(r"^shiftadd_lut8_k(\d+)_n(\d+)_q(\d)_g(\d+)(_z)?(_r\d+)?(_f8)?(_t)?$")
 
 
 def _source(x, bound):
@@ -49,7 +49,8 @@ def _member(value, params, bound):
     if n % lut_avx2.ROWS or not isinstance(x, relax.Var) or any(
             not isinstance(v, relax.Var) or v.name not in params for v in packed):
         return None
-    key = (_source(x, bound), int(m.group(1)), int(m.group(3)), int(m.group(4)), bool(m.group(5)), bool(m.group(7)))
+    key = (_source(x, bound), int(m.group(1)), int(m.group(3)), int(m.group(4)), bool(m.group(5)), bool(m.group(7)),
+           bool(m.group(8)))
     return key, n, tuple(packed), x
 
 
@@ -79,7 +80,7 @@ class _Fuser(relax.PyExprMutator):
 
     def _stacked(self, gid, value):
         key, members = self.specs[gid]
-        _, k, bits, group, offset, fp8 = key
+        _, k, bits, group, offset, fp8, tied = key
         x = members[0][3]  # the first member's flattened input: defined before any member
         n_total = sum(n for _, n, _, _ in members)
         arrays = [np.concatenate([self.params[p[i].name] for _, _, p, _ in members], axis=0) for i in range(2)]
@@ -92,11 +93,11 @@ class _Fuser(relax.PyExprMutator):
             v = relax.Var(label + suffix, relax.TensorType(a.shape, str(a.dtype)))
             self.new_params.append((v, a))
             vs.append(v)
-        name = lut_avx2.kernel_name(k, n_total, bits, group, offset, 1, fp8)
+        name = lut_avx2.kernel_name(k, n_total, bits, group, offset, 1, fp8, tied)
         if name not in self.kernels:
             kn = self.knobs(k, n_total, bits, group, offset, 1) if self.knobs else \
                 (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
-            f = lut_avx2.make_lut_avx2(k, n_total, bits, group, offset, 1, kn[0], kn[1], fp8)
+            f = lut_avx2.make_lut_avx2(k, n_total, bits, group, offset, 1, kn[0], kn[1], fp8, tied)
             self.kernels[name] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         xv = self.visit_expr(x)
         m_expr = value.ty.shape.values[0]

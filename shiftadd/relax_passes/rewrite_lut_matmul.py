@@ -217,14 +217,14 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
-    def _kernel_avx2(self, k, n, bits, group, offset, alpha_rows):
+    def _kernel_avx2(self, k, n, bits, group, offset, alpha_rows, tied=False):
         fp8 = self.cfg.scale_format == "e5m2"
-        key = ("avx2", k, n, bits, group, offset, alpha_rows, fp8)
+        key = ("avx2", k, n, bits, group, offset, alpha_rows, fp8, tied)
         if key not in self.kernels:
             kn = (self.knobs(k, n, bits, group, offset, alpha_rows) if self.knobs
                   else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS))
-            f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1], fp8)
-            name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows, fp8)
+            f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1], fp8, tied)
+            name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows, fp8, tied)
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
@@ -299,8 +299,11 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             xe = self.builder_.emit(relax.op.multiply(relax.op.expand_dims(x2, [1]), s32))
             kk = p * k
             x2 = self.builder_.emit(relax.op.reshape(xe, relax.ShapeExpr([m_expr, kk])))
-        make = self._kernel if rep.kernel == "f32" else self._kernel_avx2
-        gv = make(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
+        if rep.kernel == "f32":  # float tables: the q scales stored as they are (pack_bcq)
+            gv = self._kernel(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
+        else:
+            gv = self._kernel_avx2(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows,
+                                   kern_w.tied)
         y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
         if self.progress is not None:

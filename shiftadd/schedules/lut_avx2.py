@@ -133,9 +133,10 @@ def dims(k: int, n: int, group: int, alpha_rows: int = 1) -> dict:
             "nba": nb if alpha_rows == 1 else -(-nb * ROWS // alpha_rows), "w": ROWS if alpha_rows == 1 else 1}
 
 
-def kernel_name(k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int, fp8: bool = False) -> str:
+def kernel_name(k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int, fp8: bool = False,
+                tied: bool = False) -> str:
     return (f"shiftadd_lut8_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
-            + (f"_r{alpha_rows}" if alpha_rows != 1 else "") + ("_f8" if fp8 else ""))
+            + (f"_r{alpha_rows}" if alpha_rows != 1 else "") + ("_f8" if fp8 else "") + ("_t" if tied else ""))
 
 
 def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
@@ -151,9 +152,9 @@ def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def pack_avx2(w: BCQWeight, fp8: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """codes uint8 [NB, P, q, 32], alpha f16 [NBA, NG, q, W], offsets f16 [NBA, NG, W] ([1, 1, W] zeros
-    without offset): the order the kernel streams them in (kernels/lut_avx2.cc). ``fp8`` stores scales
-    and offsets as float8 e5m2 bytes (they must be e5m2 values)."""
+    """codes uint8 [NB, P, q, 32], alpha f16 [NBA, NG, q, W] ([NBA, NG, 1, W] for tied scales: plane 0's
+    only), offsets f16 [NBA, NG, W] ([1, 1, W] zeros without offset): the order the kernel streams them in
+    (kernels/lut_avx2.cc). ``fp8`` stores scales and offsets as float8 e5m2 bytes (they must be e5m2 values)."""
     codes, alpha, zoff = _pack(w)
     if fp8:
         return codes, e5m2_bytes(alpha, "scale"), e5m2_bytes(zoff, "offset")
@@ -161,13 +162,16 @@ def pack_avx2(w: BCQWeight, fp8: bool = False) -> tuple[np.ndarray, np.ndarray, 
 
 
 def random_packed(k: int, n: int, bits: int, group: int, offset: bool = True, rows: int = 1, fp8: bool = False,
-                  rng=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Packed random weights of a shape (random signs; scales 2^-6 and offsets 2^-8, exact in every
-    scale format): what timing needs, for the tuner and the benchmarks alike."""
+                  rng=None, tied: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed random weights of a shape (random signs; scales 2^-6 (tied: 2^-6 2^-b) and offsets 2^-8,
+    exact in every scale format): what timing needs, for the tuner and the benchmarks alike."""
     rng = rng if rng is not None else np.random.default_rng(0)
     ng, na = -(-k // group), -(-n // rows)
+    a = np.full((bits, na, ng), 2.0 ** -6, np.float32)
+    if tied:
+        a *= (2.0 ** -np.arange(bits, dtype=np.float32))[:, None, None]
     bw = BCQWeight(signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool), group=group, alpha_rows=rows,
-                   alpha=np.repeat(np.full((bits, na, ng), 2.0 ** -6, np.float32), rows, axis=1)[:, :n],
+                   alpha=np.repeat(a, rows, axis=1)[:, :n], tied=tied,
                    offset=np.repeat(np.full((na, ng), 2.0 ** -8, np.float32), rows, axis=0)[:n] if offset else None)
     return pack_avx2(bw, fp8)
 
@@ -185,7 +189,12 @@ def _pack(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     byte = code[..., 0] | (code[..., 1] << 4)  # [q, NB*32, P]
     codes = np.ascontiguousarray(byte.reshape(q, nb, ROWS, pairs).transpose(1, 3, 0, 2))
     r, wd = w.alpha_rows, d["w"]
-    alpha = _exact_f16(_shared_rows(w.alpha, r, 1, "scale"), "scale")  # [q, N/r, NG]
+    alpha = w.alpha
+    if w.tied:  # the kernel derives plane b's scale as plane 0's times 2^-b: check, keep plane 0
+        if not np.array_equal(alpha, alpha[:1] * (2.0 ** -np.arange(q, dtype=np.float32))[:, None, None]):
+            raise ValueError("tied scales: alpha[b] must equal alpha[0] * 2^-b exactly (a fit with tied=True)")
+        alpha, q = alpha[:1], 1
+    alpha = _exact_f16(_shared_rows(alpha, r, 1, "scale"), "scale")  # [q, N/r, NG]
     rows = alpha.shape[1]
     if r == 1:
         a = np.zeros((q, nb * ROWS, ng), np.float16)
@@ -384,11 +393,13 @@ def int8_isa() -> str | None:
 
 # -- the TIR wrapper --------------------------------------------------------------------------------
 def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1,
-                  knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None, fp8: bool = False):
+                  knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None, fp8: bool = False,
+                  tied: bool = False):
     """PrimFunc ``(x [M, k] f32, codes, alpha, zoff) -> y [M, n] f32`` for the packed layout of
     :func:`pack_avx2` (``fp8``: scales as float8 e5m2 bytes): one micro-kernel call, which launches its tasks on TVM's thread pool (tables
     split over tasks, a barrier, then 32-row blocks split over tasks). ``knobs`` serve M = 1
-    (decode), ``knobs_batch`` M > 1 (prefill; defaults to ``knobs``)."""
+    (decode), ``knobs_batch`` M > 1 (prefill; defaults to ``knobs``). ``tied``: one scale per row and
+    group, plane b's being it times 2^-b (quant.bcq.plane_weights)."""
     from tvm.script import tirx as T
 
     if not supports(group, alpha_rows):
@@ -406,12 +417,12 @@ def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, al
     def call(m, kn, X, codes, alpha, zoff, tab, ls, gs, Y):
         return T.call_extern(
             "int32", "shiftadd_lut_matmul", X.data, m, i64(k), codes.data, alpha.data, zoff.data, i64(use_z),
-            i64(n), i64(pairs), i64(u4), i64(g4), i64(ng), i64(alpha_rows), i64(int(fp8)), i64(q), i64(kn.mt),
+            i64(n), i64(pairs), i64(u4), i64(g4), i64(ng), i64(alpha_rows), i64(int(fp8) | 2 * int(tied)), i64(q), i64(kn.mt),
             i64(kn.rbk), i64(kn.path), i64(kn.tasks), tab.data, ls.data, gs.data, Y.data)
 
     @T.prim_func
     def lut8(x_h: T.handle, codes: T.Buffer((nb, pairs, q, ROWS), "uint8"),
-             alpha: T.Buffer((nba, ng, q, wd), sdt), zoff: T.Buffer(zshape, sdt), y_h: T.handle):
+             alpha: T.Buffer((nba, ng, 1 if tied else q, wd), sdt), zoff: T.Buffer(zshape, sdt), y_h: T.handle):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         X = T.match_buffer(x_h, (m, k), "float32")

@@ -13,6 +13,9 @@
 // row 32 rb + i, low nibble = code of table 2p, high nibble = code of table 2p + 1.
 // Scales. float16 (or float8 e5m2, its high byte) [NBA][NG][Q][W] alpha, [NBA][NG][W] offsets: W = 32 (one per row) when rows_per_alpha
 // is 1, else W = 1 and row block rb reads block rb * 32 / rows_per_alpha (rows_per_alpha % 32 == 0).
+// Tied scales ([NBA][NG][1][W]): plane b's scale is alpha * 2^-b (the uniform grid of int quantization as
+// sign planes, quant.bcq.plane_weights); the LUT paths then add the planes' integer sums by shifts,
+// sum_b 2^(Q-1-b) p_b in int32 (exact), and multiply once by alpha * 2^(1-Q).
 //
 // Inner step (per 32 rows, 2 tables, 1 plane): 1 load, 3 ALU for the nibbles, 2 vpshufb, 2 unpack,
 // 2 vpmaddubsw (widen + add the two tables' int8 values to int16), 2 int16 adds. int16 sums are
@@ -65,9 +68,20 @@ inline void widen(__m256i lo, __m256i hi, __m256 f[4]) {
   f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1)));
 }
 
+// The same 4 vectors as int32 (rows 0-7, 8-15, 16-23, 24-31).
+inline void widen_i(__m256i lo, __m256i hi, __m256i e[4]) {
+  e[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo));
+  e[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi));
+  e[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo, 1));
+  e[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1));
+}
+
 struct Shape {
   int64_t n, pairs, u4, g4, ng, ar;
   int f8;  // scales stored as float8 e5m2 (1 byte) instead of float16
+  int tied;  // one stored scale per (row, group): plane b's is alpha * 2^-b
+  int64_t qa(int q) const { return tied ? 1 : q; }  // planes stored in alpha
+  int64_t pst(int64_t w) const { return tied ? 0 : w; }  // alpha index step from plane b to b + 1
   int64_t t4p() const { return 2 * pairs; }
   int64_t nunits() const { return t4p() / u4; }
 };
@@ -121,7 +135,25 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
       }
       for (int r = 0; r < RB; ++r) {
         const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
-        const int64_t al = (ab * s.ng + g) * Q * w;
+        const int64_t al = (ab * s.ng + g) * s.qa(Q) * w;
+        if (s.tied) {  // shifts and adds of the planes' sums, one scale
+          const __m256 pw = _mm256_set1_ps(ldexpf(1.0f, 1 - Q));
+          for (int i = 0; i < MT; ++i) {
+            __m256i c[4];
+            widen_i(acc[i][r][0][0], acc[i][r][0][1], c);
+            for (int b = 1; b < Q; ++b) {
+              __m256i e[4];
+              widen_i(acc[i][r][b][0], acc[i][r][b][1], e);
+              for (int v = 0; v < 4; ++v) c[v] = _mm256_add_epi32(_mm256_slli_epi32(c[v], 1), e[v]);
+            }
+            const __m256 sc = _mm256_set1_ps(ls[(m + i) * nu + u]);
+            for (int v = 0; v < 4; ++v) {
+              const __m256 a = _mm256_mul_ps(w == 32 ? scales8(alpha, al + 8 * v, s.f8) : _mm256_set1_ps(scale1(alpha, al, s.f8)), pw);
+              accf[i][r][v] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c[v]), a), sc, accf[i][r][v]);
+            }
+          }
+          continue;
+        }
         for (int i = 0; i < MT; ++i) {
           __m256 t[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
           for (int b = 0; b < Q; ++b) {
@@ -302,6 +334,16 @@ inline void widen512(__m512i lo, __m512i hi, __m512 f[2][2]) {
   f[1][1] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(pc, 1)));
 }
 
+// widen512 as int32: e[e][h] = plane b + e, rows 16 h .. 16 h + 15.
+inline void widen512_i(__m512i lo, __m512i hi, __m512i e[2][2]) {
+  const __m512i pb = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
+  const __m512i pc = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
+  e[0][0] = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(pb));
+  e[0][1] = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(pb, 1));
+  e[1][0] = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(pc));
+  e[1][1] = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(pc, 1));
+}
+
 template <int Q, int RB>
 void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
                   const uint8_t* codes, const void* alpha, const void* zoff, int use_z, int64_t rb,
@@ -350,7 +392,25 @@ void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t
       const __m512 sc = _mm512_set1_ps(ls[m * nu + u]);
       for (int r = 0; r < RB; ++r) {
         const int64_t ab = s.ar == 1 ? rb + r : (rb + r) * 32 / s.ar;
-        const int64_t al = (ab * s.ng + g) * Q * w;
+        const int64_t al = (ab * s.ng + g) * s.qa(Q) * w;
+        if (s.tied) {  // shifts and adds of the planes' sums (int32, exact), one scale
+          __m512i c[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+          for (int b = 0; b < QP; ++b) {
+            __m512i e[2][2];
+            widen512_i(acc[r][b][0], acc[r][b][1], e);
+            for (int h = 0; h < 2; ++h)
+              c[h] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(c[h], 1), e[0][h]), 1), e[1][h]);
+          }
+          if (QO)
+            for (int h = 0; h < 2; ++h)
+              c[h] = _mm512_add_epi32(_mm512_slli_epi32(c[h], 1), _mm512_cvtepi16_epi32(
+                                          _mm256_permute2x128_si256(acco[r][0], acco[r][1], h ? 0x31 : 0x20)));
+          const __m512 pw = _mm512_set1_ps(ldexpf(1.0f, 1 - Q));
+          for (int h = 0; h < 2; ++h) {
+            const __m512 a = _mm512_mul_ps(w == 32 ? scales16(alpha, al + 16 * h, s.f8) : _mm512_set1_ps(scale1(alpha, al, s.f8)), pw);
+            accf[r][h] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c[h]), a), sc, accf[r][h]);
+          }
+        } else {
         __m512 t2[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int b = 0; b < QP; ++b) {
           __m512 f[2][2];
@@ -371,6 +431,7 @@ void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t
           }
         }
         for (int h = 0; h < 2; ++h) accf[r][h] = _mm512_fmadd_ps(t2[h], sc, accf[r][h]);
+        }
       }
       if (use_z && uu + 1 == upg) {
         const __m512 gs = _mm512_set1_ps(gsum[m * s.ng + g]);
@@ -449,10 +510,11 @@ void i8_dequant(const uint8_t* codes, const void* alpha, const void* zoff, int u
   for (int64_t g = 0; g < s.ng; ++g) {
     __m512i twoa[2][Q], nega[2];
     for (int h = 0; h < 2; ++h) {
-      const int64_t al = (ab * s.ng + g) * Q * w;
+      const int64_t al = (ab * s.ng + g) * s.qa(Q) * w, ps = s.pst(w);
       __m512 a[Q];
-      for (int b = 0; b < Q; ++b)
-        a[b] = w == 32 ? scales16(alpha, al + b * 32 + 16 * h, s.f8) : _mm512_set1_ps(scale1(alpha, al + b, s.f8));
+      for (int b = 0; b < Q; ++b)  // tied: alpha * 2^-b, exact
+        a[b] = _mm512_mul_ps(w == 32 ? scales16(alpha, al + b * ps + 16 * h, s.f8) : _mm512_set1_ps(scale1(alpha, al + b * ps, s.f8)),
+                             _mm512_set1_ps(s.tied ? ldexpf(1.0f, -b) : 1.0f));
       __m512 sum = _mm512_abs_ps(a[0]);
       for (int b = 1; b < Q; ++b) sum = _mm512_add_ps(sum, _mm512_abs_ps(a[b]));
       const __mmask16 nz = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -608,10 +670,11 @@ void i8_dequant_avx2(const uint8_t* codes, const void* alpha, const void* zoff, 
   for (int64_t g = 0; g < s.ng; ++g) {
     __m256i twoa[4][Q], nega[4];
     for (int v = 0; v < 4; ++v) {
-      const int64_t al = (ab * s.ng + g) * Q * w;
+      const int64_t al = (ab * s.ng + g) * s.qa(Q) * w, ps = s.pst(w);
       __m256 a[Q];
-      for (int b = 0; b < Q; ++b)
-        a[b] = w == 32 ? scales8(alpha, al + b * 32 + 8 * v, s.f8) : _mm256_set1_ps(scale1(alpha, al + b, s.f8));
+      for (int b = 0; b < Q; ++b)  // tied: alpha * 2^-b, exact
+        a[b] = _mm256_mul_ps(w == 32 ? scales8(alpha, al + b * ps + 8 * v, s.f8) : _mm256_set1_ps(scale1(alpha, al + b * ps, s.f8)),
+                             _mm256_set1_ps(s.tied ? ldexpf(1.0f, -b) : 1.0f));
       __m256 sum = _mm256_and_ps(a[0], absm);
       for (int b = 1; b < Q; ++b) sum = _mm256_add_ps(sum, _mm256_and_ps(a[b], absm));
       const __m256 nz = _mm256_cmp_ps(sum, _mm256_setzero_ps(), _CMP_GT_OQ);
@@ -855,11 +918,13 @@ extern "C" {
 // 1/2/4/6; AVX-512 VNNI where the CPU has it, else AVX2 with at most 4), or with SHIFTADD_NO_INT8 the
 // LUT path with mt <= 2 and rbk 1 (same workspaces: the int8 path keeps its activations in tab and
 // their scales in ls); ``path`` 2 with mt 1 the LUT path on
-// 512-bit registers (AVX-512 BW) where the CPU has it, else the LUT path with the same knobs. Returns 0,
+// 512-bit registers (AVX-512 BW) where the CPU has it, else the LUT path with the same knobs.
+// ``scale_flags``: bit 0 scales and offsets are float8 e5m2 bytes (else float16), bit 1 tied scales
+// (one per row and group: alpha [NBA][NG][1][W]). Returns 0,
 // or -1 for an unsupported q / knob.
 int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* codes, const void* alpha,
                         const void* zoff, int64_t use_z, int64_t n, int64_t pairs, int64_t u4, int64_t g4,
-                        int64_t ng, int64_t rows_per_alpha, int64_t scale_fp8, int64_t q, int64_t mt, int64_t rbk,
+                        int64_t ng, int64_t rows_per_alpha, int64_t scale_flags, int64_t q, int64_t mt, int64_t rbk,
                         int64_t path, int64_t tasks, int8_t* tab, float* ls, float* gsum, float* y) {
   const int f = cpu();
   const bool i8 = path == 1 && (f & kInt8), vnni = f & kVnni;
@@ -868,7 +933,7 @@ int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* cod
   if (path == 2 && (f & kWide) && mt == 1) {
     if (GemmFn wide = pick_lut512(q, int(rbk))) gemm = wide;
   }
-  Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_fp8 != 0)},
+  Job j{x, m, k, codes, alpha, zoff, int(use_z), Shape{n, pairs, u4, g4, ng, rows_per_alpha, int(scale_flags & 1), int((scale_flags >> 1) & 1)},
         (n + 31) / 32,
         int(rbk), gemm, i8 ? pick_i8(q, vnni) : nullptr, vnni, int(mt), tab, ls, gsum, y};
   if (path < 0 || path > 2 || (i8 ? !j.i8 || (mt != 1 && mt != 2 && mt != 4 && mt != 6) : !j.gemm) || u4 % 2 ||
