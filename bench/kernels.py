@@ -136,7 +136,10 @@ def tvm_fp32(k, n, copies, rng):
     return vm, ws
 
 
-def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP):
+SCALE_FORMATS = ("fp16", "e5m2", "fp16-tied", "e5m2-tied")
+
+
+def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP, tied=False):
     import tvm
 
     from shiftadd.schedules import lut_avx2 as L
@@ -145,9 +148,9 @@ def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP):
     L.load_in_process()
     knobs = (db.knobs(k, n, bits, group, True, 1) if db is not None  # else what an untuned compile gets
              else L.default_knobs(bits, L.int8_isa() == "avx512-vnni"))
-    f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8)
+    f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8, tied=tied)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
-    packs = [[tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, group, fp8=fp8, rng=rng)]
+    packs = [[tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, group, fp8=fp8, rng=rng, tied=tied)]
              for _ in range(copies)]
     nbytes = sum(a.numpy().nbytes for a in packs[0])
     return lib["main"], packs, nbytes, knobs
@@ -167,8 +170,9 @@ def bench_shape(k, n, ms, args, bw_gbs, db, rng):
             log(f"{k}x{n}: group {group} > K, skipped")
             continue
         probe = copies_for(k * n * bits // 8, cold)
-        fn, packs, nbytes, knobs = ours(k, n, bits, probe, rng, db, fmt == "e5m2", group)
-        name = f"ours {bits}-bit" + (" e5m2" if fmt == "e5m2" else "") + (f" g{group}" if group != GROUP else "")
+        fn, packs, nbytes, knobs = ours(k, n, bits, probe, rng, db, fmt.startswith("e5m2"), group, fmt.endswith("-tied"))
+        name = (f"ours {bits}-bit" + (" e5m2" if fmt.startswith("e5m2") else "") + (" tied" if fmt.endswith("-tied") else "")
+                + (f" g{group}" if group != GROUP else ""))
         impls[name] = (bits, nbytes, (lambda fn=fn, packs=packs, n=n: lambda m, x: [
             (lambda p=p, y=tvm.runtime.empty((m, n), "float32"), xt=tvm.runtime.tensor(x): fn(xt, *p, y))
             for p in packs]))
@@ -281,12 +285,14 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours_rows = [r for r in rows if "speedup" in r and "e5m2" not in r["impl"]]
-    labels = [f"{r['shape']}\nM={r['m']}" for r in ours_rows if r["bits"] == 2]
+    ours_rows = [r for r in rows if "speedup" in r]
+    cases = list(dict.fromkeys((r["shape"], r["m"]) for r in ours_rows))
+    labels = [f"{s}\nM={m}" for s, m in cases]
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(labels) + 2), 4))
     width = 0.27
-    for i, bits in enumerate((2, 3, 4)):
-        vals = [r["speedup"] for r in ours_rows if r["bits"] == bits]
+    for i, bits in enumerate((2, 3, 4)):  # the best of our scale formats and groups per case
+        vals = [max((r["speedup"] for r in ours_rows if (r["shape"], r["m"]) == c and r["bits"] == bits), default=0.0)
+                for c in cases]
         ax.bar(np.arange(len(vals)) + (i - 1) * width, vals, width, label=f"ours {bits}-bit")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.5, color="r", lw=0.8, ls="--", label="1.5x goal (M=1)")
@@ -309,8 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--db", default=None, help="tuning database to read knobs from (default: the user's)")
     ap.add_argument("--no-db", action="store_true", help="use the default knobs (what an untuned compile gets)")
     ap.add_argument("--tune", action="store_true", help="first tune our kernels missing from the database")
-    ap.add_argument("--scale-formats", nargs="+", default=["fp16", "e5m2"], choices=["fp16", "e5m2"],
-                    help="our scale storage: float16 APoT (2 bytes) and/or float8 e5m2 (1 byte)")
+    ap.add_argument("--scale-formats", nargs="+", default=["fp16", "e5m2"], choices=SCALE_FORMATS,
+                    help="our scale storage: float16 APoT (2 bytes) and/or float8 e5m2 (1 byte), per plane, "
+                         "or -tied: one scale per row and group, plane b's = it x 2^-b (compile --tied-scales)")
     ap.add_argument("--groups", nargs="+", type=int, default=[GROUP],
                     help=f"our scale groups (inputs per scale; default {GROUP}, the compile default)")
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], choices=[2, 3, 4], help="our widths")
