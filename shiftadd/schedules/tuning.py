@@ -199,14 +199,17 @@ class LocalMeasurer:
         rng = np.random.default_rng(self.seed)
         packed = L.random_packed(*kk, rng=rng)
         nbytes = sum(a.nbytes for a in packed)
-        copies = [[tvm.runtime.tensor(a) for a in packed]
-                  for _ in range(copies_for(nbytes, self.cold_mib * 2**20, 16))]
+        ncopies = copies_for(nbytes, self.cold_mib * 2**20, 16)
         target = resolve_target("cpu")
         x = tvm.runtime.tensor(rng.standard_normal((m, kk[0]), dtype=np.float32))
         y = tvm.runtime.empty((m, kk[1]), "float32")
         fns = {}
         for kn in cands:
             fn = tvm.compile(tvm.IRModule({"main": L.make_lut_avx2(*kk, kn, kn)}), target)["main"]
+            # copies of its own per candidate, as bench/kernels.py does: shared copies stay in a large L3
+            # (260 MB here) between candidates, and knobs picked on cached weights ran ~10 % slower cold
+            # (4096x11008 4-bit M = 1: wm1r1t0 won on cached weights, wm1r2t0 is 11 % faster cold)
+            copies = [[tvm.runtime.tensor(a) for a in packed] for _ in range(ncopies)]
             fns[kn.tag()] = [(lambda fn=fn, p=p: fn(x, *p, y)) for p in copies]
         times = interleaved(fns, rounds=self.rounds if m == 1 else max(2, self.rounds // 2), deadline=deadline)
         return {t: median_ms(v) for t, v in times.items()}
