@@ -11,6 +11,7 @@ measured.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -211,7 +212,11 @@ class LocalMeasurer:
             # (4096x11008 4-bit M = 1: wm1r1t0 won on cached weights, wm1r2t0 is 11 % faster cold)
             copies = [[tvm.runtime.tensor(a) for a in packed] for _ in range(ncopies)]
             fns[kn.tag()] = [(lambda fn=fn, p=p: fn(x, *p, y)) for p in copies]
-        times = interleaved(fns, rounds=self.rounds if m == 1 else max(2, self.rounds // 2), deadline=deadline)
+        try:
+            times = interleaved(fns, rounds=self.rounds if m == 1 else max(2, self.rounds // 2), deadline=deadline)
+        finally:  # ~1 GB of copies per call: free them now (reference cycles would hold them to the next gc)
+            fns.clear()
+            gc.collect()
         return {t: median_ms(v) for t, v in times.items()}
 
 
