@@ -41,11 +41,12 @@ def _lut_calls(so) -> dict:
     return sess, counts
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_stacked_siblings_equal_separate_calls(folder, tmp_path, bits):
+@pytest.mark.parametrize("bits, tied", [(2, False), (3, False), (4, True)])
+def test_stacked_siblings_equal_separate_calls(folder, tmp_path, bits, tied):
+    """Tied scales (one per row and group) stack the same way: their kernels are a family of their own."""
     import shiftadd
 
-    kw = dict(bits=bits, group=32, calib_windows=0, kernel="avx2")
+    kw = dict(bits=bits, group=32, calib_windows=0, kernel="avx2", tied_scales=tied)
     a = shiftadd.compile(str(folder), tmp_path / "sep.so", stack_siblings=False, **kw)
     b = shiftadd.compile(str(folder), tmp_path / "stk.so", **kw)
     sa, ca = _lut_calls(a.so)
@@ -59,6 +60,7 @@ def test_stacked_siblings_equal_separate_calls(folder, tmp_path, bits):
     # per layer: q/k/v -> 1 call, gate/up -> 1 call (o and down stay): 7 -> 4
     assert sum(ca.values()) == 2 * 7 and sum(cb.values()) == 2 * 4
     assert any("_n128_" in s for s in cb) and any("_n192_" in s for s in cb)  # 64+32+32, 96+96
+    assert all(s.endswith("_t") == tied for s in ca) and all(s.endswith("_t") == tied for s in cb)
     ta = [o.numpy() if hasattr(o, "numpy") else o for o in sa.generate_ids(list(ids[0]), 4, _greedy())]
     tb = [o.numpy() if hasattr(o, "numpy") else o for o in sb.generate_ids(list(ids[0]), 4, _greedy())]
     assert [t for t, _ in ta] == [t for t, _ in tb]  # decode_one and the cache path too
