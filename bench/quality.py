@@ -202,7 +202,7 @@ def main() -> None:
            lambda p, g=g: shiftadd.compile(str(src), p, bits=4, group=g, scale_format="e5m2", tokenizer=tok).so)
           for g in (256, 512)],
         # tied scales (one per row and group, plane b's = it x 2^-b: the uniform int grid as sign planes;
-        # 2026-11-28 session 3): 4-bit at 4.125 (e5m2 g128) / 4.06 (e5m2 g256) / 4.25 (fp16 g128) bits per
+        # 2026-11-28 session 3): 4-bit at 4.125 (e5m2 g128, fp16 g256) / 4.06 (e5m2 g256) / 4.25 (fp16 g128) bits per
         # weight, weight-only like ORT's RTN and with compile's defaults
         *[(f"ours 4-bit weight-only, tied {f} scales, group {g}",
            lambda p, g=g, f=f: shiftadd.compile(str(src), p, bits=4, group=g, calib_windows=0, scale_format=f,
@@ -211,7 +211,7 @@ def main() -> None:
         *[(f"ours 4-bit, tied {f} scales, group {g}, {DEFAULTS}",
            lambda p, g=g, f=f: shiftadd.compile(str(src), p, bits=4, group=g, scale_format=f, tied_scales=True,
                                                 tokenizer=tok).so)
-          for f, g in (("e5m2", 128), ("e5m2", 256), ("fp16", 128))],
+          for f, g in (("e5m2", 128), ("e5m2", 256), ("fp16", 128), ("fp16", 256))],
         (f"ours 2-bit, tied e5m2 scales, group 128, {DEFAULTS}",
          lambda p: shiftadd.compile(str(src), p, bits=2, group=128, scale_format="e5m2", tied_scales=True,
                                     tokenizer=tok).so),
