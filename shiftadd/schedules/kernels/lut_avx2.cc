@@ -410,7 +410,8 @@ void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t
             const __m512 a = _mm512_mul_ps(w == 32 ? scales16(alpha, al + 16 * h, s.f8) : _mm512_set1_ps(scale1(alpha, al, s.f8)), pw);
             accf[r][h] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c[h]), a), sc, accf[r][h]);
           }
-        } else {
+          continue;
+        }
         __m512 t2[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int b = 0; b < QP; ++b) {
           __m512 f[2][2];
@@ -431,7 +432,6 @@ void lut512_block(const int8_t* tab, const float* ls, const float* gsum, int64_t
           }
         }
         for (int h = 0; h < 2; ++h) accf[r][h] = _mm512_fmadd_ps(t2[h], sc, accf[r][h]);
-        }
       }
       if (use_z && uu + 1 == upg) {
         const __m512 gs = _mm512_set1_ps(gsum[m * s.ng + g]);
