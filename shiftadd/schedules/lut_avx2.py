@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.bcq import MU, BCQWeight
+from ..quant.bcq import MU, BCQWeight, plane_weights
 from ..quant.pack import _exact_f16, _shared_rows
 
 SOURCE = Path(__file__).with_name("kernels") / "lut_avx2.cc"
@@ -169,7 +169,7 @@ def random_packed(k: int, n: int, bits: int, group: int, offset: bool = True, ro
     ng, na = -(-k // group), -(-n // rows)
     a = np.full((bits, na, ng), 2.0 ** -6, np.float32)
     if tied:
-        a *= (2.0 ** -np.arange(bits, dtype=np.float32))[:, None, None]
+        a *= plane_weights(bits).numpy()[:, None, None]
     bw = BCQWeight(signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool), group=group, alpha_rows=rows,
                    alpha=np.repeat(a, rows, axis=1)[:, :n], tied=tied,
                    offset=np.repeat(np.full((na, ng), 2.0 ** -8, np.float32), rows, axis=0)[:n] if offset else None)
@@ -191,7 +191,7 @@ def _pack(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r, wd = w.alpha_rows, d["w"]
     alpha = w.alpha
     if w.tied:  # the kernel derives plane b's scale as plane 0's times 2^-b: check, keep plane 0
-        if not np.array_equal(alpha, alpha[:1] * (2.0 ** -np.arange(q, dtype=np.float32))[:, None, None]):
+        if not np.array_equal(alpha, alpha[:1] * plane_weights(q).numpy()[:, None, None]):
             raise ValueError("tied scales: alpha[b] must equal alpha[0] * 2^-b exactly (a fit with tied=True)")
         alpha, q = alpha[:1], 1
     alpha = _exact_f16(_shared_rows(alpha, r, 1, "scale"), "scale")  # [q, N/r, NG]
