@@ -8,7 +8,9 @@ allow_spinning=0): spinning pools of one peer starve the next one on 2 cores.
 Every number is the median over many interleaved calls (shiftadd/schedules/timing.py), each call on
 one of several weight copies that together exceed the caches (--cold-mib), all on 2 threads. The
 memory bandwidth is measured in the same run (2-thread streaming read) and each row reports its
-share of the roofline (weight bytes read per call / bandwidth / time). Our kernels use the tuning
+share of the roofline (weight bytes read per call / bandwidth / time). A plain read of each width's
+codes alone (bench/read_probe.c, launched like our kernels) is timed alongside: best ORT / that read
+is the ceiling no format at those bits can pass on this machine. Our kernels use the tuning
 database's knobs when it has them (shiftadd/schedules/tuning.py), else the defaults.
 
     python bench/kernels.py [--tune] [--shapes 4096x4096 ...] [--m 1 8 32] [--rounds 10] [--no-db]
@@ -139,6 +141,31 @@ def tvm_fp32(k, n, copies, rng):
 SCALE_FORMATS = ("fp16", "e5m2", "fp16-tied", "e5m2-tied")
 
 
+def read_probe():
+    """bench/read_probe.c built and loaded: ``(ptr, nbytes, tasks) -> int64``, a plain read of the bytes
+    on TVM's thread pool, launched like our kernels (the floor under any kernel reading them)."""
+    import ctypes
+    import hashlib
+    import subprocess
+    import tempfile
+
+    import tvm  # noqa: F401  (the probe calls TVM's thread pool: libtvm_runtime must be loaded first)
+
+    src = Path(__file__).with_name("read_probe.c")
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-mavx2", "-fPIC", "-shared"]
+    key = hashlib.sha256(src.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+    so = Path(tempfile.gettempdir()) / f"shiftadd-read-probe-{key}.so"
+    if not so.exists():
+        tmp = so.with_suffix(f".tmp{os.getpid()}")
+        r = subprocess.run(cmd + [str(src), "-o", str(tmp)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"compiling {src} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        os.replace(tmp, so)
+    f = ctypes.CDLL(str(so)).shiftadd_read_probe
+    f.restype, f.argtypes = ctypes.c_int64, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return f
+
+
 def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP, tied=False):
     import tvm
 
@@ -182,6 +209,12 @@ def bench_shape(k, n, ms, args, bw_gbs, db, rng):
                 sess, nbytes = ort_nbits(k, n, bits, block, acc, copies_for(k * n * bits // 8, cold), rng)
                 impls[f"ORT int{bits} b{block} acc{acc}"] = (bits, nbytes, (lambda sess=sess, n=n: lambda m, x: [
                     _bound(s, x, n) for s in sess]))
+    reader = read_probe()
+    for bits in args.bits:  # the codes alone at each width: what no b-bit format can read faster
+        nbytes = k * n * bits // 8
+        bufs = [np.full(nbytes, 1, np.uint8) for _ in range(copies_for(nbytes, cold))]
+        impls[f"read {bits}-bit codes"] = (bits, nbytes, lambda bufs=bufs: lambda m, x: [
+            (lambda b=b: reader(b.ctypes.data, b.nbytes, 0)) for b in bufs])
     sess, nbytes = ort_fp32(k, n, copies_for(k * n * 4, cold, 2), rng)
     impls["ORT fp32"] = (32, nbytes, lambda sess=sess, n=n: lambda m, x: [_bound(s, x, n) for s in sess])
     tw = [torch.randn(n, k) * 0.02 for _ in range(copies_for(k * n * 4, cold, 2))]
@@ -233,7 +266,10 @@ def goals(rows) -> list[str]:
             if r:
                 r = max(r, key=lambda x: x["speedup"])
                 ok = r["speedup"] >= need
-                out.append(f"| {s} | {what} | {r['speedup']:.2f}x ({r['impl']}) vs {r['best_peer']} | "
+                same = {x["impl"]: x["ms"] for x in rows if x["shape"] == s and x["m"] == m}
+                rd = same.get(f"read {bits}-bit codes")
+                ceil = f"; ceiling {same[r['best_peer']] / rd:.2f}x" if rd else ""
+                out.append(f"| {s} | {what} | {r['speedup']:.2f}x ({r['impl']}) vs {r['best_peer']}{ceil} | "
                            f"{'met' if ok else 'MISSED'} |")
     return out
 
@@ -257,11 +293,14 @@ def summary(rows, bw) -> str:
     ours = list(dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("ours")))
     widths = sorted({r["bits"] for r in rows if r["impl"].startswith("ours")})
     peers = sorted({2 if b == 2 else 4 for b in widths})
+    reads = [b for b in widths if any(r["impl"] == f"read {b}-bit codes" for r in rows)]
     head = ("| K x N | M | " + " | ".join(ours) + "".join(f" | best ORT int{b}" for b in peers) + " | best fp32 | "
-            + " | ".join(f"ours {b}-bit / best int{2 if b == 2 else 4}" for b in widths) + " |")
+            + " | ".join(f"ours {b}-bit / best int{2 if b == 2 else 4}" for b in widths)
+            + "".join(f" | read {b}-bit codes | ceiling {b}-bit" for b in reads) + " |")
     lines = [f"2-thread read bandwidth measured in the run: {bw:.1f} GB/s; times in ms (median); "
-             "speedups > 1 mean ours is faster (best of our scale formats and groups)\n", head,
-             "|---|---:|" + "---:|" * (len(ours) + len(peers) + 1 + len(widths))]
+             "speedups > 1 mean ours is faster (best of our scale formats and groups); ceiling: best ORT at "
+             "the same bits / the plain read of the b-bit codes alone (what no b-bit format beats)\n", head,
+             "|---|---:|" + "---:|" * (len(ours) + len(peers) + 1 + len(widths) + 2 * len(reads))]
     for s in shapes:
         for m in sorted({r["m"] for r in rows if r["shape"] == s}):
             rr = {r["impl"]: r for r in rows if r["shape"] == s and r["m"] == m}
@@ -275,7 +314,10 @@ def summary(rows, bw) -> str:
             sp = [bp[2 if bits == 2 else 4]["ms"] / best(f"ours {bits}-bit")["ms"] for bits in widths]
             lines.append(f"| {s} | {m} | " + " | ".join(f"{rr[o]['ms']:.3f}" for o in ours)
                          + "".join(f" | {bp[b]['ms']:.3f} ({bp[b]['impl'][9:]})" for b in peers)
-                         + f" | {fp['ms']:.3f} ({fp['impl']}) | " + " | ".join(f"{v:.2f}x" for v in sp) + " |")
+                         + f" | {fp['ms']:.3f} ({fp['impl']}) | " + " | ".join(f"{v:.2f}x" for v in sp)
+                         + "".join(f" | {rr[f'read {b}-bit codes']['ms']:.3f} | "
+                                   f"{bp[2 if b == 2 else 4]['ms'] / rr[f'read {b}-bit codes']['ms']:.2f}x" for b in reads)
+                         + " |")
     return "\n".join(lines)
 
 

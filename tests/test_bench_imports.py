@@ -55,5 +55,12 @@ def test_kernel_summary_covers_the_widths_and_groups_of_the_run():
     assert "3-bit" not in head
     assert line.endswith("| 1.75x | 1.50x |")  # 0.35 / 0.20 and 0.525 / 0.35
     assert any("M=1 4-bit >= 1.5x ORT int4 | 1.50x (ours 4-bit e5m2 g512)" in g for g in K.goals(rows))
+    # with the plain reads of the codes: their time and the ceiling (best ORT / read) per width
+    rows += [{"shape": "4096x4096", "m": 1, "impl": f"read {b}-bit codes", "ms": ms, "bits": b}
+             for b, ms in ((2, 0.17), (4, 0.35))]
+    head, line = [ln for ln in K.summary(rows, 27.0).splitlines() if ln.startswith("| ")]
+    assert head.endswith("| read 2-bit codes | ceiling 2-bit | read 4-bit codes | ceiling 4-bit |")
+    assert line.endswith("| 1.75x | 1.50x | 0.170 | 2.06x | 0.350 | 1.50x |")  # 0.35 / 0.17, 0.525 / 0.35
+    assert any("vs ORT int4 b128 acc4; ceiling 1.50x |" in g for g in K.goals(rows))
     with pytest.raises(SystemExit):  # a group the kernel cannot read: refused before any work
         K.main(["--groups", "100"])
