@@ -273,6 +273,61 @@ def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8,
 
 
 @pytestmark_avx2
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 7), k=st.integers(1, 1200), n=st.integers(1, 140), pairs=st.sampled_from([1, 2, 3, 16, 40, 130]),
+       offset=st.booleans(), knob=st.integers(0, 1000), fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]),
+       avx2=st.booleans(), seed=st.integers(0, 2**16))
+def test_row_interleaved_tied_4bit_matches_reference(m, k, n, pairs, offset, knob, fp8, rows, avx2, seed):
+    """Tied 4-bit codes are stored row-interleaved ([NB, P, 32, 4]: the same bytes as the plane-major
+    layout, transposed) and every path reads them: the 256- and 512-bit LUT paths (planes summed by
+    multiply-adds, int16 stages of at most 32 pairs: groups up to 130 pairs cross them) and the int8
+    paths (VNNI, and AVX2 with ``avx2``: SHIFTADD_NO_AVX512), over odd shapes, every knob kind, per-row
+    and block scales, float16 and e5m2 storage."""
+    from dataclasses import replace
+
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import KNOB_SPACE, dims, pack_avx2
+
+    rng = np.random.default_rng(seed)
+    group = 8 * pairs
+    ng, na = -(-k // group), -(-n // rows)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
+    alpha = tie(rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0], size=(4, na, ng)).astype(np.float32))
+    bw = BCQWeight(signs=rng.random((4, n, k)) < 0.5, group=group, alpha_rows=rows, tied=True,
+                   alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+                   offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+                   if offset else None)
+    codes = pack_avx2(bw, fp8)[0]
+    d = dims(k, n, group, rows)
+    assert codes.shape == (d["nb"], d["pairs"], 32, 4)
+    assert np.array_equal(codes.transpose(0, 1, 3, 2), pack_avx2(replace(bw, tied=False))[0])
+    kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
+    kb = KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)]
+    with kernel_switches(SHIFTADD_NO_AVX512="1" if avx2 else None):
+        check_avx2(x, bw, run_avx2(x, bw, kn, kb, fp8), kn, kb)
+
+
+@pytestmark_avx2
+@pytest.mark.parametrize("sign", [True, False])
+def test_row_interleaved_int16_stage_holds_the_largest_sums(sign):
+    """The largest sums the row-interleaved LUT paths meet: equal activations and equal signs make every
+    looked-up entry +-127, so each pair adds +-762 to a row's int16 stage; a 130-pair group (units of 65
+    pairs) would overflow int16 without the kernel's 32-pair stages."""
+    from shiftadd.quant.bcq import BCQWeight
+    from shiftadd.schedules.lut_avx2 import Knobs
+
+    k, n = 1040, 40
+    x = np.ones((2, k), np.float32)
+    bw = BCQWeight(signs=np.full((4, n, k), sign), group=k, tied=True, alpha=tie(np.full((4, n, 1), 0.5, np.float32)))
+    for kn in (Knobs(1, 1, 0, 0), Knobs(2, 1, 0, 0), Knobs(1, 4, 0, 2)):
+        for avx2 in (None, "1"):
+            with kernel_switches(SHIFTADD_NO_AVX512=avx2):
+                y = run_avx2(x, bw, kn, kn)
+            check_avx2(x, bw, y, kn, kn)
+            np.testing.assert_allclose(y, (1 if sign else -1) * 0.5 * 1.875 * k, rtol=1e-6)
+
+
+@pytestmark_avx2
 def test_kernel_switches_pick_the_path():
     """SHIFTADD_NO_AVX512 (what an AVX2-only CPU runs) sends a path-2 call to the 256-bit LUT path and
     a path-1 batch to the int8 path on AVX2; SHIFTADD_NO_INT8 sends the path-1 batch to the LUT path.
