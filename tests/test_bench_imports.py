@@ -62,5 +62,8 @@ def test_kernel_summary_covers_the_widths_and_groups_of_the_run():
     assert head.endswith("| read 2-bit codes | ceiling 2-bit | read 4-bit codes | ceiling 4-bit |")
     assert line.endswith("| 1.75x | 1.50x | 0.170 | 2.06x | 0.350 | 1.50x |")  # 0.35 / 0.17, 0.525 / 0.35
     assert any("vs ORT int4 b128 acc4; ceiling 1.50x |" in g for g in K.goals(rows))
+    m32 = [dict(r, m=32) for r in rows if not r["impl"].startswith("read ")]  # reads are timed at M = 1 only
+    K.peer_ratios(m32)
+    assert K.summary(rows + m32, 27.0).splitlines()[-1].endswith("| 1.75x | 1.50x | - | - | - | - |")
     with pytest.raises(SystemExit):  # a group the kernel cannot read: refused before any work
         K.main(["--groups", "100"])
