@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 // Software prefetch distance (bytes ahead in each row block's code stream) of the M = 1 LUT loops:
 // cold 4096-class GEMVs ran 10-20 % faster with 2048 than with the hardware prefetchers alone
@@ -93,6 +94,23 @@ struct Shape {
   int64_t nunits() const { return t4p() / u4; }
 };
 
+// The two tables of pair p for activation rows [m, m + MT), each broadcast to both 128-bit lanes.
+template <int MT>
+inline void load_tables(const int8_t* tab, int64_t m, int64_t t4p, int64_t p, __m256i ta[MT], __m256i tb[MT]) {
+  for (int i = 0; i < MT; ++i) {
+    const int8_t* t = tab + ((m + i) * t4p + 2 * p) * 16;
+    ta[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+    tb[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
+  }
+}
+
+template <int MT, int RB>
+inline void zero_rows(__m256 accf[MT][RB][4]) {
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < 4; ++v) accf[i][r][v] = _mm256_setzero_ps();
+}
+
 // Offset z * (sum of group g's activations, exact) into the float sums of rows [32 rb, 32 rb + 32 RB).
 template <int MT, int RB>
 inline void add_offsets(const void* zoff, const float* gsum, int64_t m, int64_t g, int64_t rb, const Shape& s,
@@ -140,9 +158,7 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
   const int64_t w = s.ar == 1 ? 32 : 1;
   for (int64_t m = m0; m + MT <= m1; m += MT) {
     __m256 accf[MT][RB][4];
-    for (int i = 0; i < MT; ++i)
-      for (int r = 0; r < RB; ++r)
-        for (int v = 0; v < 4; ++v) accf[i][r][v] = _mm256_setzero_ps();
+    zero_rows<MT, RB>(accf);
     for (int64_t g = 0, u = 0; g < s.ng; ++g)
     for (int64_t uu = 0; uu < upg; ++uu, ++u) {
       __m256i acc[MT][RB][Q][2];
@@ -152,11 +168,7 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
       for (int64_t j = 0; j < ppu; ++j) {
         const int64_t p = u * ppu + j;
         __m256i ta[MT], tb[MT];
-        for (int i = 0; i < MT; ++i) {
-          const int8_t* t = tab + ((m + i) * t4p + 2 * p) * 16;
-          ta[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-          tb[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
-        }
+        load_tables<MT>(tab, m, t4p, p, ta, tb);
         for (int r = 0; r < RB; ++r) {
           const uint8_t* c = codes + ((rb + r) * s.pairs + p) * Q * 32;
           if (MT == 1) prefetch_codes(c, Q * 32);
@@ -218,19 +230,34 @@ void gemm_block(const int8_t* tab, const float* ls, const float* gsum, int64_t m
   }
 }
 
+// Q = kIl: the row-interleaved tied 4-bit layout (gemm_block_il below), else Q plane-major planes.
+constexpr int kIl = 0;
+
+template <int MT, int RB>
+void gemm_block_il(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
+                   const uint8_t* codes, const void* alpha, const void* zoff, int use_z, int64_t rb,
+                   const Shape& s, float* y);
+
 template <int Q, int MT, int RB>
 void gemm_range(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
                 const uint8_t* codes, const void* alpha, const void* zoff, int use_z,
                 int64_t rb0, int64_t rb1, const Shape& s, float* y) {
+  const auto block = [&](auto mt, auto rbs, int64_t a, int64_t b, int64_t r) {
+    if constexpr (Q == kIl) gemm_block_il<mt(), rbs()>(tab, ls, gsum, a, b, codes, alpha, zoff, use_z, r, s, y);
+    else gemm_block<Q, mt(), rbs()>(tab, ls, gsum, a, b, codes, alpha, zoff, use_z, r, s, y);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Mt = std::integral_constant<int, MT>;
+  using Rb = std::integral_constant<int, RB>;
   const int64_t mm = m0 + (m1 - m0) / MT * MT;  // whole MT tiles, then the rest one row at a time
   int64_t rb = rb0;
   for (; rb + RB <= rb1; rb += RB) {
-    gemm_block<Q, MT, RB>(tab, ls, gsum, m0, mm, codes, alpha, zoff, use_z, rb, s, y);
-    if (MT > 1) gemm_block<Q, 1, RB>(tab, ls, gsum, mm, m1, codes, alpha, zoff, use_z, rb, s, y);
+    block(Mt{}, Rb{}, m0, mm, rb);
+    if (MT > 1) block(One{}, Rb{}, mm, m1, rb);
   }
   for (; rb < rb1; ++rb) {
-    gemm_block<Q, MT, 1>(tab, ls, gsum, m0, mm, codes, alpha, zoff, use_z, rb, s, y);
-    if (MT > 1) gemm_block<Q, 1, 1>(tab, ls, gsum, mm, m1, codes, alpha, zoff, use_z, rb, s, y);
+    block(Mt{}, One{}, m0, mm, rb);
+    if (MT > 1) block(One{}, One{}, mm, m1, rb);
   }
 }
 
@@ -264,9 +291,7 @@ void gemm_block_il(const int8_t* tab, const float* ls, const float* gsum, int64_
   const __m256 pw = _mm256_set1_ps(ldexpf(1.0f, -3));
   for (int64_t m = m0; m + MT <= m1; m += MT) {
     __m256 accf[MT][RB][4];
-    for (int i = 0; i < MT; ++i)
-      for (int r = 0; r < RB; ++r)
-        for (int v = 0; v < 4; ++v) accf[i][r][v] = _mm256_setzero_ps();
+    zero_rows<MT, RB>(accf);
     for (int64_t g = 0, u = 0; g < s.ng; ++g)
     for (int64_t uu = 0; uu < upg; ++uu, ++u) {
       __m256i acc[MT][RB][4];
@@ -281,11 +306,7 @@ void gemm_block_il(const int8_t* tab, const float* ls, const float* gsum, int64_
         for (int64_t j = j0; j < std::min(ppu, j0 + kIlChunk); ++j) {
           const int64_t p = u * ppu + j;
           __m256i ta[MT], tb[MT];
-          for (int i = 0; i < MT; ++i) {
-            const int8_t* t = tab + ((m + i) * t4p + 2 * p) * 16;
-            ta[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-            tb[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
-          }
+          load_tables<MT>(tab, m, t4p, p, ta, tb);
           for (int r = 0; r < RB; ++r) {
             const uint8_t* c = codes + ((rb + r) * s.pairs + p) * 128;
             if (MT == 1) prefetch_codes(c, 128);
@@ -319,30 +340,6 @@ void gemm_block_il(const int8_t* tab, const float* ls, const float* gsum, int64_
     }
     store_rows<MT, RB>(accf, m, rb, s, y);
   }
-}
-
-template <int MT, int RB>
-void gemm_range_il(const int8_t* tab, const float* ls, const float* gsum, int64_t m0, int64_t m1,
-                   const uint8_t* codes, const void* alpha, const void* zoff, int use_z,
-                   int64_t rb0, int64_t rb1, const Shape& s, float* y) {
-  const int64_t mm = m0 + (m1 - m0) / MT * MT;
-  int64_t rb = rb0;
-  for (; rb + RB <= rb1; rb += RB) {
-    gemm_block_il<MT, RB>(tab, ls, gsum, m0, mm, codes, alpha, zoff, use_z, rb, s, y);
-    if (MT > 1) gemm_block_il<1, RB>(tab, ls, gsum, mm, m1, codes, alpha, zoff, use_z, rb, s, y);
-  }
-  for (; rb < rb1; ++rb) {
-    gemm_block_il<MT, 1>(tab, ls, gsum, m0, mm, codes, alpha, zoff, use_z, rb, s, y);
-    if (MT > 1) gemm_block_il<1, 1>(tab, ls, gsum, mm, m1, codes, alpha, zoff, use_z, rb, s, y);
-  }
-}
-
-GemmFn pick_il(int mt, int rbk) {
-  if (mt == 2) return rbk == 2 ? gemm_range_il<2, 2> : gemm_range_il<2, 1>;
-  if (mt == 4) return gemm_range_il<4, 1>;
-  if (rbk == 4) return gemm_range_il<1, 4>;
-  if (rbk == 8) return gemm_range_il<1, 8>;
-  return rbk == 2 ? gemm_range_il<1, 2> : gemm_range_il<1, 1>;
 }
 
 // Tables of the (row, unit) pairs [w0, w1) (w = m * nunits + u). Float ops in the reference's order:
@@ -1127,7 +1124,7 @@ int shiftadd_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* cod
   if (path == 1 && !i8) mt = std::min<int64_t>(mt, 2), rbk = 1;
   const int tied = int((scale_flags >> 1) & 1), il = int((scale_flags >> 2) & 1);
   if (il && (q != 4 || !tied)) return -1;
-  GemmFn gemm = il ? pick_il(int(mt), int(rbk)) : pick_q(q, int(mt), int(rbk));
+  GemmFn gemm = il ? pick<kIl>(int(mt), int(rbk)) : pick_q(q, int(mt), int(rbk));
   if (path == 2 && (f & kWide) && mt == 1) {
     if (GemmFn wide = pick_lut512(q, int(rbk), il, vnni)) gemm = wide;
   }
