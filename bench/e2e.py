@@ -10,7 +10,7 @@ Rounds alternate the models; decode ms/token is the median over all steps of all
 ours without the cache (every step reruns the whole sequence: --nocache-steps steps), and the C++
 runner ``shiftadd-run`` (start-up time, peak memory) against the Python session on the same artifact.
 
-    python bench/e2e.py [--bits 2 3 4] [--rounds 5] [--prompt 128] [--new 32]
+    python bench/e2e.py [--bits 2 3 4] [--tied 4] [--rounds 5] [--prompt 128] [--new 32]
 
 Writes out/bench/e2e.{md,json,png}; exported graphs and compiled models are kept in --work and reused.
 """
@@ -65,15 +65,18 @@ def ort_int4(src: Path) -> Path:
     return dst
 
 
-def ours(work: Path, bits: int, plain: bool = False) -> Path:
+def ours(work: Path, bits: int, plain: bool = False, tied: bool = False) -> Path:
     """``plain``: without the decode-time passes (stacked sibling LUT calls, K/V read once per head
-    group, our attention kernels over the cache), for the ablation row."""
+    group, our attention kernels over the cache), for the ablation row. ``tied``: tied e5m2 scales per
+    128 inputs (`--tied-scales --scale-format e5m2 --group 128`: 4.125 bits at 4 bits, ORT int4 b128's
+    block; the format whose calibrated quality beats ORT int4's, docs/QUALITY.md)."""
     import shiftadd
 
-    so = work / f"ours-{bits}bit-{'plain' if plain else 'stacked'}.so"
+    so = work / f"ours-{bits}bit-{'plain' if plain else 'stacked'}{'-tied-e5m2-g128' if tied else ''}.so"
     if not so.exists():  # weight-only fit: this benchmark measures speed, docs/QUALITY.md measures quality
+        fmt = dict(tied_scales=True, scale_format="e5m2", group=128) if tied else {}
         shiftadd.compile("smollm2", so, bits=bits, skip=(), calib_windows=0, tune=TUNE,
-                         stack_siblings=not plain, share_kv=not plain, attention=not plain)
+                         stack_siblings=not plain, share_kv=not plain, attention=not plain, **fmt)
     return so
 
 
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=32, help="tokens generated per round")
     ap.add_argument("--nocache-steps", type=int, default=4, help="steps of ours without the cache (each reruns all)")
     ap.add_argument("--runner-reps", type=int, default=3)
+    ap.add_argument("--tied", nargs="*", type=int, default=[], metavar="BITS",
+                    help="also these widths with tied e5m2 scales per 128 inputs (compile --tied-scales)")
     ap.add_argument("--work", default="out/e2e")
     ap.add_argument("--out", default="out/bench")
     a = ap.parse_args(argv)
@@ -161,6 +166,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     prefill, decode = source_graphs(work)
     gens = {f"ours {b}-bit": OursGenerator(ours(work, b)) for b in a.bits}
+    gens.update({f"ours {b}-bit tied e5m2 g128": OursGenerator(ours(work, b, tied=True)) for b in a.tied})
     ref_bits = 3 if 3 in a.bits else a.bits[0]
     gens[f"ours {ref_bits}-bit, no KV cache"] = OursGenerator(ours(work, ref_bits), use_cache=False)
     gens[f"ours {ref_bits}-bit, separate LUT calls, K/V copied per head, generic attention"] = OursGenerator(ours(work, ref_bits, plain=True))
