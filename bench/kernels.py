@@ -173,7 +173,7 @@ def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP, tied=False):
     from shiftadd.targets import resolve_target
 
     L.load_in_process()
-    knobs = (db.knobs(k, n, bits, group, True, 1) if db is not None  # else what an untuned compile gets
+    knobs = (db.knobs(k, n, bits, group, True, 1, fp8, tied) if db is not None  # else what an untuned compile gets
              else L.default_knobs(bits, L.int8_isa() == "avx512-vnni"))
     f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8, tied=tied)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     if a.tune and db is not None:
         from shiftadd.schedules.tuning import tune_missing
 
-        tune_missing(db, [(k, n, bits, g, True, 1) for k, n in shapes for bits in a.bits for g in a.groups])
+        tune_missing(db, [(k, n, bits, g, True, 1, f.startswith("e5m2"), f.endswith("-tied"))
+                          for k, n in shapes for bits in a.bits for g in a.groups for f in a.scale_formats])
     rng = np.random.default_rng(0)
     bw = bandwidth_gbs()
     log(f"bandwidth {bw:.1f} GB/s; TVM threads {os.environ.get('TVM_NUM_THREADS')}; "

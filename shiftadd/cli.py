@@ -101,7 +101,7 @@ def _cmd_tune(a) -> int:
     r = tune(a.model, db=a.db, target=a.target, budget=a.budget, rpc=a.rpc, key=a.key, bits=a.bits,
              group=a.group, offset=not a.no_offset, layout=a.layout, block_rows=a.block_rows, skip=tuple(a.skip),
              avg_bits=a.avg_bits, parallel=a.parallel, float_ops=not a.no_float, float_trials=a.float_trials,
-             float_min_work=a.float_min_work)
+             float_min_work=a.float_min_work, scale_format=a.scale_format, tied_scales=a.tied_scales)
     print(f"{r['complete']}/{r['kernels']} kernels tuned in {r['db']} ({r['phases_done']} phases measured now by "
           f"{r['measured_by']}, {r['phases_left']} left{' (budget reached: rerun to resume)' if r['phases_left'] else ''})")
     if "attention" in r:
@@ -235,6 +235,8 @@ def main(argv=None) -> int:
     t.add_argument("--layout", choices=("row-group", "block"), default="row-group")
     t.add_argument("--block-rows", type=int, default=64)
     t.add_argument("--no-offset", action="store_true")
+    t.add_argument("--scale-format", choices=("fp16", "e5m2"), default="fp16", help="as the compile will use")
+    t.add_argument("--tied-scales", action="store_true", help="as the compile will use")
     t.add_argument("--skip", action="append", default=None, help="regex of matmuls left float (default lm_head)")
     t.add_argument("--no-float", action="store_true", help="tune our kernels only, not the float operators")
     t.add_argument("--float-trials", type=int, default=None,

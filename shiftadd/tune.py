@@ -66,7 +66,7 @@ def model_module(model: str, cfg: BCQConfig, skip, target):
 
 
 def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, siblings=()) -> list[tuple]:
-    """Tuning keys (K, N, bits, group, offset, rows per scale) of the AVX2 kernels these matmuls compile
+    """Tuning keys (K, N, bits, group, offset, rows per scale, e5m2 scales, tied scales) of the AVX2 kernels these matmuls compile
     to under ``cfg`` (``bits_set``: every bit width a per-layer allocation may pick), and of the stacked
     calls of ``siblings`` (groups of names reading one activation; stacked when every member's N is a
     multiple of 32 and they share bits). Layouts the AVX2 kernel does not read (odd groups, the column
@@ -77,6 +77,7 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, sibli
         raise ValueError("tune: the column layout runs a one-bit kernel over pre-scaled inputs; tune the "
                          "row-group or block layout")
     pats = [re.compile(p) for p in skip]
+    fmt = (cfg.scale_format == "e5m2", bool(cfg.tied))
     keys = []
     for name, k, n in matmuls:
         if any(p.search(name) for p in pats):
@@ -85,7 +86,7 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, sibli
         if not L.supports(group, rows):
             continue
         for b in bits_set or (cfg.bits,):
-            keys.append((k, n, b, group, cfg.offset, rows))
+            keys.append((k, n, b, group, cfg.offset, rows, *fmt))
     shape = {name: (k, n) for name, k, n in matmuls}
     for names in siblings:
         names = [x for x in names if x in shape and not any(p.search(x) for p in pats)]
@@ -95,7 +96,7 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, sibli
         group = cfg.group_for(k)
         if L.supports(group, 1):
             for b in bits_set or (cfg.bits,):
-                keys.append((k, sum(shape[x][1] for x in names), b, group, cfg.offset, 1))
+                keys.append((k, sum(shape[x][1] for x in names), b, group, cfg.offset, 1, *fmt))
     return list(dict.fromkeys(keys))
 
 
@@ -103,9 +104,10 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
          bits: int = 3, group: int = 64, offset: bool = True, layout: str = "row-group", block_rows: int = 64,
          skip=("lm_head",), avg_bits: float | None = None, rounds: int = 5, repeat: int = 20,
          parallel: int | None = None, float_ops: bool = True, float_trials: int | None = None,
-         float_min_work: int | None = None) -> dict:
+         float_min_work: int | None = None, scale_format: str = "fp16", tied_scales: bool = False) -> dict:
     """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and
-    return a summary. ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
+    return a summary; ``scale_format`` and ``tied_scales`` as the compile will use them (each storage
+    runs its own loop and has its own entries). ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
     tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU).
     Our LUT kernels' knobs are tuned first; then, with ``float_ops``, the knobs of our attention
     kernels over the cache (scores, softmax, values) and MetaSchedule for
@@ -122,7 +124,10 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
                          "kernel does not run there")
     if (key is not None) and rpc is None:
         raise ValueError("--key needs --rpc HOST:PORT (the tracker the servers registered with)")
-    cfg = BCQConfig(bits=bits, group=group, offset=offset, layout=layout, block_rows=block_rows)
+    if scale_format not in ("fp16", "e5m2"):
+        raise ValueError(f"tune: scale_format {scale_format!r}: expected 'fp16' or 'e5m2'")
+    cfg = BCQConfig(bits=bits, group=group, offset=offset, layout=layout, block_rows=block_rows,
+                    scale_format=scale_format, tied=tied_scales)
     if avg_bits is not None:
         from .quant.allocate import CHOICES, _check_budget
 

@@ -62,8 +62,9 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
     shapes, siblings = model_matmuls(opt_folder)
     assert [len(g) for g in siblings] == [3, 3]  # q/k/v of both layers
     keys = kernel_keys(shapes, BCQConfig(bits=3, group=32), siblings=siblings)
-    assert sorted(keys) == sorted([(64, 64, 3, 32, True, 1), (64, 96, 3, 32, True, 1), (96, 64, 3, 32, True, 1),
-                                   (64, 192, 3, 32, True, 1)])  # + q/k/v stacked
+    assert sorted(keys) == sorted([(64, 64, 3, 32, True, 1, False, False), (64, 96, 3, 32, True, 1, False, False),
+                                   (96, 64, 3, 32, True, 1, False, False),
+                                   (64, 192, 3, 32, True, 1, False, False)])  # + q/k/v stacked
     db = tmp_path / "db"
     db.mkdir()
     s = tune(opt_folder, db=db, bits=3, group=32, rounds=2, float_ops=False)
@@ -71,6 +72,33 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
     res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=3, group=32, calib_windows=0, db=db)
     t = res.manifest["tuning"]
     assert t["default"] == 0 and t["from_db"] == 4 and t["db"] == str(db / "tuning.json")
+
+
+def test_scale_storage_is_part_of_the_key(opt_folder, tmp_path, monkeypatch):
+    """e5m2 and tied scales run other loops (tied 4-bit reads row-interleaved codes), so they are
+    tuned as themselves under keys of their own: the tuner times the kernel of that storage (its
+    packed weights and code layout), float16 keys keep their old form, and a compile with the same
+    storage finds every kernel it needs."""
+    import shiftadd
+
+    calls = _spy(monkeypatch)
+    made = []
+    real = L.make_lut_avx2
+    monkeypatch.setattr(L, "make_lut_avx2", lambda *a, **kw: made.append(a) or real(*a, **kw))
+    assert key_of(64, 64, 4, 32, True, 1) == key_of(64, 64, 4, 32, True, 1, False, False)
+    assert len({key_of(64, 64, 4, 32, True, 1, f, t) for f in (False, True) for t in (False, True)}) == 4
+    db = tmp_path / "db"
+    s = tune(opt_folder, db=db, bits=4, group=32, rounds=1, float_ops=False, scale_format="e5m2", tied_scales=True)
+    assert s["complete"] == s["kernels"] == 4
+    assert calls and all(kk[6:] == (True, True) for kk, _ in calls)
+    assert made and all(a[8:] == (True, True) for a in made)  # make_lut_avx2(..., fp8, tied) as the compile builds it
+    entries = json.loads((db / "tuning.json").read_text())["entries"]
+    assert all(" e5m2 tied" in k for k in entries)
+    res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=4, group=32, calib_windows=0, db=db,
+                           scale_format="e5m2", tied_scales=True)
+    assert res.manifest["tuning"]["from_db"] == 4 and res.manifest["tuning"]["default"] == 0
+    plain = shiftadd.compile(opt_folder, tmp_path / "p.so", bits=4, group=32, calib_windows=0, db=db)
+    assert plain.manifest["tuning"]["from_db"] == 0 and plain.manifest["tuning"]["default"] == 4
 
 
 def test_budget_is_respected_and_rerun_resumes(opt_folder, tmp_path, monkeypatch):

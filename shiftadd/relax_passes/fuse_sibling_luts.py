@@ -95,7 +95,7 @@ class _Fuser(relax.PyExprMutator):
             vs.append(v)
         name = lut_avx2.kernel_name(k, n_total, bits, group, offset, 1, fp8, tied)
         if name not in self.kernels:
-            kn = self.knobs(k, n_total, bits, group, offset, 1) if self.knobs else \
+            kn = self.knobs(k, n_total, bits, group, offset, 1, fp8, tied) if self.knobs else \
                 (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
             f = lut_avx2.make_lut_avx2(k, n_total, bits, group, offset, 1, kn[0], kn[1], fp8, tied)
             self.kernels[name] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
@@ -107,7 +107,7 @@ class _Fuser(relax.PyExprMutator):
 
 def fuse_sibling_luts(mod: tvm.IRModule, params: dict[str, np.ndarray], functions=("main",), knobs=None):
     """Stack sibling AVX2 LUT calls in ``functions`` of ``mod``. ``params`` maps weight parameter
-    names to values; ``knobs(k, n, bits, group, offset, rows)`` gives a stacked kernel's (decode,
+    names to values; ``knobs(k, n, bits, group, offset, rows, fp8, tied)`` gives a stacked kernel's (decode,
     batch) knobs (the tuning database, as for the rewrite). Returns (module, params of the new
     signatures, number of calls removed)."""
     kernels = {gv.name_hint: gv for gv, _ in mod.functions_items()}

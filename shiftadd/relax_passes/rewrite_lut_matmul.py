@@ -221,7 +221,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         fp8 = self.cfg.scale_format == "e5m2"
         key = ("avx2", k, n, bits, group, offset, alpha_rows, fp8, tied)
         if key not in self.kernels:
-            kn = (self.knobs(k, n, bits, group, offset, alpha_rows) if self.knobs
+            kn = (self.knobs(k, n, bits, group, offset, alpha_rows, fp8, tied) if self.knobs
                   else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS))
             f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1], fp8, tied)
             name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows, fp8, tied)
@@ -411,7 +411,7 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     ``fitted`` (weight name -> BCQWeight, e.g. from sequential calibration) supplies finished fits;
     ``layer_bits`` (weight name -> 2/3/4, from the allocator) overrides ``cfg.bits`` per layer.
     ``kernel`` 'avx2' uses the int8-table AVX2 micro-kernel (schedules/lut_avx2.py) wherever it reads
-    the layout (float-table TIR kernel elsewhere); ``knobs(k, n, bits, group, offset, rows)`` returns
+    the layout (float-table TIR kernel elsewhere); ``knobs(k, n, bits, group, offset, rows, fp8, tied)`` returns
     its (decode, batch) Knobs, e.g. from the tuning database. ``also`` names further functions of the
     module (e.g. ``decode``, the KV-cached step) rewritten with the same fits and packed weights, so all
     functions share one set of parameters; the report covers ``func_name``.

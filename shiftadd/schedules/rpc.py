@@ -99,15 +99,22 @@ class RPCMeasurer:
 
         # a name of this measurer's own: servers keep uploads by name, and replacing a loaded library's
         # file under a server that has it mapped would crash it
+        from .tuning import kernel_args
+
+        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
         path = os.path.join(self.workdir, f"lut-{os.path.basename(self.workdir)}-{'-'.join(map(str, kk))}-{kn.tag()}.so")
         if not os.path.exists(path):
-            L.export(tvm.compile(tvm.IRModule({"main": L.make_lut_avx2(*kk, kn, kn)}), self.target), path)
+            f = L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn, fp8, tied)
+            L.export(tvm.compile(tvm.IRModule({"main": f}), self.target), path)
         return path
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
         libs = {kn.tag(): self._build(kk, kn) for kn in cands}  # compiled here, one at a time
+        from .tuning import kernel_args
+
         rng = np.random.default_rng(0)
-        packed = L.random_packed(*kk, rng=rng)
+        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
+        packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         x = rng.standard_normal((m, kk[0]), dtype=np.float32)
         share = [list(libs.items())[i::len(self.sessions)] for i in range(len(self.sessions))]
 

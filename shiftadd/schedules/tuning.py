@@ -70,8 +70,19 @@ def spin_regime() -> str:
     return "" if not v else f" spin{v}"
 
 
-def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int) -> str:
-    return f"lut8 k{k} n{n} q{bits} g{group} z{int(bool(offset))} r{rows}{spin_regime()}"
+def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int, fp8: bool = False,
+           tied: bool = False) -> str:
+    """A kernel's database key. The scale storage is part of it (float16 keys keep their old form):
+    e5m2 bytes and tied scales run other loops (tied 4-bit reads row-interleaved codes), so each is
+    timed as itself."""
+    fmt = (" e5m2" if fp8 else "") + (" tied" if tied else "")
+    return f"lut8 k{k} n{n} q{bits} g{group} z{int(bool(offset))} r{rows}{fmt}{spin_regime()}"
+
+
+def kernel_args(kk: tuple) -> tuple:
+    """A key tuple (k, n, bits, group, offset, rows[, fp8[, tied]]) in full: the 8 arguments of
+    lut_avx2.make_lut_avx2 / random_packed that shape the kernel."""
+    return (*kk, False, False)[:8] if len(kk) < 8 else tuple(kk)
 
 
 def attention_key(spec) -> str:
@@ -121,9 +132,9 @@ class TuningDB:
             raise ValueError(f"tuning database {p}: expected an object with 'context' and 'entries'")
         return cls(p, data, target=target)
 
-    def get(self, k, n, bits, group, offset, rows) -> tuple[L.Knobs, L.Knobs] | None:
+    def get(self, k, n, bits, group, offset, rows, fp8=False, tied=False) -> tuple[L.Knobs, L.Knobs] | None:
         """(decode, batch) knobs of a fully tuned kernel, else None."""
-        e = self.entries.get(key_of(k, n, bits, group, offset, rows))
+        e = self.entries.get(key_of(k, n, bits, group, offset, rows, fp8, tied))
         if e is None or any(ph not in e for ph in PHASES):
             return None
         return L.Knobs(**e["decode"]), L.Knobs(**e["batch"])
@@ -139,14 +150,14 @@ class TuningDB:
         e.setdefault("measured_by", {})[phase] = measured_by
         self.save()
 
-    def knobs(self, k, n, bits, group, offset, rows, int8: bool = True) -> tuple[L.Knobs, L.Knobs]:
+    def knobs(self, k, n, bits, group, offset, rows, fp8=False, tied=False, int8: bool = True) -> tuple[L.Knobs, L.Knobs]:
         """(decode, batch) knobs, tuned or the defaults for this target (lut_avx2.default_knobs).
         ``int8`` False keeps M > 1 on the LUT path (the decode kernel's arithmetic at every M): a
         batch pick on the int8 path is replaced by the fastest LUT candidate this entry timed, else
         LUT_BATCH_KNOBS."""
-        dec, bat = self.get(k, n, bits, group, offset, rows) or L.default_knobs(bits, self.vnni)
+        dec, bat = self.get(k, n, bits, group, offset, rows, fp8, tied) or L.default_knobs(bits, self.vnni)
         if not int8 and bat.path == 1:
-            ms = self.entries.get(key_of(k, n, bits, group, offset, rows), {}).get("ms", {}).get("batch", {})
+            ms = self.entries.get(key_of(k, n, bits, group, offset, rows, fp8, tied), {}).get("ms", {}).get("batch", {})
             lut = {kn.tag(): kn for kn in L.KNOB_SPACE if kn.path != 1 and kn.tag() in ms}
             bat = lut[min(lut, key=ms.get)] if lut else L.LUT_BATCH_KNOBS
         return dec, bat
@@ -198,7 +209,8 @@ class LocalMeasurer:
 
         L.load_in_process()
         rng = np.random.default_rng(self.seed)
-        packed = L.random_packed(*kk, rng=rng)
+        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
+        packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         nbytes = sum(a.nbytes for a in packed)
         ncopies = copies_for(nbytes, self.cold_mib * 2**20, 16)
         target = resolve_target("cpu")
@@ -206,7 +218,8 @@ class LocalMeasurer:
         y = tvm.runtime.empty((m, kk[1]), "float32")
         fns = {}
         for kn in cands:
-            fn = tvm.compile(tvm.IRModule({"main": L.make_lut_avx2(*kk, kn, kn)}), target)["main"]
+            fn = tvm.compile(tvm.IRModule({"main": L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn, fp8, tied)}),
+                             target)["main"]
             # copies of its own per candidate, as bench/kernels.py does: shared copies stay in a large L3
             # (260 MB here) between candidates, and knobs picked on cached weights ran ~10 % slower cold
             # (4096x11008 4-bit M = 1: wm1r1t0 won on cached weights, wm1r2t0 is 11 % faster cold)
