@@ -146,21 +146,16 @@ def read_probe():
     on TVM's thread pool, launched like our kernels (the floor under any kernel reading them)."""
     import ctypes
     import hashlib
-    import subprocess
     import tempfile
 
     import tvm  # noqa: F401  (the probe calls TVM's thread pool: libtvm_runtime must be loaded first)
 
+    from shiftadd.schedules.lut_avx2 import compile_once
+
     src = Path(__file__).with_name("read_probe.c")
-    cmd = [os.environ.get("CC", "cc"), "-O2", "-mavx2", "-fPIC", "-shared"]
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-mavx2", "-fPIC"]
     key = hashlib.sha256(src.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
-    so = Path(tempfile.gettempdir()) / f"shiftadd-read-probe-{key}.so"
-    if not so.exists():
-        tmp = so.with_suffix(f".tmp{os.getpid()}")
-        r = subprocess.run(cmd + [str(src), "-o", str(tmp)], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"compiling {src} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
-        os.replace(tmp, so)
+    so = compile_once(Path(tempfile.gettempdir()) / f"shiftadd-read-probe-{key}.so", True, src, cmd)
     f = ctypes.CDLL(str(so)).shiftadd_read_probe
     f.restype, f.argtypes = ctypes.c_int64, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return f

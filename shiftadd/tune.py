@@ -124,8 +124,6 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
                          "kernel does not run there")
     if (key is not None) and rpc is None:
         raise ValueError("--key needs --rpc HOST:PORT (the tracker the servers registered with)")
-    if scale_format not in ("fp16", "e5m2"):
-        raise ValueError(f"tune: scale_format {scale_format!r}: expected 'fp16' or 'e5m2'")
     cfg = BCQConfig(bits=bits, group=group, offset=offset, layout=layout, block_rows=block_rows,
                     scale_format=scale_format, tied=tied_scales)
     if avg_bits is not None:

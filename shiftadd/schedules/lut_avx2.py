@@ -195,8 +195,8 @@ def _pack(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bits[:, :n, :k] = w.signs
     code = (bits.reshape(q, nb * ROWS, pairs, 2, MU) << np.arange(MU, dtype=np.uint8)).sum(-1, dtype=np.uint8)
     byte = code[..., 0] | (code[..., 1] << 4)  # [q, NB*32, P]
-    codes = np.ascontiguousarray(byte.reshape(q, nb, ROWS, pairs).transpose(1, 3, 2, 0) if row_interleaved(q, w.tied)
-                                 else byte.reshape(q, nb, ROWS, pairs).transpose(1, 3, 0, 2))
+    order = (1, 3, 2, 0) if row_interleaved(q, w.tied) else (1, 3, 0, 2)  # [NB, P, 32, q] or [NB, P, q, 32]
+    codes = np.ascontiguousarray(byte.reshape(q, nb, ROWS, pairs).transpose(order))
     r, wd = w.alpha_rows, d["w"]
     alpha = w.alpha
     if w.tied:  # the kernel derives plane b's scale as plane 0's times 2^-b: check, keep plane 0
@@ -351,15 +351,19 @@ def _cache_dir() -> Path:
     return base / "kernels" / key
 
 
-def _compile(out: Path, shared: bool) -> Path:
+def compile_once(out: Path, shared: bool, source: Path = SOURCE, compiler: list[str] | None = None) -> Path:
+    """``source`` compiled to ``out`` (a shared library or an object file) unless it is there already:
+    written to a temporary name, then renamed, so a crash never leaves half a file. ``compiler``: the
+    command and flags (default $CXX with CFLAGS, for the micro-kernel)."""
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + f".tmp{os.getpid()}")
-    cmd = [os.environ.get("CXX", "g++"), *CFLAGS, "-shared" if shared else "-c", str(SOURCE), "-o", str(tmp)]
+    cmd = [*(compiler or [os.environ.get("CXX", "g++"), *CFLAGS]), "-shared" if shared else "-c", str(source),
+           "-o", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
     os.replace(tmp, out)
     return out
 
@@ -367,7 +371,7 @@ def _compile(out: Path, shared: bool) -> Path:
 @lru_cache(maxsize=1)
 def object_file() -> str:
     """The micro-kernel compiled to an object file, linked into every exported .so (export_library addons)."""
-    return str(_compile(_cache_dir() / "lut_avx2.o", shared=False))
+    return str(compile_once(_cache_dir() / "lut_avx2.o", shared=False))
 
 
 @lru_cache(maxsize=1)
@@ -376,7 +380,7 @@ def load_in_process() -> str:
     (an unresolved call_extern in TVM's JIT crashes the interpreter instead of raising)."""
     import tvm  # noqa: F401  (the kernel calls TVM's thread pool: libtvm_runtime must be loaded first)
 
-    path = str(_compile(_cache_dir() / "liblut_avx2.so", shared=True))
+    path = str(compile_once(_cache_dir() / "liblut_avx2.so", shared=True))
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     return path
 
