@@ -27,7 +27,7 @@ import numpy as np
 from ..quant.bcq import MU, BCQWeight, plane_weights
 from ..quant.pack import _exact_f16, _shared_rows
 
-SOURCE = Path(__file__).with_name("kernels") / "lut_avx2.cc"
+SOURCE = Path(__file__).with_name("kernels") / "lut_avx2.cc"  # includes the kernels/*.h: kernel_sources()
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-ffp-contract=off", "-std=c++17"]
 ROWS = 32  # output rows per vpshufb
 MAX_UNIT_PAIRS = 128  # int16 accumulation bound: 128 pairs x 254 < 32767
@@ -345,9 +345,22 @@ def table_error_bound(x: np.ndarray, w: BCQWeight) -> np.ndarray:
 
 
 # -- building and linking the micro-kernel ---------------------------------------------------------
+def kernel_sources() -> list[Path]:
+    """The micro-kernel's files, sorted by name: SOURCE (the one translation unit the build compiles)
+    and every header beside it that it includes (quoted includes: found beside it, no -I needed)."""
+    return sorted([SOURCE, *SOURCE.parent.glob("*.h")], key=lambda p: p.name)
+
+
 def _cache_dir() -> Path:
+    """Where the compiled micro-kernel lives: keyed by all its sources (each name and content, so
+    editing a header or moving code between files makes a new key) and CFLAGS."""
     base = Path(os.environ.get("SHIFTADD_CACHE", Path.home() / ".cache" / "shiftadd"))
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for p in kernel_sources():
+        data = p.read_bytes()
+        h.update(f"{p.name}\0{len(data)}\0".encode() + data)
+    h.update(" ".join(CFLAGS).encode())
+    key = h.hexdigest()[:16]
     return base / "kernels" / key
 
 
