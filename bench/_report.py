@@ -7,7 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from shiftadd.util import atomic_path
+from shiftadd.runtime.artifact import atomic_path
 
 # Python puts bench/ first on sys.path for these scripts. Left there, any third-party probe for a
 # top-level module named like one of ours imports it instead: transformers looks for the `kernels`

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from shiftadd.util import log
+logger = logging.getLogger("shiftadd.bench")
+
 
 FLOAT = "float32 (ONNX Runtime)"
 
@@ -48,8 +50,9 @@ def ort_quantize(src: str, dst: Path, bits: int, block: int, algo: str, calib_id
         cfg = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=block, actorder=True)
     else:
         raise ValueError(algo)
-    q = mq.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=False, nodes_to_exclude=lm_head,
-                                algo_config=cfg)
+    q = mq.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block, is_symmetric=False, nodes_to_exclude=lm_head, algo_config=cfg
+    )
     q.process()
     tmp = dst.with_suffix(".tmp.onnx")
     onnx.save(q.model.model if hasattr(q.model, "model") else q.model, str(tmp))
@@ -106,8 +109,10 @@ def bits_matrix(manifest: dict) -> str:
     lines = ["| layer \\ block | " + " | ".join(map(str, blocks)) + " |", "|---|" + "---:|" * len(blocks)]
     for kind, row in grid.items():
         lines.append(f"| {kind} | " + " | ".join(str(row.get(b, "")) for b in blocks) + " |")
-    return (f"{manifest['model']}: average {manifest.get('avg_bits', 0):.3f} stored bits/weight, "
-            f"allocation {manifest.get('allocation')}\n\n" + "\n".join(lines))
+    return (
+        f"{manifest['model']}: average {manifest.get('avg_bits', 0):.3f} stored bits/weight, "
+        f"allocation {manifest.get('allocation')}\n\n" + "\n".join(lines)
+    )
 
 
 DEFAULTS = "defaults: one-pass 128 x 128 calib, 3 refits, AVX2"
@@ -126,9 +131,9 @@ def main() -> None:
     a = ap.parse_args()
 
     import shiftadd
-    from shiftadd.data import token_windows, wiki_split
+    from shiftadd.calibration.text import token_windows, wiki_split
+    from shiftadd.eval.perplexity import eval_perplexity, results_table
     from shiftadd.frontend import export_onnx, load_hf_model
-    from shiftadd.perplexity import eval_perplexity, results_table
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -147,15 +152,18 @@ def main() -> None:
     calib_ids = token_windows(tok, wiki_split("calib"), 128, a.calib)
     # rows measured before the AVX2 kernel existed ran the float-table kernel: kernel="f32" keeps them
     # reproducible; the AVX2 rows below show what int8 tables and one-byte scales change
-    c = dict(calib_windows=a.calib, calib_mode=a.calib_mode, group=a.group, tokenizer=tok, kernel="f32")
-    c1 = {**c, "calib_mode": "one-pass", "kernel": "avx2"}
+    c = dict(windows=a.calib, mode=a.calib_mode, group=a.group, tokenizer=tok, kernel="f32")
+    c1 = {**c, "mode": "one-pass", "kernel": "avx2"}
     d = dict(group=a.group, tokenizer=tok)  # everything else as compile() defaults it
     rows = [  # label, kind, builder -> path
         (FLOAT, lambda p: src),
         ("ORT RTN int4 b32", lambda p: ort_quantize(str(src), p, 4, 32, "RTN")),
         ("ORT RTN int4 b128", lambda p: ort_quantize(str(src), p, 4, 128, "RTN")),
         ("ORT HQQ int4 b64", lambda p: ort_quantize(str(src), p, 4, 64, "HQQ")),
-        ("ORT GPTQ int4 b64", lambda p: ort_quantize(str(src), p, 4, 64, "GPTQ", calib_ids)),  # b128: K=576 fails in ORT
+        (
+            "ORT GPTQ int4 b64",
+            lambda p: ort_quantize(str(src), p, 4, 64, "GPTQ", calib_ids),
+        ),  # b128: K=576 fails in ORT
         ("ORT RTN int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "RTN")),
         ("ORT HQQ int2 b32", lambda p: ort_quantize(str(src), p, 2, 32, "HQQ")),
         ("RTN int3 g64 (dequantized, ORT)", lambda p: rtn_dequantized(str(src), p, 3, 64)),
@@ -163,69 +171,126 @@ def main() -> None:
         ("ours 3-bit", lambda p: shiftadd.compile(str(src), p, bits=3, **c).so),
         ("ours 2-bit", lambda p: shiftadd.compile(str(src), p, bits=2, **c).so),
         ("ours mixed 2.2", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, **c).so),
-        ("ours mixed 2.2, paper 80/20 rule", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **c).so),
+        (
+            "ours mixed 2.2, paper 80/20 rule",
+            lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **c).so,
+        ),
         ("ours mixed 2.5", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, **c).so),
-        ("plain BCQ 3-bit (no calibration)", lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group,
-                                                                         tokenizer=tok, calib_windows=0, kernel="f32").so),
-        ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "calib_mode": "one-pass"}).so),
+        (
+            "plain BCQ 3-bit (no calibration)",
+            lambda p: shiftadd.compile(str(src), p, bits=3, group=a.group, tokenizer=tok, windows=0, kernel="f32").so,
+        ),
+        ("ours 3-bit one-pass", lambda p: shiftadd.compile(str(src), p, bits=3, **{**c, "mode": "one-pass"}).so),
         ("ours 3-bit one-pass, AVX2 int8 tables", lambda p: shiftadd.compile(str(src), p, bits=3, **c1).so),
-        ("ours 4-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=4, scale_format="e5m2", **c1).so),
-        ("ours 3-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=3, scale_format="e5m2", **c1).so),
-        ("ours 2-bit one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, bits=2, scale_format="e5m2", **c1).so),
-        ("ours mixed 2.5 one-pass, AVX2, e5m2 scales", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, scale_format="e5m2", **c1).so),
+        (
+            "ours 4-bit one-pass, AVX2, e5m2 scales",
+            lambda p: shiftadd.compile(str(src), p, bits=4, scale_format="e5m2", **c1).so,
+        ),
+        (
+            "ours 3-bit one-pass, AVX2, e5m2 scales",
+            lambda p: shiftadd.compile(str(src), p, bits=3, scale_format="e5m2", **c1).so,
+        ),
+        (
+            "ours 2-bit one-pass, AVX2, e5m2 scales",
+            lambda p: shiftadd.compile(str(src), p, bits=2, scale_format="e5m2", **c1).so,
+        ),
+        (
+            "ours mixed 2.5 one-pass, AVX2, e5m2 scales",
+            lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, scale_format="e5m2", **c1).so,
+        ),
         # compile's defaults since 2026-11-27: one-pass on 128 x 128 tokens, 3 scale refits, AVX2 kernel
         (f"ours 3-bit, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, bits=3, **d).so),
         (f"ours mixed 2.5, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, avg_bits=2.5, **d).so),
         (f"ours 2-bit, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, bits=2, **d).so),
         (f"ours 4-bit, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, bits=4, **d).so),
         (f"ours mixed 2.2, {DEFAULTS}", lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, **d).so),
-        (f"ours mixed 2.2, paper 80/20 rule, {DEFAULTS}",
-         lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **d).so),
+        (
+            f"ours mixed 2.2, paper 80/20 rule, {DEFAULTS}",
+            lambda p: shiftadd.compile(str(src), p, avg_bits=2.2, allocator="ratio", **d).so,
+        ),
         # loss-aware allocation (2026-11-27): compiled from the Hugging Face model, whose gradients give
         # the Fisher weights (the ONNX file has none); the same graph as smollm2.onnx (no KV cache). The
         # paper's 80/20 rule ranks by its score, not by predicted errors: its row above is its peer
-        *[(f"ours mixed {b}, loss-aware allocation, {DEFAULTS}",
-           lambda p, b=b: shiftadd.compile("smollm2", p, avg_bits=b, kv_cache=False, **d).so) for b in (2.5, 3.0, 2.2)],
-        # end-to-end scale tuning (2026-11-27 night, shiftadd/scale_tuning.py): the rows above with their scales
-        # and norm gains then tuned against the float model's outputs; needs the Hugging Face model
-        (f"ours 3-bit, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
-         lambda p: shiftadd.compile("smollm2", p, bits=3, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
-        (f"ours mixed 3.0, loss-aware allocation, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
-         lambda p: shiftadd.compile("smollm2", p, avg_bits=3.0, kv_cache=False, tune_scales=TUNE_STEPS, **d).so),
+        *[
+            (
+                f"ours mixed {b}, loss-aware allocation, {DEFAULTS}",
+                lambda p, b=b: shiftadd.compile("smollm2", p, avg_bits=b, kv_cache=False, **d).so,
+            )
+            for b in (2.5, 3.0, 2.2)
+        ],
+        # end-to-end scale tuning (2026-11-27 night, shiftadd/calibration/scale_tuning.py): the rows above with
+        # their scales and norm gains then tuned against the float model's outputs; needs the Hugging Face model
+        (
+            f"ours 3-bit, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
+            lambda p: shiftadd.compile("smollm2", p, bits=3, kv_cache=False, tune_scales=TUNE_STEPS, **d).so,
+        ),
+        (
+            f"ours mixed 3.0, loss-aware allocation, {DEFAULTS}, scale tuning {TUNE_STEPS} steps",
+            lambda p: shiftadd.compile("smollm2", p, avg_bits=3.0, kv_cache=False, tune_scales=TUNE_STEPS, **d).so,
+        ),
         # 4-bit weight-only (no calibration, like ORT's RTN rows) with one-byte scales per group of 64 to 512
         # inputs: what the bytes that bench/kernels.py's M = 1 4-bit rows save cost in quality (2026-11-28)
-        *[(f"ours 4-bit weight-only, e5m2 scales, group {g}",
-           lambda p, g=g: shiftadd.compile(str(src), p, bits=4, group=g, calib_windows=0, scale_format="e5m2",
-                                           tokenizer=tok).so) for g in (64, 128, 256, 512)],
+        *[
+            (
+                f"ours 4-bit weight-only, e5m2 scales, group {g}",
+                lambda p, g=g: (
+                    shiftadd.compile(str(src), p, bits=4, group=g, windows=0, scale_format="e5m2", tokenizer=tok).so
+                ),
+            )
+            for g in (64, 128, 256, 512)
+        ],
         # and with compile's defaults (calibrated): can a larger group keep ORT's quality at fewer bytes?
-        *[(f"ours 4-bit, e5m2 scales, group {g}, {DEFAULTS}",
-           lambda p, g=g: shiftadd.compile(str(src), p, bits=4, group=g, scale_format="e5m2", tokenizer=tok).so)
-          for g in (256, 512)],
+        *[
+            (
+                f"ours 4-bit, e5m2 scales, group {g}, {DEFAULTS}",
+                lambda p, g=g: shiftadd.compile(str(src), p, bits=4, group=g, scale_format="e5m2", tokenizer=tok).so,
+            )
+            for g in (256, 512)
+        ],
         # tied scales (one per row and group, plane b's = it x 2^-b: the uniform int grid as sign planes;
         # 2026-11-28 session 3): 4-bit at 4.125 (e5m2 g128, fp16 g256) / 4.06 (e5m2 g256) / 4.25 (fp16 g128) bits per
         # weight, weight-only like ORT's RTN and with compile's defaults
-        *[(f"ours 4-bit weight-only, tied {f} scales, group {g}",
-           lambda p, g=g, f=f: shiftadd.compile(str(src), p, bits=4, group=g, calib_windows=0, scale_format=f,
-                                                tied_scales=True, tokenizer=tok).so)
-          for f, g in (("e5m2", 128), ("fp16", 128))],
-        *[(f"ours 4-bit, tied {f} scales, group {g}, {DEFAULTS}",
-           lambda p, g=g, f=f: shiftadd.compile(str(src), p, bits=4, group=g, scale_format=f, tied_scales=True,
-                                                tokenizer=tok).so)
-          for f, g in (("e5m2", 128), ("e5m2", 256), ("fp16", 128), ("fp16", 256))],
-        (f"ours 2-bit, tied e5m2 scales, group 128, {DEFAULTS}",
-         lambda p: shiftadd.compile(str(src), p, bits=2, group=128, scale_format="e5m2", tied_scales=True,
-                                    tokenizer=tok).so),
+        *[
+            (
+                f"ours 4-bit weight-only, tied {f} scales, group {g}",
+                lambda p, g=g, f=f: (
+                    shiftadd.compile(
+                        str(src), p, bits=4, group=g, windows=0, scale_format=f, tied=True, tokenizer=tok
+                    ).so
+                ),
+            )
+            for f, g in (("e5m2", 128), ("fp16", 128))
+        ],
+        *[
+            (
+                f"ours 4-bit, tied {f} scales, group {g}, {DEFAULTS}",
+                lambda p, g=g, f=f: (
+                    shiftadd.compile(str(src), p, bits=4, group=g, scale_format=f, tied=True, tokenizer=tok).so
+                ),
+            )
+            for f, g in (("e5m2", 128), ("e5m2", 256), ("fp16", 128), ("fp16", 256))
+        ],
+        (
+            f"ours 2-bit, tied e5m2 scales, group 128, {DEFAULTS}",
+            lambda p: (
+                shiftadd.compile(str(src), p, bits=2, group=128, scale_format="e5m2", tied=True, tokenizer=tok).so
+            ),
+        ),
         # the same 3-bit fit as the defaults row, run by the exact float-table kernel: what the int8 tables cost
-        (f"ours 3-bit, {DEFAULTS.replace('AVX2', 'float tables')}",
-         lambda p: shiftadd.compile(str(src), p, bits=3, kernel="f32", **d).so),
+        (
+            f"ours 3-bit, {DEFAULTS.replace('AVX2', 'float tables')}",
+            lambda p: shiftadd.compile(str(src), p, bits=3, kernel="f32", **d).so,
+        ),
     ]
     js = res_dir / "perplexity.json"
     for label, build in rows:
         if a.only and label not in a.only:
             continue
         done = json.loads(js.read_text()) if js.exists() else []
-        if not a.only and any(r["label"] == label and r["windows"] == a.windows and r["window"] == a.window for r in done):
-            log(f"{label}: already measured, skipped")
+        if not a.only and any(
+            r["label"] == label and r["windows"] == a.windows and r["window"] == a.window for r in done
+        ):
+            logger.info(f"{label}: already measured, skipped")
             continue
         if a.calib_mode != "sequential" and label.startswith("ours") and "one-pass" not in label:
             label = f"{label} ({a.calib_mode})"
@@ -235,16 +300,24 @@ def main() -> None:
         try:
             built = build(path)
         except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
-            log(f"{label}: could not be built here: {type(e).__name__}: {str(e)[:300]}")
+            logger.info(f"{label}: could not be built here: {type(e).__name__}: {str(e)[:300]}")
             continue
-        log(f"{label}: built in {time.time() - t0:.0f}s")
+        logger.info(f"{label}: built in {time.time() - t0:.0f}s")
         built, bits, nbytes = built if isinstance(built, tuple) else (built, None, None)
-        eval_perplexity(str(built), windows=a.windows, window=a.window, out=str(res_dir), label=label,
-                        tokenizer="smollm2", avg_bits=bits, weight_bytes=nbytes)
+        eval_perplexity(
+            str(built),
+            windows=a.windows,
+            window=a.window,
+            out=str(res_dir),
+            label=label,
+            tokenizer="smollm2",
+            avg_bits=bits,
+            weight_bytes=nbytes,
+        )
     for so in sorted(work.glob("ours-mixed*.json")):
         md = res_dir / f"{so.stem}-bits.md"
         md.write_text(bits_matrix(json.loads(so.read_text())) + "\n")
-        log(f"bits per layer: {md}")
+        logger.info(f"bits per layer: {md}")
     rows = json.loads(js.read_text())
     rows = [r for r in rows if r["windows"] == a.windows and r["window"] == a.window]
     fl = next((r["ppl"] for r in rows if r["label"] == FLOAT), None)

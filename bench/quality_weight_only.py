@@ -9,13 +9,13 @@ measures the fit, not the kernels (those are checked exact against ONNX Runtime 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 import numpy as np
 import torch
 
-import shiftadd.util as util
-from shiftadd.data import token_windows, wiki_split
+from shiftadd.calibration.text import token_windows, wiki_split
 from shiftadd.frontend import load_hf_model
 from shiftadd.quant import BCQConfig, quantize_matrix
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--group", type=int, default=64)
     a = ap.parse_args()
-    util.QUIET = True
+    logging.getLogger("shiftadd").setLevel(logging.WARNING)
     model, tok, _ = load_hf_model("smollm2")
     ids = torch.from_numpy(token_windows(tok, wiki_split("eval"), a.window, a.windows))
     params = dict(model.named_parameters())
@@ -55,10 +55,14 @@ def main() -> None:
     rows = [("float32", "-", ppl(), 0.0)]
     methods = [
         ("asymmetric RTN (peer)", lambda w, b: rtn(w, b, a.group)),
-        ("BCQ symmetric, greedy init, 6 rounds (paper)",
-         lambda w, b: quantize_matrix(w, BCQConfig(bits=b, group=a.group, offset=False)).dequantize()),
-        ("BCQ + offset, zero-aligned grid init, 6 rounds (ours)",
-         lambda w, b: quantize_matrix(w, BCQConfig(bits=b, group=a.group)).dequantize()),
+        (
+            "BCQ symmetric, greedy init, 6 rounds (paper)",
+            lambda w, b: quantize_matrix(w, BCQConfig(bits=b, group=a.group, offset=False)).dequantize(),
+        ),
+        (
+            "BCQ + offset, zero-aligned grid init, 6 rounds (ours)",
+            lambda w, b: quantize_matrix(w, BCQConfig(bits=b, group=a.group)).dequantize(),
+        ),
     ]
     for bits in (4, 3):
         for name, fn in methods:
@@ -67,8 +71,10 @@ def main() -> None:
                 params[n].data.copy_(torch.from_numpy(fn(w.numpy(), bits)))
             rows.append((name, bits, ppl(), time.time() - t0))
             print(f"{name} {bits}-bit: ppl {rows[-1][2]:.2f}", flush=True)
-    print(f"\nSmolLM2-135M, {a.windows} held-out wiki windows x {a.window} tokens, group {a.group}, "
-          f"lm_head and embeddings float\n")
+    print(
+        f"\nSmolLM2-135M, {a.windows} held-out wiki windows x {a.window} tokens, group {a.group}, "
+        f"lm_head and embeddings float\n"
+    )
     print("| weights | bits | perplexity | vs RTN at same bits | seconds |\n|---|---:|---:|---:|---:|")
     ref = {r[1]: r[2] for r in rows if r[0].startswith("asymmetric")}
     for name, bits, p, sec in rows:

@@ -10,7 +10,7 @@ python -m pip install -q --no-deps -r requirements-data.txt
 export TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}"
 BITS="${BITS:-3}"
 OUT="out/smollm2-q${BITS}.so"
-shiftadd compile smollm2 -o "$OUT" --bits "$BITS" --report "out/smollm2-q${BITS}-layers.md"
+shiftadd compile smollm2 -o "$OUT" --quant "q${BITS}" --report "out/smollm2-q${BITS}-layers.md"
 shiftadd run "$OUT" --prompt "${PROMPT:-The capital of France is}" --max-new-tokens "${TOKENS:-24}"
 shiftadd run "$OUT" --prompt "${PROMPT:-The capital of France is}" --max-new-tokens "${TOKENS:-24}" --native
 shiftadd eval "$OUT" --text wiki --windows "${WINDOWS:-8}" --window 256 --out results

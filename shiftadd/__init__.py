@@ -1,6 +1,33 @@
 """shiftadd: compile pretrained models into multiplication-free (shift + LUT-add) TVM modules."""
 
-__version__ = "0.1.0"
+import logging
+import sys
+import time
+
+from ._version import __version__
+
+__all__ = ["__version__", "compile", "load"]
+
+
+class _Elapsed(logging.Formatter):
+    """Progress lines on stderr with the seconds since import, so stdout stays clean for results."""
+
+    def __init__(self):
+        super().__init__()
+        self.t0 = time.time()
+
+    def format(self, record):
+        return f"[shiftadd {record.created - self.t0:7.1f}s] {record.getMessage()}"
+
+
+_logger = logging.getLogger("shiftadd")
+if not _logger.handlers:  # the library's own progress lines; silence with setLevel(logging.WARNING)
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(_Elapsed())
+    _logger.addHandler(_handler)
+    if _logger.level == logging.NOTSET:
+        _logger.setLevel(logging.INFO)
+    _logger.propagate = False
 
 
 def compile(*args, **kwargs):  # noqa: A001 - the public verb, like tvm.compile

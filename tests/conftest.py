@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-
 import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 # compiles in tests read (and --tune tests write) a database of their own, not the user's
 os.environ.setdefault("SHIFTADD_TUNING_DB", os.path.join(tempfile.mkdtemp(prefix="shiftadd-test-db-"), "tuning.json"))
 
+import logging
+
 import numpy as np
 import pytest
 
-import shiftadd.util
-
-shiftadd.util.QUIET = True
+logging.getLogger("shiftadd").setLevel(logging.WARNING)  # progress lines off in tests
 
 VOCAB = 96
 
@@ -26,12 +25,26 @@ def _tiny(family: str):
 
     torch.manual_seed(0)
     if family == "llama":  # K = 72 and 100: not multiples of 32; GQA
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=72,
+            intermediate_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         return LlamaForCausalLM(cfg).eval()
     if family == "opt":  # Gemm(transB) fc1/fc2 with biases
-        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
-                        max_position_embeddings=64, word_embed_proj_dim=64)
+        cfg = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=96,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        )
         return OPTForCausalLM(cfg).eval()
     if family == "gpt2":  # Conv1D weights stored [K, N]; fused qkv
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -54,8 +67,16 @@ def tiny_llama_folder(folder, prepare=None):
         pytest.skip(str(e))
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=72,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     if prepare is not None:
         model = prepare(model)

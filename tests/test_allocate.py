@@ -7,16 +7,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shiftadd.quant.allocate import (LayerCost, allocate_budget, allocate_ratio, average_bits, output_error,
-                                     sensitivity)
+from shiftadd.quant.allocate import LayerCost, allocate_budget, allocate_ratio, average_bits, output_error, sensitivity
 
 
 def _layers(rng, n):
     out = []
     for i in range(n):
         base = float(rng.random()) + 1e-3
-        out.append(LayerCost(f"l{i}", int(rng.integers(1, 40)) * int(rng.choice([1, 3, 7, 64])),
-                             {b: base * float(rng.uniform(0.5, 1.5)) * 4.0 ** -b for b in (2, 3, 4)}))
+        out.append(
+            LayerCost(
+                f"l{i}",
+                int(rng.integers(1, 40)) * int(rng.choice([1, 3, 7, 64])),
+                {b: base * float(rng.uniform(0.5, 1.5)) * 4.0**-b for b in (2, 3, 4)},
+            )
+        )
     return out
 
 
@@ -27,9 +31,11 @@ def test_budget_is_respected_and_the_choice_is_optimal(seed, n, budget):
     bits = allocate_budget(layers, budget)
     total = sum(c.params for c in layers)
     assert sum(c.params * bits[c.name] for c in layers) <= budget * total + 1e-9
-    best = min(sum(c.errors[b] for c, b in zip(layers, combo))
-               for combo in itertools.product((2, 3, 4), repeat=n)
-               if sum(c.params * b for c, b in zip(layers, combo)) <= budget * total + 1e-9)
+    best = min(
+        sum(c.errors[b] for c, b in zip(layers, combo))
+        for combo in itertools.product((2, 3, 4), repeat=n)
+        if sum(c.params * b for c, b in zip(layers, combo)) <= budget * total + 1e-9
+    )
     assert sum(c.errors[bits[c.name]] for c in layers) == pytest.approx(best, rel=1e-12)
 
 
@@ -70,5 +76,5 @@ def test_sensitivity_and_output_error_match_numpy():
     z = w / np.diag(u)[None, :]
     assert sensitivity(w, h) == pytest.approx(np.linalg.norm(z) * np.std(z, ddof=1) ** 2, rel=1e-9)
     w_hat = w + 0.1 * rng.standard_normal((n, k))
-    assert output_error(w, w_hat, h) == pytest.approx(((w - w_hat) @ x.T / np.sqrt(50)) .__pow__(2).sum(), rel=1e-9)
+    assert output_error(w, w_hat, h) == pytest.approx(((w - w_hat) @ x.T / np.sqrt(50)).__pow__(2).sum(), rel=1e-9)
     assert output_error(w, w_hat, None) == pytest.approx(((w - w_hat) ** 2).sum(), rel=1e-12)

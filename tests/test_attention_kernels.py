@@ -16,7 +16,7 @@ def _compiled(spec, knob):
     import tvm
 
     from shiftadd.schedules.attention_cpu import kernel
-    from shiftadd.targets import resolve_target
+    from shiftadd.schedules.targets import resolve_target
 
     return tvm.compile(tvm.IRModule({"main": kernel(spec, knob)}), target=resolve_target("cpu"))["main"]
 
@@ -26,9 +26,15 @@ def _tol(dtype, n):
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 3), m=st.integers(1, 9), n=st.integers(1, 70),
-       hd=st.sampled_from([(1, 1), (3, 64), (2, 18), (4, 3), (1, 80), (2, 8), (1, 32)]), pick=st.integers(0, 2),
-       dtype=st.sampled_from(["float32", "float16"]), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 3),
+    m=st.integers(1, 9),
+    n=st.integers(1, 70),
+    hd=st.sampled_from([(1, 1), (3, 64), (2, 18), (4, 3), (1, 80), (2, 8), (1, 32)]),
+    pick=st.integers(0, 2),
+    dtype=st.sampled_from(["float32", "float16"]),
+    seed=st.integers(0, 2**16),
+)
 def test_values_kernel_equals_numpy(b, m, n, hd, pick, dtype, seed):
     import tvm
 
@@ -47,9 +53,17 @@ def test_values_kernel_equals_numpy(b, m, n, hd, pick, dtype, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 3), heads=st.sampled_from([1, 3, 4, 9]), m=st.integers(1, 5), n=st.integers(1, 70),
-       bias=st.sampled_from(["", "111", "x11", "x1x", "xxx", "1x1"]), rows=st.sampled_from([0, 1, 2, 3, 8]),
-       dtype=st.sampled_from(["float32", "float16"]), masked=st.floats(0, 0.9), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 3),
+    heads=st.sampled_from([1, 3, 4, 9]),
+    m=st.integers(1, 5),
+    n=st.integers(1, 70),
+    bias=st.sampled_from(["", "111", "x11", "x1x", "xxx", "1x1"]),
+    rows=st.sampled_from([0, 1, 2, 3, 8]),
+    dtype=st.sampled_from(["float32", "float16"]),
+    masked=st.floats(0, 0.9),
+    seed=st.integers(0, 2**16),
+)
 def test_softmax_kernel_equals_numpy(b, heads, m, n, bias, rows, dtype, masked, seed):
     import tvm
 
@@ -86,7 +100,7 @@ def test_kernels_reject_bad_geometry():
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_attention_passes_keep_outputs(family, tmp_path):
-    """scores_from_cache, values_from_cache and softmax_with_mask, in float_tuning.lower's order,
+    """scores_from_cache, values_from_cache and softmax_with_mask, in relax_passes.pipeline.lower's order,
     leave prefill (with a left-padded row: masked keys) and decode_one outputs equal, remove the
     key transposes and every softmax, and fold Llama's mask add into the softmax kernel."""
     from shiftadd.relax_passes.scores_from_cache import scores_from_cache
@@ -97,7 +111,7 @@ def test_attention_passes_keep_outputs(family, tmp_path):
     from .test_share_kv_heads import _feeds, _imported, _run
 
     mod, params = _imported(family, tmp_path)
-    src, _ = share_kv_heads(mod)  # as float_tuning.lower runs it; llama: GQA, 2 layers
+    src, _ = share_kv_heads(mod)  # as relax_passes.pipeline.lower runs it; llama: GQA, 2 layers
     new, nk, kspecs = scores_from_cache(src)
     new, nv, vspecs = values_from_cache(new)
     new, ns, sspecs = softmax_with_mask(new)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import shiftadd
-from shiftadd.calibrate import collect_hessians
+from shiftadd.calibration.hessians import collect_hessians
 from shiftadd.frontend import import_onnx
-from shiftadd.targets import resolve_target
+from shiftadd.schedules.targets import resolve_target
 
 from .conftest import _tiny, tiny_llama_folder
 
@@ -15,13 +15,20 @@ from .conftest import _tiny, tiny_llama_folder
 def test_hessians_match_torch_hooks(tiny_onnx):
     model = _tiny("llama")  # same seed, so the same weights as the exported file
     rng = np.random.default_rng(0)
-    batches = [{"input_ids": rng.integers(0, 96, (1, 9)).astype(np.int64),
-                "attention_mask": np.ones((1, 9), np.int64)} for _ in range(3)]
+    batches = [
+        {"input_ids": rng.integers(0, 96, (1, 9)).astype(np.int64), "attention_mask": np.ones((1, 9), np.int64)}
+        for _ in range(3)
+    ]
     hs, tokens = collect_hessians(import_onnx(tiny_onnx("llama")), batches, resolve_target("cpu"), skip=())
     assert tokens == 27
     ref, seen = {}, {}
-    hooks = [mod.register_forward_hook(lambda m, inp, out, n=name: seen.setdefault(n, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
-             for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    hooks = [
+        mod.register_forward_hook(
+            lambda m, inp, out, n=name: seen.setdefault(n, []).append(inp[0].reshape(-1, inp[0].shape[-1]))
+        )
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    ]
     with torch.no_grad():
         for b in batches:
             model(input_ids=torch.from_numpy(b["input_ids"]))
@@ -37,12 +44,14 @@ def test_hessians_match_torch_hooks(tiny_onnx):
 
 def test_one_pass_hessians_are_reused_only_for_the_same_content(tiny_onnx):
     """Compiling variants of one model in a process calibrates once; other inputs or weights measure anew."""
-    from shiftadd.calibrate import calibrate
+    from shiftadd.calibration.hessians import calibrate
 
     imported = import_onnx(tiny_onnx("llama"))
     rng = np.random.default_rng(1)
-    batches = [{"input_ids": rng.integers(0, 96, (1, 7)).astype(np.int64),
-                "attention_mask": np.ones((1, 7), np.int64)} for _ in range(2)]
+    batches = [
+        {"input_ids": rng.integers(0, 96, (1, 7)).astype(np.int64), "attention_mask": np.ones((1, 7), np.int64)}
+        for _ in range(2)
+    ]
     tgt = resolve_target("cpu")
     first = calibrate(imported, batches, tgt, mode="one-pass")
     assert calibrate(imported, batches, tgt, mode="one-pass") is first
@@ -60,8 +69,11 @@ def test_bad_calibration_inputs(tiny_onnx):
     with pytest.raises(ValueError, match="no calibration inputs"):
         collect_hessians(imported, [], resolve_target("cpu"))
     with pytest.raises(TypeError, match="calibration input 'input_ids': expected int64"):
-        collect_hessians(imported, [{"input_ids": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int64)}],
-                         resolve_target("cpu"))
+        collect_hessians(
+            imported,
+            [{"input_ids": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int64)}],
+            resolve_target("cpu"),
+        )
 
 
 def test_calibration_needs_weight_matmuls(tmp_path):
@@ -70,8 +82,13 @@ def test_calibration_needs_weight_matmuls(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
     p = tmp_path / "relu.onnx"
-    save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
-                           opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    save(
+        helper.make_model(
+            helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+            opset_imports=[helper.make_opsetid("", 17)],
+        ),
+        str(p),
+    )
     with pytest.raises(ValueError, match="no weight matmuls to calibrate"):
         collect_hessians(import_onnx(str(p)), [{"x": np.ones((1, 4), np.float32)}], resolve_target("cpu"))
 
@@ -85,55 +102,71 @@ def test_calibrated_rewrite_is_exact_against_onnxruntime(tiny_onnx):
     from onnx import numpy_helper
     from tvm import relax
 
-    from shiftadd.compiler import build
     from shiftadd.frontend.onnx_import import name_weights
     from shiftadd.quant import BCQConfig
     from shiftadd.relax_passes import rewrite_lut_matmul
+    from shiftadd.relax_passes.pipeline import build
 
     path = tiny_onnx("opt")
     imported = import_onnx(path)
     rng = np.random.default_rng(1)
-    batches = [{"input_ids": rng.integers(0, 96, (2, 8)).astype(np.int64),
-                "attention_mask": np.ones((2, 8), np.int64)} for _ in range(2)]
+    batches = [
+        {"input_ids": rng.integers(0, 96, (2, 8)).astype(np.int64), "attention_mask": np.ones((2, 8), np.int64)}
+        for _ in range(2)
+    ]
     hs, _ = collect_hessians(imported, batches, resolve_target("cpu"))
-    mod, params, rep = rewrite_lut_matmul(imported.mod, imported.params, BCQConfig(bits=3, group=32),
-                                          keep_dequantized=True, hessians=hs)
+    mod, params, rep = rewrite_lut_matmul(
+        imported.mod, imported.params, BCQConfig(bits=3, group=32), keep_dequantized=True, hessians=hs
+    )
     assert rep.rewritten and all(r.calibrated for r in rep.rewritten)
     vm = relax.VirtualMachine(build(mod, resolve_target("cpu")), tvm.cpu())
     ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
-    ours = vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(mask),
-                      *[tvm.runtime.tensor(v) for v in params.values()]).numpy()
+    ours = vm["main"](
+        tvm.runtime.tensor(ids), tvm.runtime.tensor(mask), *[tvm.runtime.tensor(v) for v in params.values()]
+    ).numpy()
     model = onnx.load(path)
     name_weights(model)
     for init in model.graph.initializer:
         if init.name in rep.dequantized:
             init.CopyFrom(numpy_helper.from_array(rep.dequantized[init.name].astype(np.float32), init.name))
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"input_ids": ids, "attention_mask": mask})[0]
+        None, {"input_ids": ids, "attention_mask": mask}
+    )[0]
     assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
 
 
 def test_sequential_hessians_see_the_quantized_earlier_blocks(tiny_onnx):
     """Block 1's Hessians are measured with block 0 already replaced by its fitted weights (checked
     against torch hooks on a model carrying those weights); block 0's are the float model's."""
-    from shiftadd.calibrate import calibrate
+    from shiftadd.calibration.hessians import calibrate
     from shiftadd.quant import BCQConfig
     from shiftadd.quant.gptq import quantize_matrix_gptq
 
     model = _tiny("llama")
     rng = np.random.default_rng(2)
-    batches = [{"input_ids": rng.integers(0, 96, (1, 10)).astype(np.int64),
-                "attention_mask": np.ones((1, 10), np.int64)} for _ in range(2)]
+    batches = [
+        {"input_ids": rng.integers(0, 96, (1, 10)).astype(np.int64), "attention_mask": np.ones((1, 10), np.int64)}
+        for _ in range(2)
+    ]
     cfg = BCQConfig(bits=2, group=36)
-    cal = calibrate(import_onnx(tiny_onnx("llama")), batches, resolve_target("cpu"), mode="sequential",
-                    fit=lambda name, w, h: quantize_matrix_gptq(w, h, cfg))
+    cal = calibrate(
+        import_onnx(tiny_onnx("llama")),
+        batches,
+        resolve_target("cpu"),
+        mode="sequential",
+        fit=lambda name, w, h: quantize_matrix_gptq(w, h, cfg),
+    )
     assert cal.forwards == 2 * 2 and set(cal.fitted) == set(cal.hessians)
 
     def hooked():
         seen = {}
-        hooks = [m.register_forward_hook(lambda m, i, o, n=name: seen.setdefault(n + ".weight", []).append(
-            i[0].reshape(-1, i[0].shape[-1]))) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and "lm_head" not in name]
+        hooks = [
+            m.register_forward_hook(
+                lambda m, i, o, n=name: seen.setdefault(n + ".weight", []).append(i[0].reshape(-1, i[0].shape[-1]))
+            )
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+        ]
         with torch.no_grad():
             for b in batches:
                 model(input_ids=torch.from_numpy(b["input_ids"]))
@@ -155,7 +188,7 @@ def test_sequential_hessians_see_the_quantized_earlier_blocks(tiny_onnx):
 
 
 def test_calibration_input_checks(tiny_onnx):
-    from shiftadd.calibrate import calibrate
+    from shiftadd.calibration.hessians import calibrate
 
     imported = import_onnx(tiny_onnx("llama"))
     tgt = resolve_target("cpu")
@@ -171,7 +204,7 @@ def test_calibration_input_checks(tiny_onnx):
 
 
 def test_empty_calibration_text_is_refused():
-    from shiftadd.data import token_windows
+    from shiftadd.calibration.text import token_windows
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):
@@ -184,15 +217,17 @@ def test_empty_calibration_text_is_refused():
 
 
 def test_mixed_bits_follow_the_allocation(tiny_onnx):
+    from shiftadd.calibration.plan import plan_fit
     from shiftadd.quant import BCQConfig
     from shiftadd.quant.allocate import average_bits
     from shiftadd.relax_passes import rewrite_lut_matmul
-    from shiftadd.reparam import plan_fit
 
     imported = import_onnx(tiny_onnx("llama"))
     rng = np.random.default_rng(4)
-    batches = [{"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64),
-                "attention_mask": np.ones((1, 12), np.int64)} for _ in range(2)]
+    batches = [
+        {"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64), "attention_mask": np.ones((1, 12), np.int64)}
+        for _ in range(2)
+    ]
     cfg = BCQConfig(bits=3, group=36)
     plan = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.5)
     a = plan.allocation
@@ -206,32 +241,41 @@ def test_mixed_bits_follow_the_allocation(tiny_onnx):
 def test_loss_aware_allocation_follows_the_fisher_weights(tiny_onnx):
     """A layer whose outputs the loss is (made) very sensitive to gets the most bits; the predicted
     errors are the Fisher-weighted output errors of the calibrated fits the plan then uses."""
+    from shiftadd.calibration.plan import _layers, plan_fit
     from shiftadd.quant import BCQConfig
     from shiftadd.quant.allocate import output_error
-    from shiftadd.reparam import _layers, plan_fit
 
     imported = import_onnx(tiny_onnx("llama"))
     rng = np.random.default_rng(5)
-    batches = [{"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64),
-                "attention_mask": np.ones((1, 12), np.int64)} for _ in range(2)]
+    batches = [
+        {"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64), "attention_mask": np.ones((1, 12), np.int64)}
+        for _ in range(2)
+    ]
     layers = dict(_layers(imported, ("lm_head",)))
     hot = "model.layers.0.self_attn.v_proj.weight"
     fisher = {n: np.full(w.shape[0], 1e6 if n == hot else 1e-6) for n, w in layers.items()}
     cfg = BCQConfig(bits=3, group=36, refits=1)
-    plan = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2,
-                    fisher=fisher)
+    plan = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2, fisher=fisher)
     a = plan.allocation
     plain = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2)
     assert a.bits[hot] == 4 and plain.allocation.bits[hot] < 4
-    from shiftadd.calibrate import calibrate
+    from shiftadd.calibration.hessians import calibrate
 
     h = calibrate(imported, batches, resolve_target("cpu"), ("lm_head",), mode="one-pass").hessians[hot]
     c = next(c for c in a.costs if c.name == hot)
-    assert c.errors[4] == pytest.approx(output_error(layers[hot], plan.fitted[hot].dequantize(), h, fisher[hot]),
-                                        rel=1e-9)
+    assert c.errors[4] == pytest.approx(
+        output_error(layers[hot], plan.fitted[hot].dequantize(), h, fisher[hot]), rel=1e-9
+    )
     with pytest.raises(ValueError, match=r"fisher weights of model.layers.0.self_attn.v_proj.weight: shape \[\d+\]"):
-        plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.2,
-                 fisher={**fisher, hot: np.ones(3)})
+        plan_fit(
+            imported,
+            cfg,
+            resolve_target("cpu"),
+            batches=batches,
+            mode="one-pass",
+            avg_bits=2.2,
+            fisher={**fisher, hot: np.ones(3)},
+        )
 
 
 def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path):
@@ -240,7 +284,7 @@ def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path):
     and an ONNX input fall back to the plain output error."""
     folder = tmp_path / "tiny-hf"
     tiny_llama_folder(folder)
-    kw = dict(group=36, calib_windows=2, calib_len=16, avg_bits=2.5, refits=1, kv_cache=False)
+    kw = dict(group=36, windows=2, length=16, avg_bits=2.5, refits=1, kv_cache=False)
     res = shiftadd.compile(str(folder), tmp_path / "la.so", **kw)
     assert res.manifest["allocation"]["predicted_error"] == "loss-aware (Fisher-weighted output error)"
     assert res.report.allocation is not None and res.manifest["avg_bits"] > 2.5  # scales come on top
@@ -249,5 +293,6 @@ def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path):
     # the two allocations rank layers differently only through the weights: same fits, other errors
     e1 = {c.name: c.errors for c in res.report.allocation.costs}
     e2 = {c.name: c.errors for c in res2.report.allocation.costs}
-    assert e1.keys() == e2.keys() and any(e1[n][2] / e2[n][2] != pytest.approx(e1[m][2] / e2[m][2])
-                                          for n in e1 for m in e1)
+    assert e1.keys() == e2.keys() and any(
+        e1[n][2] / e2[n][2] != pytest.approx(e1[m][2] / e2[m][2]) for n in e1 for m in e1
+    )

@@ -21,8 +21,12 @@ def test_identity_casts_dropped_and_outputs_equal_onnxruntime(tmp_path):
     assert n > 0 and new["main"].script().count("R.astype") == src.count("R.astype") - n
     from tvm import relax
 
-    left = [b.value for blk in new["main"].body.blocks for b in blk.bindings
-            if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.astype"]
+    left = [
+        b.value
+        for blk in new["main"].body.blocks
+        for b in blk.bindings
+        if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.astype"
+    ]
     assert left and all(str(c.args[0].ty.dtype) != str(c.attrs.dtype) for c in left)  # what is left converts
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, (2, 7)).astype(np.int64)

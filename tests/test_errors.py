@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import shiftadd
-from shiftadd.artifact import ArtifactError
 from shiftadd.frontend import ONNXImportError
+from shiftadd.runtime.artifact import ArtifactError
 
 
 def _det_model(path):
@@ -55,9 +55,9 @@ def test_truncated_onnx(tiny_onnx, tmp_path):
 
 
 def test_group_error_is_one_cli_line(tiny_onnx, tmp_path):
-    code, err = _cli("compile", tiny_onnx("opt"), "-o", str(tmp_path / "o.so"), "--group", "100")
+    code, err = _cli("compile", tiny_onnx("opt"), "-o", str(tmp_path / "o.so"), "--set", "group=100")
     assert code == 2 and err.count("\n") == 0 and "divides none" in err, err
-    code, err = _cli("compile", tiny_onnx("opt"), "-o", str(tmp_path / "o.so"), "--bits", "5")
+    code, err = _cli("compile", tiny_onnx("opt"), "-o", str(tmp_path / "o.so"), "--set", "bits=5")
     assert code == 2 and err.count("\n") == 0 and "bits must be one of (2, 3, 4), got 5" in err, err
     assert not list(tmp_path.iterdir())
 
@@ -69,9 +69,16 @@ def test_unsupported_op(tmp_path):
         shiftadd.compile(str(p), tmp_path / "o.so")
 
 
-@pytest.mark.parametrize("kw, msg", [({"bits": 5}, "bits must be one of"), ({"group": 7}, "multiple of 4"),
-                                     ({"group": 100}, r"group size 100 divides none of the matmul input sizes \[64, 96\]"),
-                                     ({"group": 48}, None), ({"target": "cuda"}, "unknown target")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"bits": 5}, "bits must be one of"),
+        ({"group": 7}, "multiple of 4"),
+        ({"group": 100}, r"group size 100 divides none of the matmul input sizes \[64, 96\]"),
+        ({"group": 48}, None),
+        ({"target": "cuda"}, "unknown target"),
+    ],
+)
 def test_bad_options(kw, msg, tiny_onnx, tmp_path):
     if msg is None:  # 48 divides 96 (fc2) but not 64: those rows get a shorter last group
         res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
@@ -126,16 +133,21 @@ def test_model_without_weight_matmuls(tmp_path):
     np.testing.assert_array_equal(out, [[0, 2, 0, 4]])
 
 
-@pytest.mark.parametrize("kw, msg", [({"avg_bits": 5.0}, r"budget 5.0 is outside \[2, 4\]"),
-                                     ({"layout": "diagonal"}, "layout must be one of"),
-                                     ({"calib_mode": "fast"}, "calibration mode must be one of"),
-                                     ({"allocator": "greedy"}, "allocator must be one of"),
-                                     ({"calib_windows": 4}, "calibration on text needs a tokenizer"),
-                                     ({"kernel": "neon"}, "kernel 'neon': expected 'auto' or one of f32, avx2"),
-                                     ({"scale_format": "fp8"}, "scale_format must be one of"),
-                                     ({"tune_scales": 8}, "scale tuning needs the source model's gradients"),
-                                     ({"tune_scales": -1}, r"tune_scales \(steps\) must be >= 0"),
-                                     ({"tune_scales": 8, "layout": "block"}, "tunes the row-group layout's scales")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"avg_bits": 5.0}, r"budget 5.0 is outside \[2, 4\]"),
+        ({"layout": "diagonal"}, "layout must be one of"),
+        ({"mode": "fast"}, "calibration mode must be one of"),
+        ({"allocator": "greedy"}, "allocator must be one of"),
+        ({"windows": 4}, "calibration on text needs a tokenizer"),
+        ({"kernel": "neon"}, "kernel 'neon': expected 'auto' or one of f32, avx2"),
+        ({"scale_format": "fp8"}, "scale_format must be one of"),
+        ({"tune_scales": 8}, "scale tuning needs the source model's gradients"),
+        ({"tune_scales": -1}, r"tune_scales \(steps\) must be >= 0"),
+        ({"tune_scales": 8, "layout": "block"}, "tunes the row-group layout's scales"),
+    ],
+)
 def test_bad_calibration_and_allocation_options(kw, msg, tiny_onnx, tmp_path):
     with pytest.raises(ValueError, match=msg):
         shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
@@ -144,9 +156,11 @@ def test_bad_calibration_and_allocation_options(kw, msg, tiny_onnx, tmp_path):
 
 def test_eval_bad_arguments_are_one_cli_line(tmp_path):
     (tmp_path / "m.json").write_text("{}")
-    for args, msg in [((str(tmp_path / "m.json"),), "pass the artifact's .so"),
-                      ((str(tmp_path / "none.so"),), "none.so: no such file"),
-                      ((str(tmp_path / "none.so"), "--text", "books"), "--text must be one of ('wiki',)")]:
+    for args, msg in [
+        ((str(tmp_path / "m.json"),), "pass the artifact's .so"),
+        ((str(tmp_path / "none.so"),), "none.so: no such file"),
+        ((str(tmp_path / "none.so"), "--text", "books"), "--text must be one of ('wiki',)"),
+    ]:
         code, err = _cli("eval", *args, "--out", str(tmp_path / "res"))
         assert code == 2 and err.count("\n") == 0 and msg in err, err
     assert not (tmp_path / "res").exists()

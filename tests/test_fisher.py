@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import VOCAB, _tiny
-from shiftadd.fisher import output_fisher
+from shiftadd.calibration.fisher import output_fisher
 from shiftadd.quant.allocate import output_error
+
+from .conftest import VOCAB, _tiny
 
 
 def _batches(seed=0, n=3, seq=9):
@@ -41,9 +42,14 @@ def _reference(model, batches, module_name):
     return (total / tokens).numpy()
 
 
-@pytest.mark.parametrize("family,module", [("llama", "model.layers.1.mlp.down_proj"),
-                                           ("llama", "model.layers.0.self_attn.k_proj"),
-                                           ("gpt2", "transformer.h.0.attn.c_attn")])
+@pytest.mark.parametrize(
+    "family,module",
+    [
+        ("llama", "model.layers.1.mlp.down_proj"),
+        ("llama", "model.layers.0.self_attn.k_proj"),
+        ("gpt2", "transformer.h.0.attn.c_attn"),
+    ],
+)
 def test_fisher_matches_autograd_reference(family, module):
     model = _tiny(family)
     batches = _batches()
@@ -60,7 +66,9 @@ def test_fisher_matches_autograd_reference(family, module):
 def test_fisher_selects_named_layers_and_rejects_bad_input():
     model = _tiny("llama")
     got = output_fisher(model, _batches(n=1), names=["model.layers.0.mlp.up_proj.weight"])
-    assert list(got) == ["model.layers.0.mlp.up_proj.weight"] and got["model.layers.0.mlp.up_proj.weight"].shape == (100,)
+    assert list(got) == ["model.layers.0.mlp.up_proj.weight"] and got["model.layers.0.mlp.up_proj.weight"].shape == (
+        100,
+    )
     with pytest.raises(ValueError, match="no calibration batches"):
         output_fisher(model, [])
     with pytest.raises(ValueError, match="no linear layers named"):

@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from shiftadd.relax_passes.pipeline import attention_kernels, lower
+
 from .conftest import _tiny
 
 MIN_WORK = 1000  # the tiny model's float lm_head (72 x 96) is below the default threshold
@@ -17,7 +19,7 @@ MIN_WORK = 1000  # the tiny model's float lm_head (72 x 96) is below the default
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """(folder of the tiny Llama, database folder, tune() summary) after one MetaSchedule job."""
-    from shiftadd.tune import tune
+    from shiftadd.tuning.jobs import tune
 
     root = tmp_path_factory.mktemp("ftune")
     folder = root / "llama"
@@ -34,7 +36,7 @@ def _records(folder) -> list[dict]:
 def test_tune_float_operators_and_resume(tuned):
     """Every static float operator over the threshold (here the decode_one lm_head) gets our default
     schedule plus MetaSchedule's trials as records; a rerun measures nothing again."""
-    from shiftadd.tune import tune
+    from shiftadd.tuning.jobs import tune
 
     folder, db, s = tuned
     f = s["float"]
@@ -52,16 +54,16 @@ def test_compile_applies_the_records_and_stays_exact(tuned, tmp_path):
     """compile --db: the tuned operator's PrimFunc is MetaSchedule's best record (not the default
     schedule), and decode_one (which runs it) still equals decode (which does not) to 1e-5."""
     import shiftadd
-    from shiftadd.schedules import float_tuning as F
-    from shiftadd.targets import resolve_target
-    from shiftadd.tune import model_module
+    from shiftadd.schedules.targets import resolve_target
+    from shiftadd.tuning import metaschedule as F
+    from shiftadd.tuning.jobs import model_module
 
     folder, db, _ = tuned
     from shiftadd.quant import BCQConfig
 
     tgt = resolve_target("cpu")
     _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
-    low = F.lower(mod, tgt)
+    low = lower(mod, tgt)
     names = [t.task_name for t in F.tunable_tasks(low, tgt, MIN_WORK)]
     applied = F.apply_float(low, tgt, db)
     import tvm_ffi
@@ -69,12 +71,15 @@ def test_compile_applies_the_records_and_stays_exact(tuned, tmp_path):
     for name in names:
         assert "tirx.is_scheduled" in applied[name].attrs
         assert not tvm_ffi.structural_equal(applied[name], low[name])
-    res = shiftadd.compile(folder, tmp_path / "t.so", bits=3, group=36, calib_windows=0, db=db)
+    res = shiftadd.compile(folder, tmp_path / "t.so", bits=3, group=36, windows=0, db=db)
     sess = shiftadd.load(res.so)
     ids = np.asarray([[3, 1, 4, 1, 5]], np.int64)
     _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    feed = {"input_ids": np.asarray([[9]], np.int64), "attention_mask": np.ones((1, 6), np.int64),
-            **dict(zip(sess.kv_cache["inputs"], past))}
+    feed = {
+        "input_ids": np.asarray([[9]], np.int64),
+        "attention_mask": np.ones((1, 6), np.int64),
+        **dict(zip(sess.kv_cache["inputs"], past)),
+    }
     want = sess.run(["logits"], feed, function="decode")[0]
     got = sess.run(["logits"], feed, function="decode_one")[0]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
@@ -82,8 +87,8 @@ def test_compile_applies_the_records_and_stays_exact(tuned, tmp_path):
 
 def test_records_of_another_context_are_not_read(tuned, monkeypatch):
     """Another thread count (or TVM version, or CPU) is another folder: nothing is applied."""
-    from shiftadd.schedules import float_tuning as F
-    from shiftadd.targets import resolve_target
+    from shiftadd.schedules.targets import resolve_target
+    from shiftadd.tuning import metaschedule as F
 
     _, db, _ = tuned
     tgt = resolve_target("cpu")
@@ -100,15 +105,15 @@ def test_float_budget_is_respected(tuned, tmp_path):
     import time
 
     from shiftadd.quant import BCQConfig
-    from shiftadd.schedules import float_tuning as F
-    from shiftadd.targets import resolve_target
-    from shiftadd.tune import model_module
+    from shiftadd.schedules.targets import resolve_target
+    from shiftadd.tuning import metaschedule as F
+    from shiftadd.tuning.jobs import model_module
 
     folder, _, _ = tuned
     tgt = resolve_target("cpu")
     _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
     t0 = time.perf_counter()
-    s = F.tune_float(mod, tgt, tmp_path / "db", budget_s=1.0, trials=3, min_work=MIN_WORK)
+    s = F.tune_float(lower(mod, tgt), tgt, tmp_path / "db", budget_s=1.0, trials=3, min_work=MIN_WORK)
     assert s["done"] == 0 and s["left"] == s["tasks"] >= 1
     assert time.perf_counter() - t0 < 1.0 + 10  # lowering the module only
     assert not any(p.read_text() for p in (tmp_path / "db").rglob("database_tuning_record.json"))
@@ -121,16 +126,15 @@ def test_attention_knobs_are_tuned_and_applied(tuned, tmp_path):
 
     import shiftadd
     from shiftadd.quant import BCQConfig
-    from shiftadd.schedules import float_tuning as F
     from shiftadd.schedules.attention_cpu import PROMPT, AttentionKernel, candidates, timing_cases
-    from shiftadd.schedules.tuning import TuningDB, attention_key
-    from shiftadd.targets import resolve_target
-    from shiftadd.tune import model_module
+    from shiftadd.schedules.targets import resolve_target
+    from shiftadd.tuning.database import TuningDB, attention_key
+    from shiftadd.tuning.jobs import model_module
 
     folder, db, s = tuned
     tgt = resolve_target("cpu")
     _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
-    kernels = F.attention_kernels(mod)
+    kernels = attention_kernels(mod)
     scores, values = AttentionKernel("scores", 2, 18, "float32"), AttentionKernel("values", 2, 18, "float32")
     assert {scores, values} < set(kernels)  # 2 key/value heads after sharing, head size 72 / 4
     assert {k.kind for k in kernels} == {"scores", "values", "softmax"}
@@ -151,15 +155,18 @@ def test_attention_knobs_are_tuned_and_applied(tuned, tmp_path):
             forced[spec] = 3
     for spec, knob in forced.items():
         tdb.put(attention_key(spec), {**tdb.entries[attention_key(spec)], "knob": knob})
-    low = F.lower(mod, tgt, attention_knob=TuningDB.open(other).attention_knob)
+    low = lower(mod, tgt, attention_knob=TuningDB.open(other).attention_knob)
     names = {gv.name_hint for gv, _ in low.functions_items()}
     assert {f"{spec.name}_k{knob}" for spec, knob in forced.items()} <= names
-    res = shiftadd.compile(folder, tmp_path / "b4.so", bits=3, group=36, calib_windows=0, db=other)
+    res = shiftadd.compile(folder, tmp_path / "b4.so", bits=3, group=36, windows=0, db=other)
     sess = shiftadd.load(res.so)
     ids = np.asarray([[3, 1, 4, 1, 5, 9, 2]], np.int64)
     _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    feed = {"input_ids": np.asarray([[6]], np.int64), "attention_mask": np.ones((1, 8), np.int64),
-            **dict(zip(sess.kv_cache["inputs"], past))}
+    feed = {
+        "input_ids": np.asarray([[6]], np.int64),
+        "attention_mask": np.ones((1, 8), np.int64),
+        **dict(zip(sess.kv_cache["inputs"], past)),
+    }
     full = np.concatenate([ids, [[6]]], 1)
     want = sess.run(["logits"], {"input_ids": full, "attention_mask": np.ones_like(full)})[0][:, -1:]
     got = sess.run(["logits"], feed, function="decode_one")[0]

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from shiftadd.schedules import lut_avx2
-from shiftadd.targets import resolve_target
+from shiftadd.schedules.targets import resolve_target
 
-pytestmark = pytest.mark.skipif(not lut_avx2.target_supported(resolve_target("cpu")),
-                                reason="the AVX2 kernel needs an AVX2/FMA/F16C host")
+pytestmark = pytest.mark.skipif(
+    not lut_avx2.target_supported(resolve_target("cpu")), reason="the AVX2 kernel needs an AVX2/FMA/F16C host"
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,15 @@ def folder(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     path = tmp_path_factory.mktemp("sib") / "llama"
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
     return path
@@ -46,7 +54,7 @@ def test_stacked_siblings_equal_separate_calls(folder, tmp_path, bits, tied):
     """Tied scales (one per row and group) stack the same way: their kernels are a family of their own."""
     import shiftadd
 
-    kw = dict(bits=bits, group=32, calib_windows=0, kernel="avx2", tied_scales=tied)
+    kw = dict(bits=bits, group=32, windows=0, kernel="avx2", tied=tied)
     a = shiftadd.compile(str(folder), tmp_path / "sep.so", stack_siblings=False, **kw)
     b = shiftadd.compile(str(folder), tmp_path / "stk.so", **kw)
     sa, ca = _lut_calls(a.so)
@@ -78,5 +86,5 @@ def test_widths_off_the_32_row_blocks_stay_separate(tiny_onnx, tmp_path):
     """Tiny Llama with hidden 72 (k/v 36 rows): padded blocks cannot be concatenated."""
     import shiftadd
 
-    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "t.so", bits=3, group=36, calib_windows=0, kernel="avx2")
+    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "t.so", bits=3, group=36, windows=0, kernel="avx2")
     assert not any(k.startswith("fused(") for k in res.manifest["params"])

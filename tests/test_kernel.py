@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from shiftadd.quant import BCQConfig, quantize_matrix
 from shiftadd.quant.pack import lut_matmul_reference, pack_bcq
 from shiftadd.schedules.lut_kernel import build_lut_kernel
-from shiftadd.targets import resolve_target
+from shiftadd.schedules.targets import resolve_target
 
 TARGET = resolve_target("cpu")
 DEV = tvm.cpu(0)
@@ -30,9 +30,16 @@ def run_kernel(x, bw, vec):
 
 
 @settings(max_examples=30, deadline=None)
-@given(m=st.integers(1, 6), k=st.integers(1, 70), n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4]),
-       group_tables=st.integers(1, 20), offset=st.booleans(), vec=st.sampled_from([8, 16]),
-       seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 6),
+    k=st.integers(1, 70),
+    n=st.integers(1, 40),
+    bits=st.sampled_from([2, 3, 4]),
+    group_tables=st.integers(1, 20),
+    offset=st.booleans(),
+    vec=st.sampled_from([8, 16]),
+    seed=st.integers(0, 2**16),
+)
 def test_kernel_matches_reference(m, k, n, bits, group_tables, offset, vec, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -63,13 +70,21 @@ def block_fit(m, k, n, bits, rows, offset, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    return x, quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block",
-                                                           block_rows=rows), act_order=False)
+    return x, quantize_matrix_gptq(
+        w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="block", block_rows=rows), act_order=False
+    )
 
 
 @settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 4), k=st.integers(1, 60), n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4]),
-       rows=st.sampled_from([1, 3, 8, 16, 64]), offset=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 4),
+    k=st.integers(1, 60),
+    n=st.integers(1, 40),
+    bits=st.sampled_from([2, 3, 4]),
+    rows=st.sampled_from([1, 3, 8, 16, 64]),
+    offset=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
     """Scales shared by ``rows`` consecutive rows and 8 inputs (the block layout), stored once."""
     x, bw = block_fit(m, k, n, bits, rows, offset, seed)
@@ -82,8 +97,14 @@ def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
 
 
 @settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 4), k=st.integers(1, 50), n=st.integers(1, 30), bits=st.sampled_from([2, 3, 4]),
-       offset=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 4),
+    k=st.integers(1, 50),
+    n=st.integers(1, 30),
+    bits=st.sampled_from([2, 3, 4]),
+    offset=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
     """Column-wise scales: the one-bit kernel over the pre-scaled, concatenated activations."""
     from shiftadd.quant.gptq import quantize_matrix_gptq
@@ -92,8 +113,9 @@ def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    cw = quantize_matrix_gptq(w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="column"),
-                              act_order=False)
+    cw = quantize_matrix_gptq(
+        w, np.eye(k), BCQConfig(bits=bits, offset=offset, rounds=2, layout="column"), act_order=False
+    )
     one, scales = column_as_one_bit(cw)
     xs = (x[:, None, :] * scales[None]).reshape(m, -1)
     y = run_kernel(xs, one, 16)
@@ -131,8 +153,18 @@ def run_avx2(x, bw, knobs=None, knobs_batch=None, fp8=False):
     L.load_in_process()
     codes, alpha, zoff = L.pack_avx2(bw, fp8)
     n, k = bw.shape
-    f = L.make_lut_avx2(k, n, bw.bits, bw.group, bw.offset is not None, bw.alpha_rows,
-                        knobs or L.DEFAULT_KNOBS, knobs_batch, fp8, bw.tied)
+    f = L.make_lut_avx2(
+        k,
+        n,
+        bw.bits,
+        bw.group,
+        bw.offset is not None,
+        bw.alpha_rows,
+        knobs or L.DEFAULT_KNOBS,
+        knobs_batch,
+        fp8,
+        bw.tied,
+    )
     lib = tvm.compile(tvm.IRModule({"main": f}), TARGET)
     y = tvm.runtime.empty((x.shape[0], n), "float32", DEV)
     lib["main"](*[tvm.runtime.tensor(a, DEV) for a in (x, codes, alpha, zoff)], y)
@@ -175,15 +207,26 @@ def check_int8(x, bw, y):
     assert (np.abs(ref - exact) <= int8_error_bound(x, bw) * (1 + 1e-5) + 1e-9 * scale).all()
 
 
-pytestmark_avx2 = pytest.mark.skipif(not __import__("shiftadd.schedules.lut_avx2", fromlist=["x"]).target_supported(TARGET),
-                                     reason="this CPU has no AVX2/FMA/F16C (the AVX2 kernel cannot run here)")
+pytestmark_avx2 = pytest.mark.skipif(
+    not __import__("shiftadd.schedules.lut_avx2", fromlist=["x"]).target_supported(TARGET),
+    reason="this CPU has no AVX2/FMA/F16C (the AVX2 kernel cannot run here)",
+)
 
 
 @pytestmark_avx2
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 7), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
-       pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), knob=st.integers(0, 1000),
-       fp8=st.booleans(), tied=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 7),
+    k=st.integers(1, 300),
+    n=st.integers(1, 100),
+    bits=st.sampled_from([1, 2, 3, 4]),
+    pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]),
+    offset=st.booleans(),
+    knob=st.integers(0, 1000),
+    fp8=st.booleans(),
+    tied=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, tied, seed):
     """Odd shapes (K not a multiple of 8, N not of 32), M > 1, every tuning-knob kind, 1-4 planes,
     groups beyond the int16 bound (130 pairs: the kernel splits them into units), scales stored
@@ -195,9 +238,14 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
     group = 8 * pairs
     ng = -(-k // group)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    alpha = rng.choice([0.5, 0.375, 2.0 ** -7, 3.0], size=(bits, n, ng)).astype(np.float32)
-    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha=tie(alpha) if tied else alpha, tied=tied,
-                   offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None)
+    alpha = rng.choice([0.5, 0.375, 2.0**-7, 3.0], size=(bits, n, ng)).astype(np.float32)
+    bw = BCQWeight(
+        signs=rng.random((bits, n, k)) < 0.5,
+        group=group,
+        alpha=tie(alpha) if tied else alpha,
+        tied=tied,
+        offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None,
+    )
     kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
     kb = KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)]
     check_avx2(x, bw, run_avx2(x, bw, kn, kb, fp8), kn, kb)
@@ -205,8 +253,15 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
 
 @pytestmark_avx2
 @settings(max_examples=10, deadline=None)
-@given(m=st.integers(1, 3), k=st.integers(1, 80), n=st.integers(1, 100), bits=st.sampled_from([2, 3, 4]),
-       rows=st.sampled_from([32, 64, 96]), offset=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 3),
+    k=st.integers(1, 80),
+    n=st.integers(1, 100),
+    bits=st.sampled_from([2, 3, 4]),
+    rows=st.sampled_from([32, 64, 96]),
+    offset=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
     """The block layout (scales per 8 inputs x ``rows`` rows, rows a multiple of 32) on the AVX2 kernel."""
     x, bw = block_fit(m, k, n, bits, rows, offset, seed)
@@ -215,10 +270,21 @@ def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
 
 @pytestmark_avx2
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(2, 15), k=st.integers(1, 300), n=st.integers(1, 100), bits=st.sampled_from([1, 2, 3, 4]),
-       pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]), offset=st.booleans(), mt=st.sampled_from([1, 2, 4, 6]),
-       tasks=st.sampled_from([0, 1]), fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]),
-       avx2=st.booleans(), tied=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(2, 15),
+    k=st.integers(1, 300),
+    n=st.integers(1, 100),
+    bits=st.sampled_from([1, 2, 3, 4]),
+    pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]),
+    offset=st.booleans(),
+    mt=st.sampled_from([1, 2, 4, 6]),
+    tasks=st.sampled_from([0, 1]),
+    fp8=st.booleans(),
+    rows=st.sampled_from([1, 32, 64]),
+    avx2=st.booleans(),
+    tied=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, avx2, tied, seed):
     """The dequantise-to-int8 path (M > 1) over odd shapes (K not a multiple of the group or of 4, N
     not of 8, 16 or 32, M not of the rows per pass), every rows-per-pass knob and thread split, 1-4
@@ -234,12 +300,18 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
     ng, na = -(-k // group), -(-n // rows)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
     x[rng.random((m, k)) < 0.1] = 0.0
-    alpha = rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0, 0.0], size=(bits, na, ng)).astype(np.float32)
+    alpha = rng.choice([0.5, 0.375, -0.25, 2.0**-7, 3.0, 0.0], size=(bits, na, ng)).astype(np.float32)
     alpha = tie(alpha) if tied else alpha
-    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows, tied=tied,
-                   alpha=np.repeat(alpha, rows, axis=1)[:, :n],
-                   offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
-                   if offset else None)
+    bw = BCQWeight(
+        signs=rng.random((bits, n, k)) < 0.5,
+        group=group,
+        alpha_rows=rows,
+        tied=tied,
+        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+        if offset
+        else None,
+    )
     kb = Knobs(mt, 1, tasks, 1)
     with kernel_switches(SHIFTADD_NO_AVX512="1" if avx2 else None):
         check_avx2(x, bw, run_avx2(x, bw, knobs_batch=kb, fp8=fp8), knobs_batch=kb)
@@ -247,9 +319,19 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
 
 @pytestmark_avx2
 @settings(max_examples=30, deadline=None)
-@given(m=st.integers(1, 3), k=st.integers(1, 300), n=st.integers(1, 200), bits=st.sampled_from([1, 2, 3, 4]),
-       pairs=st.sampled_from([1, 2, 3, 8, 130]), offset=st.booleans(), rbk=st.sampled_from([1, 2, 4]),
-       fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]), tied=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 3),
+    k=st.integers(1, 300),
+    n=st.integers(1, 200),
+    bits=st.sampled_from([1, 2, 3, 4]),
+    pairs=st.sampled_from([1, 2, 3, 8, 130]),
+    offset=st.booleans(),
+    rbk=st.sampled_from([1, 2, 4]),
+    fp8=st.booleans(),
+    rows=st.sampled_from([1, 32, 64]),
+    tied=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8, rows, tied, seed):
     """The 512-bit LUT path (two planes per load; an odd last plane on 256-bit registers) equals the
     LUT reference over odd shapes (N not a multiple of 16, 32 or the row blocks per pass), 1-4
@@ -262,21 +344,36 @@ def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8,
     group = 8 * pairs
     ng, na = -(-k // group), -(-n // rows)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    alpha = rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0], size=(bits, na, ng)).astype(np.float32)
+    alpha = rng.choice([0.5, 0.375, -0.25, 2.0**-7, 3.0], size=(bits, na, ng)).astype(np.float32)
     alpha = tie(alpha) if tied else alpha
-    bw = BCQWeight(signs=rng.random((bits, n, k)) < 0.5, group=group, alpha_rows=rows, tied=tied,
-                   alpha=np.repeat(alpha, rows, axis=1)[:, :n],
-                   offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
-                   if offset else None)
+    bw = BCQWeight(
+        signs=rng.random((bits, n, k)) < 0.5,
+        group=group,
+        alpha_rows=rows,
+        tied=tied,
+        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+        if offset
+        else None,
+    )
     kn = Knobs(1, rbk, 0, 2)
     check_avx2(x, bw, run_avx2(x, bw, kn, kn, fp8), kn, kn)
 
 
 @pytestmark_avx2
 @settings(max_examples=30, deadline=None)
-@given(m=st.integers(1, 7), k=st.integers(1, 1200), n=st.integers(1, 140), pairs=st.sampled_from([1, 2, 3, 16, 40, 130]),
-       offset=st.booleans(), knob=st.integers(0, 1000), fp8=st.booleans(), rows=st.sampled_from([1, 32, 64]),
-       avx2=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 7),
+    k=st.integers(1, 1200),
+    n=st.integers(1, 140),
+    pairs=st.sampled_from([1, 2, 3, 16, 40, 130]),
+    offset=st.booleans(),
+    knob=st.integers(0, 1000),
+    fp8=st.booleans(),
+    rows=st.sampled_from([1, 32, 64]),
+    avx2=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_row_interleaved_tied_4bit_matches_reference(m, k, n, pairs, offset, knob, fp8, rows, avx2, seed):
     """Tied 4-bit codes are stored row-interleaved ([NB, P, 32, 4]: the same bytes as the plane-major
     layout, transposed) and every path reads them: the 256- and 512-bit LUT paths (planes summed by
@@ -292,11 +389,17 @@ def test_row_interleaved_tied_4bit_matches_reference(m, k, n, pairs, offset, kno
     group = 8 * pairs
     ng, na = -(-k // group), -(-n // rows)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    alpha = tie(rng.choice([0.5, 0.375, -0.25, 2.0 ** -7, 3.0], size=(4, na, ng)).astype(np.float32))
-    bw = BCQWeight(signs=rng.random((4, n, k)) < 0.5, group=group, alpha_rows=rows, tied=True,
-                   alpha=np.repeat(alpha, rows, axis=1)[:, :n],
-                   offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
-                   if offset else None)
+    alpha = tie(rng.choice([0.5, 0.375, -0.25, 2.0**-7, 3.0], size=(4, na, ng)).astype(np.float32))
+    bw = BCQWeight(
+        signs=rng.random((4, n, k)) < 0.5,
+        group=group,
+        alpha_rows=rows,
+        tied=True,
+        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+        if offset
+        else None,
+    )
     codes = pack_avx2(bw, fp8)[0]
     d = dims(k, n, group, rows)
     assert codes.shape == (d["nb"], d["pairs"], 32, 4)
@@ -338,9 +441,12 @@ def test_kernel_switches_pick_the_path():
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((7, 130)).astype(np.float32)
-    bw = BCQWeight(signs=rng.random((3, 41, 130)) < 0.5, group=64,
-                   alpha=rng.choice([0.5, 0.375, 2.0 ** -7], size=(3, 41, 3)).astype(np.float32),
-                   offset=rng.choice([-0.25, 0.125], size=(41, 3)).astype(np.float32))
+    bw = BCQWeight(
+        signs=rng.random((3, 41, 130)) < 0.5,
+        group=64,
+        alpha=rng.choice([0.5, 0.375, 2.0**-7], size=(3, 41, 3)).astype(np.float32),
+        offset=rng.choice([-0.25, 0.125], size=(41, 3)).astype(np.float32),
+    )
     kb, wide = Knobs(6, 1, 0, 1), Knobs(1, 4, 0, 2)
     lut, i8 = lut_avx2_reference(x, bw), int8_reference(x, bw)
     native = run_avx2(x, bw, knobs_batch=kb)
@@ -389,8 +495,13 @@ def test_tied_scales_store_one_plane_and_compute_the_same():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, 200)).astype(np.float32)
     alpha = tie(rng.choice([0.5, 0.375, 3.0], size=(4, 70, 2)).astype(np.float32))
-    tied = BCQWeight(signs=rng.random((4, 70, 200)) < 0.5, group=128, alpha=alpha, tied=True,
-                     offset=rng.choice([-0.25, 0.125], size=(70, 2)).astype(np.float32))
+    tied = BCQWeight(
+        signs=rng.random((4, 70, 200)) < 0.5,
+        group=128,
+        alpha=alpha,
+        tied=True,
+        offset=rng.choice([-0.25, 0.125], size=(70, 2)).astype(np.float32),
+    )
     planes = replace(tied, tied=False)
     assert pack_avx2(tied)[1].shape[2] == 1 and pack_avx2(planes)[1].shape[2] == 4
     assert pack_avx2(tied, fp8=True)[1].nbytes * 4 == pack_avx2(planes, fp8=True)[1].nbytes

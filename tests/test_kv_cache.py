@@ -25,8 +25,14 @@ def compiled(tmp_path_factory):
             folder = root / family
             if not folder.exists():
                 _tiny(family).save_pretrained(folder)
-            res = shiftadd.compile(str(folder), root / f"{family}-{bits}.so", bits=bits or 3, rewrite=bits > 0,
-                                   group=GROUP[family], calib_windows=0)
+            res = shiftadd.compile(
+                str(folder),
+                root / f"{family}-{bits}.so",
+                bits=bits or 3,
+                rewrite=bits > 0,
+                group=GROUP[family],
+                windows=0,
+            )
             cache[family, bits] = res.so
         return cache[family, bits]
 
@@ -44,8 +50,9 @@ def _steps(sess, ids, mask, new_cols):
     out = []
     for j in range(new_cols.shape[1]):
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
-        lg, *past = sess.run(None, {"input_ids": new_cols[:, j:j + 1], "attention_mask": mask, **_past(sess, past)},
-                             function="decode")
+        lg, *past = sess.run(
+            None, {"input_ids": new_cols[:, j : j + 1], "attention_mask": mask, **_past(sess, past)}, function="decode"
+        )
         out.append(lg[:, -1])
     return np.stack(out, 1), past
 
@@ -66,14 +73,15 @@ def test_decode_with_cache_equals_rerun(compiled, family):
     got, past = _steps(sess, ids, mask, new)
     full_mask = np.concatenate([mask, np.ones_like(new)], 1)
     full = sess.run(["logits"], {"input_ids": np.concatenate([ids, new], 1), "attention_mask": full_mask})[0]
-    want = full[:, ids.shape[1]:]
+    want = full[:, ids.shape[1] :]
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     assert len(past) == 2 * spec["layers"]
     assert all(p.shape == (2, spec["kv_heads"], 13, spec["head_dim"]) for p in past)
     # several new tokens in one decode call (speculative / chunked prefill) equal one at a time
     logits, *past0 = sess.run(None, {"input_ids": ids, "attention_mask": mask})
-    chunk = sess.run(["logits"], {"input_ids": new, "attention_mask": full_mask, **_past(sess, past0)},
-                     function="decode")[0]
+    chunk = sess.run(
+        ["logits"], {"input_ids": new, "attention_mask": full_mask, **_past(sess, past0)}, function="decode"
+    )[0]
     assert np.abs(chunk - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     a = sess.generate([5, 9, 11, 3], max_new_tokens=10)
     b = sess.generate([5, 9, 11, 3], max_new_tokens=10, use_cache=False)
@@ -93,9 +101,16 @@ def test_float_artifact_matches_transformers_generate(compiled, family):
     prompt = [7, 1, 60, 33, 2]
     res = sess.generate(prompt, max_new_tokens=8)
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
-                             max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0,
-                             return_dict_in_generate=True, output_logits=True)
+        ref = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 5, dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            min_new_tokens=8,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
     assert res["new_ids"] == ref.sequences[0, 5:].tolist()
     seq = np.asarray([prompt + res["new_ids"][:-1]], np.int64)
     got, _ = _steps(sess, seq[:, :5], np.ones((1, 5), np.int64), seq[:, 5:])
@@ -116,8 +131,11 @@ def test_functions_share_the_weights(compiled):
     assert not any(n.endswith("proj.weight") for n in f["decode"]["params"])  # every projection rewritten
     spec = sess.kv_cache
     names = [f"past_key_values.{i}.{kv}" for i in range(spec["layers"]) for kv in ("key", "value")]
-    assert [i["name"] for i in f["decode"]["inputs"]] == ["input_ids", "attention_mask", *names] == \
-        ["input_ids", "attention_mask", *spec["inputs"]]
+    assert (
+        [i["name"] for i in f["decode"]["inputs"]]
+        == ["input_ids", "attention_mask", *names]
+        == ["input_ids", "attention_mask", *spec["inputs"]]
+    )
     assert f["main"]["outputs"] == f["decode"]["outputs"] == ["logits", *spec["outputs"]]
     assert spec["outputs"][:2] == ["present.0.key", "present.0.value"]
     for i in f["decode"]["inputs"][2:]:
@@ -141,17 +159,26 @@ def test_decode_one_equals_decode(compiled, family):
     _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     nxt = np.asarray([[42]], np.int64)
     for step in range(4):
-        feed = {"input_ids": nxt, "attention_mask": np.ones((1, ids.shape[1] + step + 1), np.int64),
-                **_past(sess, past)}
+        feed = {
+            "input_ids": nxt,
+            "attention_mask": np.ones((1, ids.shape[1] + step + 1), np.int64),
+            **_past(sess, past),
+        }
         want = sess.run(None, feed, function="decode")
         got = sess.run(None, feed, function="decode_one")
         for g, w in zip(got, want):
             assert g.shape == w.shape and np.abs(g - w).max() <= 1e-5 * max(1.0, np.abs(w).max())
         nxt, past = np.asarray([[int(got[0][0, -1].argmax())]], np.int64), got[1:]
     with pytest.raises(ValueError, match="input_ids"):
-        sess.run(None, {**feed, "input_ids": np.asarray([[1, 2]], np.int64),
-                        "attention_mask": np.ones((1, feed["attention_mask"].shape[1] + 1), np.int64)},
-                 function="decode_one")
+        sess.run(
+            None,
+            {
+                **feed,
+                "input_ids": np.asarray([[1, 2]], np.int64),
+                "attention_mask": np.ones((1, feed["attention_mask"].shape[1] + 1), np.int64),
+            },
+            function="decode_one",
+        )
 
 
 def test_add_decode_one_needs_a_symbolic_decode():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import shiftadd
-from shiftadd.perplexity import _Runner, perplexity, write_results
+from shiftadd.eval.perplexity import _Runner, perplexity, write_results
 
 from .conftest import VOCAB, _tiny
 
@@ -26,7 +26,7 @@ def _torch_ppl(model, ids):
 def test_perplexity_matches_torch_for_so_and_onnx(tiny_onnx, tmp_path):
     ids = np.random.default_rng(0).integers(0, VOCAB, (3, 17)).astype(np.int64)
     ref = _torch_ppl(_tiny("llama"), ids)
-    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "f.so", rewrite=False)
+    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "f.so", quant="none")
     for spec in (str(res.so), tiny_onnx("llama")):
         r = perplexity(_Runner(spec), ids, progress=False)
         assert r["tokens"] == 3 * 16
@@ -41,8 +41,11 @@ def test_perplexity_matches_torch_for_so_and_onnx(tiny_onnx, tmp_path):
 
 def test_results_folder_accumulates_rows(tmp_path):
     base = {"text": "wiki", "windows": 2, "window": 8, "tokens": 14, "kind": "shiftadd", "weight_bytes": 10}
-    write_results(tmp_path, {**base, "label": "a", "ppl": 20.0, "avg_bits": 3.0},
-                  {"model": "m", "layers": [{"bits": 3, "rel_error": 0.1}, {"bits": 2, "rel_error": 0.3}]})
+    write_results(
+        tmp_path,
+        {**base, "label": "a", "ppl": 20.0, "avg_bits": 3.0},
+        {"model": "m", "layers": [{"bits": 3, "rel_error": 0.1}, {"bits": 2, "rel_error": 0.3}]},
+    )
     write_results(tmp_path, {**base, "label": "f", "ppl": 10.0, "avg_bits": 32.0, "kind": "onnxruntime"})
     write_results(tmp_path, {**base, "label": "a", "ppl": 19.0, "avg_bits": 3.0})  # re-measured: replaces
     rows = json.loads((tmp_path / "perplexity.json").read_text())

@@ -20,13 +20,14 @@ FAMILIES = ["llama", "opt", "gpt2"]
 def ort_logits(model_or_path, ids, mask):
     src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else model_or_path
     return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(
-        None, {"input_ids": ids, "attention_mask": mask})[0]
+        None, {"input_ids": ids, "attention_mask": mask}
+    )[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float_pipeline_equals_onnxruntime(family, tiny_onnx, tmp_path):
     path = tiny_onnx(family)
-    res = shiftadd.compile(path, tmp_path / "m.so", rewrite=False)
+    res = shiftadd.compile(path, tmp_path / "m.so", quant="none")
     sess = shiftadd.load(res.so)
     for seed, (b, s) in enumerate([(2, 7), (1, 1), (3, 12)]):
         ids, mask = ragged_batch(seed, b, s) if b > 1 else (np.array([[5]], np.int64), np.ones((1, 1), np.int64))
@@ -41,25 +42,39 @@ def test_float_pipeline_equals_onnxruntime(family, tiny_onnx, tmp_path):
 TOLERANCE = {"f32": 1e-3, "avx2": 2e-2}
 
 
-@pytest.mark.parametrize("family, bits, kernel, fmt", [(f, b, "f32", "fp16") for f in FAMILIES for b in (2, 3, 4)]
-                         + [(f, 3, "avx2", "fp16") for f in FAMILIES] + [("llama", 2, "avx2", "fp16"),
-                                                                        ("opt", 4, "avx2", "e5m2"),
-                                                                        ("llama", 3, "avx2", "e5m2"),
-                                                                        ("opt", 4, "avx2", "e5m2+tied"),
-                                                                        ("llama", 3, "avx2", "e5m2+tied")])
+@pytest.mark.parametrize(
+    "family, bits, kernel, fmt",
+    [(f, b, "f32", "fp16") for f in FAMILIES for b in (2, 3, 4)]
+    + [(f, 3, "avx2", "fp16") for f in FAMILIES]
+    + [
+        ("llama", 2, "avx2", "fp16"),
+        ("opt", 4, "avx2", "e5m2"),
+        ("llama", 3, "avx2", "e5m2"),
+        ("opt", 4, "avx2", "e5m2+tied"),
+        ("llama", 3, "avx2", "e5m2+tied"),
+    ],
+)
 def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel, fmt, tiny_onnx, tmp_path):
     path = tiny_onnx(family)
     # llama: K = 72 and 100, so rows of K=100 end in a shorter group; the AVX2 kernel wants group % 8 == 0
     group = (24 if kernel == "avx2" else 36) if family == "llama" else 32
     fmt, tied = fmt.split("+")[0], fmt.endswith("+tied")
-    res = shiftadd.compile(path, tmp_path / "m.so", bits=bits, group=group, keep_dequantized=True,
-                           skip=() if family == "llama" else ("lm_head",), kernel=kernel, scale_format=fmt,
-                           tied_scales=tied)
+    res = shiftadd.compile(
+        path,
+        tmp_path / "m.so",
+        bits=bits,
+        group=group,
+        keep_dequantized=True,
+        skip=() if family == "llama" else ("lm_head",),
+        kernel=kernel,
+        scale_format=fmt,
+        tied=tied,
+    )
     rep = res.report
     if fmt == "e5m2":  # one byte per scale and offset: the stored .alpha/.offset parameters are uint8
         import tvm
 
-        from shiftadd.artifact import paths
+        from shiftadd.runtime.artifact import paths
 
         stored = tvm.runtime.load_param_dict(paths(res.so)["params"].read_bytes())
         scales = [v for name, v in stored.items() if name.endswith((".alpha", ".offset"))]
@@ -87,7 +102,10 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel,
     ids, mask = ragged_batch(bits, 2, 9)
     ours = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     ref = ort_logits(model, ids, mask)
-    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max(), (np.abs(ours - ref).max(), np.abs(ref).max())
+    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max(), (
+        np.abs(ours - ref).max(),
+        np.abs(ref).max(),
+    )
     # and the rewrite really changed the model (the float model differs)
     assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3
 
@@ -105,15 +123,30 @@ def test_fresh_process_run_and_generate(tiny_onnx, tmp_path):
     for _ in range(5):
         ids.append(int(np.argmax(sess.logits(np.array(ids))[0, -1])))
     assert gen["new_ids"] == ids[3:]
-    out = subprocess.run([sys.executable, "-m", "shiftadd.cli", "run", str(res.so), "--ids", "1 2 3",
-                          "--max-new-tokens", "5", "--quiet"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shiftadd.cli",
+            "run",
+            str(res.so),
+            "--ids",
+            "1 2 3",
+            "--max-new-tokens",
+            "5",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "new ids: " + " ".join(map(str, gen["new_ids"])) in out.stderr
 
 
 def test_onnx_input_with_stored_tokenizer(tiny_onnx, tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(96)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -145,15 +178,25 @@ def test_inputs_metadata_and_bad_feeds(tiny_onnx, tmp_path):
         sess.run(["nope"], {"input_ids": ids, "attention_mask": mask})
 
 
-@pytest.mark.parametrize("family, layout, kernel", [(f, lay, "f32") for f in ("llama", "opt") for lay in ("block", "column")]
-                         + [("llama", "block", "avx2"), ("opt", "column", "avx2")])
+@pytest.mark.parametrize(
+    "family, layout, kernel",
+    [(f, lay, "f32") for f in ("llama", "opt") for lay in ("block", "column")]
+    + [("llama", "block", "avx2"), ("opt", "column", "avx2")],
+)
 def test_scale_layouts_run_exactly(family, layout, kernel, tiny_onnx, tmp_path):
     """Block-wise scales (one per 8 inputs x 16 rows; 32 for the AVX2 kernel, which reads whole 32-row
     blocks) and column-wise scales (one per input, fed to the kernel as pre-scaled activations) compute
     the dequantized model (exactly with float tables), with error feedback."""
     path = tiny_onnx(family)
-    res = shiftadd.compile(path, tmp_path / "m.so", bits=3, layout=layout, block_rows=32 if kernel == "avx2" else 16,
-                           keep_dequantized=True, kernel=kernel)
+    res = shiftadd.compile(
+        path,
+        tmp_path / "m.so",
+        bits=3,
+        layout=layout,
+        block_rows=32 if kernel == "avx2" else 16,
+        keep_dequantized=True,
+        kernel=kernel,
+    )
     rep = res.report
     assert rep.rewritten and all(r.layout == layout and r.kernel == kernel for r in rep.rewritten)
     model = onnx.load(path)
@@ -164,5 +207,8 @@ def test_scale_layouts_run_exactly(family, layout, kernel, tiny_onnx, tmp_path):
     ids, mask = ragged_batch(5, 2, 9)
     ours = shiftadd.load(res.so).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     ref = ort_logits(model, ids, mask)
-    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max(), (np.abs(ours - ref).max(), np.abs(ref).max())
+    assert np.abs(ours - ref).max() <= TOLERANCE[kernel] * np.abs(ref).max(), (
+        np.abs(ours - ref).max(),
+        np.abs(ref).max(),
+    )
     assert np.abs(ours - ort_logits(path, ids, mask)).max() > 1e-3

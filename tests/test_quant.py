@@ -8,14 +8,16 @@ from shiftadd.quant import BCQConfig, apot_decompose, apot_round, quantize_matri
 
 
 def test_apot_is_a_sum_of_signed_powers_of_two():
-    a = torch.tensor([0.3, -0.7, 1e-3, 5.25, 0.0, -2.0 ** -9, 0.123456], dtype=torch.float64)
+    a = torch.tensor([0.3, -0.7, 1e-3, 5.25, 0.0, -(2.0**-9), 0.123456], dtype=torch.float64)
     for terms in (1, 2, 3):
         r = apot_round(a, terms)
         signs, exps = apot_decompose(a, terms)
         rebuilt = (signs.double() * torch.exp2(exps.double())).sum(-1)
         assert torch.equal(rebuilt, r)
         assert (signs != 0).sum(-1).max() <= terms
-    assert torch.equal(apot_round(torch.tensor([0.25, -4.0, 0.0]), 3), torch.tensor([0.25, -4.0, 0.0], dtype=torch.float64))
+    assert torch.equal(
+        apot_round(torch.tensor([0.25, -4.0, 0.0]), 3), torch.tensor([0.25, -4.0, 0.0], dtype=torch.float64)
+    )
 
 
 def test_apot_error_shrinks_with_terms_and_keeps_negative_terms():
@@ -42,8 +44,9 @@ def test_bcq_structure_and_error(bits, offset):
     # reconstruction is exactly Σ α_b (2B_b - 1) (+ z), recomputed here independently
     b = np.where(bw.signs, 1.0, -1.0)
     a = np.concatenate([np.repeat(bw.alpha[:, :, :1], 64, 2), np.repeat(bw.alpha[:, :, 1:], 8, 2)], 2)
-    ref = (a * b).sum(0) + (np.concatenate([np.repeat(bw.offset[:, :1], 64, 1), np.repeat(bw.offset[:, 1:], 8, 1)], 1)
-                            if offset else 0)
+    ref = (a * b).sum(0) + (
+        np.concatenate([np.repeat(bw.offset[:, :1], 64, 1), np.repeat(bw.offset[:, 1:], 8, 1)], 1) if offset else 0
+    )
     np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-6)
     rel = np.linalg.norm(deq - w) / np.linalg.norm(w)
     assert rel < {2: 0.45, 3: 0.25, 4: 0.13}[bits]
@@ -65,10 +68,18 @@ def test_deterministic():
     assert np.array_equal(a.signs, b.signs) and np.array_equal(a.alpha, b.alpha) and np.array_equal(a.offset, b.offset)
 
 
-@pytest.mark.parametrize("kw, msg", [({"bits": 5}, "bits must be one of"), ({"bits": 1}, "bits must be one of"),
-                                     ({"group": 7}, "multiple of 4"), ({"group": 0}, "multiple of 4"),
-                                     ({"apot_terms": 0}, "apot_terms"), ({"rounds": -1}, "rounds"),
-                                     ({"tied": True, "layout": "block"}, "tied scales are a row-group layout")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"bits": 5}, "bits must be one of"),
+        ({"bits": 1}, "bits must be one of"),
+        ({"group": 7}, "multiple of 4"),
+        ({"group": 0}, "multiple of 4"),
+        ({"apot_terms": 0}, "apot_terms"),
+        ({"rounds": -1}, "rounds"),
+        ({"tied": True, "layout": "block"}, "tied scales are a row-group layout"),
+    ],
+)
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         BCQConfig(**kw)
@@ -143,8 +154,8 @@ def test_tied_scales_are_the_uniform_grid(bits, offset):
     bounds = (0, 64, 128, 136)
     rtn_err = 0.0
     for gi, (g0, g1) in enumerate(zip(bounds[:-1], bounds[1:])):
-        z = bw.offset[:, gi:gi + 1] if offset else 0.0
-        lev = (deq[:, g0:g1] - z) / bw.alpha[0, :, gi:gi + 1] * 2 ** (bits - 1)  # odd integers in ±(2^q - 1)
+        z = bw.offset[:, gi : gi + 1] if offset else 0.0
+        lev = (deq[:, g0:g1] - z) / bw.alpha[0, :, gi : gi + 1] * 2 ** (bits - 1)  # odd integers in ±(2^q - 1)
         assert np.allclose(lev, np.round(lev), atol=1e-4) and (np.abs(np.round(lev)) % 2 == 1).all()
         v = w[:, g0:g1].astype(np.float64)
         if offset:

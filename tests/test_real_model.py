@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import shiftadd
-from shiftadd.data import token_windows, wiki_split
-from shiftadd.evaluate import agreement
+from shiftadd.calibration.text import token_windows, wiki_split
+from shiftadd.eval.agreement import agreement
 from shiftadd.schedules import lut_avx2
 
 WINDOWS, WINDOW = 4, 128
@@ -27,8 +27,9 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
     """4-bit weight-only; 3-bit calibrated on 8 x 128 wiki tokens with one scale refit, to keep CI
     short (the default is 128 windows and 3 refits: docs/QUALITY.md)."""
     model, tok, ids = smollm2
-    res = shiftadd.compile("smollm2", tmp_path / f"smollm2-q{bits}.so", bits=bits, calib_windows=calib,
-                           calib_mode="one-pass", refits=1)
+    res = shiftadd.compile(
+        "smollm2", tmp_path / f"smollm2-q{bits}.so", bits=bits, windows=calib, mode="one-pass", refits=1
+    )
     assert len(res.report.rewritten) == 30 * 7 and [r.name for r in res.report.kept] == ["lm_head.weight"]
     sess = shiftadd.load(res.so)
     gen = sess.generate("The capital of France is", max_new_tokens=8)
@@ -40,8 +41,15 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
         _, *past = sess.run(None, {"input_ids": seq[:, :n0], "attention_mask": np.ones((1, n0), np.int64)})
         worst = 0.0
         for j in range(n0, seq.shape[1]):
-            lg, *past = sess.run(None, {"input_ids": seq[:, j:j + 1], "attention_mask": np.ones((1, j + 1), np.int64),
-                                        **dict(zip(sess.kv_cache["inputs"], past))}, function="decode")
+            lg, *past = sess.run(
+                None,
+                {
+                    "input_ids": seq[:, j : j + 1],
+                    "attention_mask": np.ones((1, j + 1), np.int64),
+                    **dict(zip(sess.kv_cache["inputs"], past)),
+                },
+                function="decode",
+            )
             worst = max(worst, float(np.abs(lg[0, -1] - full[0, j]).max()))
         return worst, max(1.0, float(np.abs(full).max()))
 
@@ -60,16 +68,21 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
     finally:
         monkeypatch.delenv("SHIFTADD_NO_INT8")
         lut_avx2.active_paths()
-    print(f"\nSmolLM2 {bits}-bit: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} "
-          f"(logits up to {top:.1f})")
+    print(
+        f"\nSmolLM2 {bits}-bit: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} "
+        f"(logits up to {top:.1f})"
+    )
     assert worst <= 1e-4 * top
     if 1 in paths:  # here the rerun's M > 1 takes the int8 path: other roundings, never other logits
         worst, top = cache_vs_rerun()
         print(f"with the int8 path for the rerun: max |logit difference| {worst:.2e}")
         assert worst <= 0.15 * top
     r = agreement(sess, model, ids, progress=False)
-    print(f"\nSmolLM2-135M {bits}-bit group 64, calibration windows {calib}: top-1 agreement {100 * r['top1_agreement']:.2f} % over "
-          f"{r['tokens']} tokens; perplexity {r['ppl']:.2f} (float {r['ppl_float']:.2f}); "
-          f"continuation: {gen['text']!r}")
+    print(
+        f"\nSmolLM2-135M {bits}-bit group 64, calibration windows {calib}: "
+        f"top-1 agreement {100 * r['top1_agreement']:.2f} % over "
+        f"{r['tokens']} tokens; perplexity {r['ppl']:.2f} (float {r['ppl_float']:.2f}); "
+        f"continuation: {gen['text']!r}"
+    )
     assert r["top1_agreement"] >= floor
     assert np.isfinite(r["ppl"])

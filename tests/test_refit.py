@@ -26,7 +26,7 @@ def _numpy_refit(w, bw, h):
         for plane in planes + ([np.ones(k)] if bw.offset is not None else []):
             for j in range(ng):
                 c = np.zeros(k)
-                c[j * g:(j + 1) * g] = plane[j * g:(j + 1) * g]
+                c[j * g : (j + 1) * g] = plane[j * g : (j + 1) * g]
                 cols.append(c)
         a = np.stack(cols, 1)
         theta = np.linalg.lstsq(a.T @ h @ a, a.T @ h @ w[r], rcond=None)[0]
@@ -35,8 +35,15 @@ def _numpy_refit(w, bw, h):
 
 
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 9), k=st.integers(5, 70), bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([8, 12, 32]),
-       offset=st.booleans(), tied=st.booleans(), seed=st.integers(0, 1000))
+@given(
+    n=st.integers(1, 9),
+    k=st.integers(5, 70),
+    bits=st.sampled_from([2, 3, 4]),
+    group=st.sampled_from([8, 12, 32]),
+    offset=st.booleans(),
+    tied=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_refit_is_the_least_squares_codebook(n, k, bits, group, offset, tied, seed):
     """Without rounding the refit is the exact per-row least-squares solution for the codes (odd
     shapes: ragged last group, a single row); every solved α is stored >= 0, sorted per group.

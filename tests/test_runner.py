@@ -32,9 +32,11 @@ def artifacts(tmp_path_factory, tiny_onnx) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("runner")
     _tiny("llama").save_pretrained(root / "llama")
-    kw = dict(bits=3, group=36, calib_windows=0)  # group 36: the tiny Llama's K are 72 and 100
-    return {"hf": shiftadd.compile(str(root / "llama"), root / "hf.so", **kw).so,
-            "onnx": shiftadd.compile(tiny_onnx("llama"), root / "onnx.so", **kw).so}
+    kw = dict(bits=3, group=36, windows=0)  # group 36: the tiny Llama's K are 72 and 100
+    return {
+        "hf": shiftadd.compile(str(root / "llama"), root / "hf.so", **kw).so,
+        "onnx": shiftadd.compile(tiny_onnx("llama"), root / "onnx.so", **kw).so,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def reference(artifacts) -> dict[str, list[int]]:
 def _copy(so: Path, dst: Path, edit=None) -> Path:
     """The artifact's files in ``dst`` (same names), with ``edit(manifest)`` applied to the manifest
     (signed again: the manifest hashes itself, so this stands for another valid artifact)."""
-    from shiftadd.artifact import manifest_text
+    from shiftadd.runtime.artifact import manifest_text
 
     dst.mkdir(parents=True, exist_ok=True)
     for f in so.parent.glob(so.stem + ".*"):
@@ -150,11 +152,15 @@ def test_runner_rejects_bad_arguments(runner, artifacts):
     r = _exec(runner, so, "--ids", f"1 {VOCAB}")
     assert r.returncode == 2 and r.stderr.startswith("shiftadd-run: --ids: token id 96 is out of range")
     assert f"[0, {VOCAB})" in r.stderr
-    for args, needle in [((so,), "--ids is required"), ((so, "--ids", "1 x"), "expected an integer, got 'x'"),
-                         ((so, "--ids", "1", "--max-new-tokens", "-1"), "--max-new-tokens"),
-                         ((so, "--ids", "1", "--threads", "0"), "--threads"), (("--ids", "1"), "ARTIFACT.so"),
-                         ((so, "--ids", "1", "--bogus"), "unknown option '--bogus'"),
-                         ((so.with_suffix(".bin"), "--ids", "1"), "ending in .so")]:
+    for args, needle in [
+        ((so,), "--ids is required"),
+        ((so, "--ids", "1 x"), "expected an integer, got 'x'"),
+        ((so, "--ids", "1", "--max-new-tokens", "-1"), "--max-new-tokens"),
+        ((so, "--ids", "1", "--threads", "0"), "--threads"),
+        (("--ids", "1"), "ARTIFACT.so"),
+        ((so, "--ids", "1", "--bogus"), "unknown option '--bogus'"),
+        ((so.with_suffix(".bin"), "--ids", "1"), "ending in .so"),
+    ]:
         r = _exec(runner, *args)
         assert r.returncode == 2 and r.stderr.startswith("shiftadd-run: ") and needle in r.stderr, (args, r.stderr)
     if _has_decode(so):  # the context the model was exported for (the tiny Llama: 64 positions)
@@ -172,8 +178,17 @@ def test_cli_run_native_equals_python(runner, artifacts, reference):
     """``shiftadd run --native`` (the runner) and ``shiftadd run`` (Python) report the same new ids."""
     import sys
 
-    args = [sys.executable, "-m", "shiftadd.cli", "run", str(artifacts["hf"]), "--ids", " ".join(map(str, IDS)),
-            "--max-new-tokens", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "shiftadd.cli",
+        "run",
+        str(artifacts["hf"]),
+        "--ids",
+        " ".join(map(str, IDS)),
+        "--max-new-tokens",
+        "8",
+    ]
     native = subprocess.run(args + ["--native"], capture_output=True, text=True)
     python = subprocess.run(args, capture_output=True, text=True)
     assert native.returncode == 0 and python.returncode == 0, native.stderr + python.stderr

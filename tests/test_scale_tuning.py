@@ -1,4 +1,4 @@
-"""End-to-end scale tuning (shiftadd/scale_tuning.py): lowers the KL to the float model, keeps the
+"""End-to-end scale tuning (shiftadd/calibration/scale_tuning.py): lowers the KL to the float model, keeps the
 codes and the storage format, and what it reports is what the substituted weights compute."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import shiftadd
-from .conftest import VOCAB, _tiny, tiny_llama_folder
+from shiftadd.calibration.scale_tuning import tune_scales
 from shiftadd.quant.bcq import BCQConfig
 from shiftadd.quant.gptq import fit_layer
-from shiftadd.scale_tuning import tune_scales
+
+from .conftest import VOCAB, _tiny, tiny_llama_folder
 
 
 def _distinct_norms(model, seed=1):
@@ -32,8 +33,12 @@ def _fits(model, bits=2, tied=False):
     out = {}
     for n, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(w, torch.nn.Parameter) and w.ndim == 2 and not isinstance(m, torch.nn.Embedding) \
-                and "lm_head" not in n:
+        if (
+            isinstance(w, torch.nn.Parameter)
+            and w.ndim == 2
+            and not isinstance(m, torch.nn.Embedding)
+            and "lm_head" not in n
+        ):
             w = w.detach().numpy()
             out[f"{n}.weight"] = fit_layer(w.T if type(m).__name__ == "Conv1D" else w, cfg)
     return out, cfg
@@ -73,7 +78,9 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_format(family, tied):
         assert np.array_equal(bw.signs, fitted[name].signs)  # codes fixed
         a = torch.from_numpy(bw.alpha)
         assert torch.equal(rnd(a).float(), a)  # stored values: APoT-exact
-        assert bw.tied == tied and (not tied or np.array_equal(bw.alpha, bw.alpha[:1] * 2.0 ** -np.arange(2)[:, None, None]))
+        assert bw.tied == tied and (
+            not tied or np.array_equal(bw.alpha, bw.alpha[:1] * 2.0 ** -np.arange(2)[:, None, None])
+        )
         assert torch.equal(rnd(torch.from_numpy(bw.offset)).float(), torch.from_numpy(bw.offset))
     assert any(not np.array_equal(res.fitted[n].alpha, fitted[n].alpha) for n in fitted)
     norm_names = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__.endswith("Norm")}
@@ -110,8 +117,19 @@ def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path):
     folder = tmp_path / "tiny-hf"
     model = tiny_llama_folder(folder, _distinct_norms)
     vocab = model.config.vocab_size
-    res = shiftadd.compile(str(folder), tmp_path / "t.so", bits=2, group=36, calib_windows=4, calib_len=16,
-                           refits=1, kv_cache=False, kernel="f32", keep_dequantized=True, tune_scales=6)
+    res = shiftadd.compile(
+        str(folder),
+        tmp_path / "t.so",
+        bits=2,
+        group=36,
+        windows=4,
+        length=16,
+        refits=1,
+        kv_cache=False,
+        kernel="f32",
+        keep_dequantized=True,
+        tune_scales=6,
+    )
     st = res.manifest["scale_tuning"]
     assert st["steps"] == 6 and st["norm_gains"] == 5 and st["kl_after"] < st["kl_before"]
     params = tvm.runtime.load_param_dict(res.so.with_suffix(".params").read_bytes())

@@ -11,21 +11,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-
 @functools.lru_cache(maxsize=None)
 def _compiled(heads: int, d: int, dtype: str, block: int):
     import tvm
 
     from shiftadd.schedules.attention_cpu import scores_kernel
-    from shiftadd.targets import resolve_target
+    from shiftadd.schedules.targets import resolve_target
 
     return tvm.compile(tvm.IRModule({"main": scores_kernel(heads, d, dtype, block)}), target=resolve_target("cpu"))
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 3), m=st.integers(1, 9), n=st.integers(1, 70),
-       hd=st.sampled_from([(1, 1), (3, 64), (2, 18), (4, 3), (1, 80), (2, 8)]), block=st.sampled_from([1, 16, 7]),
-       dtype=st.sampled_from(["float32", "float16"]), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 3),
+    m=st.integers(1, 9),
+    n=st.integers(1, 70),
+    hd=st.sampled_from([(1, 1), (3, 64), (2, 18), (4, 3), (1, 80), (2, 8)]),
+    block=st.sampled_from([1, 16, 7]),
+    dtype=st.sampled_from(["float32", "float16"]),
+    seed=st.integers(0, 2**16),
+)
 def test_scores_kernel_equals_numpy(b, m, n, hd, block, dtype, seed):
     import tvm
 

@@ -25,7 +25,7 @@ def artifact(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("session")
     _tiny("llama").save_pretrained(root / "llama")
-    return shiftadd.compile(str(root / "llama"), root / "m.so", bits=3, group=36, calib_windows=0).so
+    return shiftadd.compile(str(root / "llama"), root / "m.so", bits=3, group=36, windows=0).so
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def _reference_candidates(logits, temperature, top_k, top_p):
         kept.append((i, q))
         mass += q
         if top_p < 1 and mass >= top_p:  # top_p = 1 turns the filter off (as in transformers), even where
-            break                         # the first probability rounds to 1.0
+            break  # the first probability rounds to 1.0
     s = sum(q for _, q in kept)
     return [i for i, _ in kept], [q / s for _, q in kept]
 
@@ -71,9 +71,17 @@ def test_sampler_draws_follow_the_distribution():
     assert a == [Sampler(1.0, seed=7)(logits) for _ in range(5)]
 
 
-@pytest.mark.parametrize("kw, msg", [({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-                                     ({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_p": 0}, "top_p"),
-                                     ({"top_p": 1.5}, "top_p")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
 def test_sampler_rejects_bad_parameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Sampler(**kw)
@@ -128,8 +136,10 @@ def test_one_session_serves_four_threads(artifact):
     import shiftadd
 
     sess = shiftadd.load(artifact)
-    jobs = [([1 + i % 7, 2 + i % 5, 3 + i % 11], dict(max_new_tokens=6, temperature=0.8 * (i % 2), seed=i))
-            for i in range(80)]
+    jobs = [
+        ([1 + i % 7, 2 + i % 5, 3 + i % 11], dict(max_new_tokens=6, temperature=0.8 * (i % 2), seed=i))
+        for i in range(80)
+    ]
     want = [sess.generate(p, **kw)["new_ids"] for p, kw in jobs]
     got: dict[int, list[int]] = {}
     errors = []
@@ -160,24 +170,61 @@ def test_bad_inputs_get_clear_errors(artifact):
     _, *present = sess.run(None, {"input_ids": ids, "attention_mask": one})
     past = dict(zip(sess.kv_cache["inputs"], present))
     cases = [
-        (lambda: sess.run(None, {"input_ids": ids.astype(np.int32), "attention_mask": one}), TypeError,
-         "input 'input_ids': expected dtype int64"),
+        (
+            lambda: sess.run(None, {"input_ids": ids.astype(np.int32), "attention_mask": one}),
+            TypeError,
+            "input 'input_ids': expected dtype int64",
+        ),
         (lambda: sess.run(None, {"input_ids": ids[0], "attention_mask": one}), ValueError, "expected rank 2"),
-        (lambda: sess.run(None, {"input_ids": ids, "attention_mask": np.ones((1, 4), np.int64)}), ValueError,
-         "dimension 'seq' is 4 but 3"),
-        (lambda: sess.run(None, {"input_ids": ids + VOCAB, "attention_mask": one}), ValueError,
-         rf"token ids must be in \[0, {VOCAB}\)"),
+        (
+            lambda: sess.run(None, {"input_ids": ids, "attention_mask": np.ones((1, 4), np.int64)}),
+            ValueError,
+            "dimension 'seq' is 4 but 3",
+        ),
+        (
+            lambda: sess.run(None, {"input_ids": ids + VOCAB, "attention_mask": one}),
+            ValueError,
+            rf"token ids must be in \[0, {VOCAB}\)",
+        ),
         (lambda: sess.run(None, {"input_ids": -ids, "attention_mask": one}), ValueError, "token ids"),
-        (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": one, **past},
-                          function="decode"), ValueError, r"expected 4 columns \(past 3 \+ new 1\)"),
-        (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 4), np.int64),
-                                 **past, "past_key_values.1.value": present[3][:, :1]}, function="decode"), ValueError,
-         "input 'past_key_values.1.value': expected shape"),
-        (lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 4), np.int64),
-                                 **past, "past_key_values.1.key": present[2][:, :, :2]}, function="decode"), ValueError,
-         "dimension 'past' is 2 but 3"),
-        (lambda: sess.run(None, {"input_ids": ids, "attention_mask": one}, function="encode"), ValueError,
-         "unknown function 'encode'"),
+        (
+            lambda: sess.run(None, {"input_ids": ids[:, :1], "attention_mask": one, **past}, function="decode"),
+            ValueError,
+            r"expected 4 columns \(past 3 \+ new 1\)",
+        ),
+        (
+            lambda: sess.run(
+                None,
+                {
+                    "input_ids": ids[:, :1],
+                    "attention_mask": np.ones((1, 4), np.int64),
+                    **past,
+                    "past_key_values.1.value": present[3][:, :1],
+                },
+                function="decode",
+            ),
+            ValueError,
+            "input 'past_key_values.1.value': expected shape",
+        ),
+        (
+            lambda: sess.run(
+                None,
+                {
+                    "input_ids": ids[:, :1],
+                    "attention_mask": np.ones((1, 4), np.int64),
+                    **past,
+                    "past_key_values.1.key": present[2][:, :, :2],
+                },
+                function="decode",
+            ),
+            ValueError,
+            "dimension 'past' is 2 but 3",
+        ),
+        (
+            lambda: sess.run(None, {"input_ids": ids, "attention_mask": one}, function="encode"),
+            ValueError,
+            "unknown function 'encode'",
+        ),
         (lambda: sess.run(["scores"], {"input_ids": ids, "attention_mask": one}), ValueError, "unknown output"),
         (lambda: sess.run(None, {"input_ids": ids}), ValueError, "missing input 'attention_mask'"),
         (lambda: sess.generate(list(range(65))), ValueError, "65 tokens exceed the model's context of 64"),
@@ -194,14 +241,20 @@ def test_bad_inputs_get_clear_errors(artifact):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["main", "decode"]), st.sampled_from(["int64", "int32", "float32"]),
-       st.lists(st.integers(0, 5), min_size=0, max_size=4), st.integers(-200, 200), st.booleans())
+@given(
+    st.sampled_from(["main", "decode"]),
+    st.sampled_from(["int64", "int32", "float32"]),
+    st.lists(st.integers(0, 5), min_size=0, max_size=4),
+    st.integers(-200, 200),
+    st.booleans(),
+)
 def test_malformed_inputs_never_crash(artifact, function, dtype, shape, value, drop):
     """Arbitrary dtype/rank/shape/values into either function: a result or a ValueError/TypeError."""
     import shiftadd
 
-    sess = test_malformed_inputs_never_crash.sess = getattr(test_malformed_inputs_never_crash, "sess", None) \
-        or shiftadd.load(artifact)
+    sess = test_malformed_inputs_never_crash.sess = getattr(
+        test_malformed_inputs_never_crash, "sess", None
+    ) or shiftadd.load(artifact)
     specs = sess.functions[function]["inputs"]
     feed = {s["name"]: np.full(shape, value, dtype=dtype) for s in specs}
     if drop:
@@ -217,7 +270,7 @@ FUZZ = r"""
 import json, shutil, sys, random
 from pathlib import Path
 import shiftadd
-from shiftadd.artifact import ArtifactError
+from shiftadd.runtime.artifact import ArtifactError
 src, work = Path(sys.argv[1]), Path(sys.argv[2])
 rng = random.Random(0)
 results = []
@@ -233,7 +286,8 @@ for f in sorted(src.parent.glob(src.stem + ".*")):
         for g in src.parent.glob(src.stem + ".*"):
             (shutil.copytree if g.is_dir() else shutil.copy)(g, d / g.name)
         blob = bytearray((d / f.name).read_bytes())
-        blob = blob[:at] if kind == "truncate" else blob[:at] + bytes([blob[at] ^ (1 << rng.randrange(8))]) + blob[at + 1:]
+        flipped = bytes([blob[at] ^ (1 << rng.randrange(8))])
+        blob = blob[:at] if kind == "truncate" else blob[:at] + flipped + blob[at + 1 :]
         (d / f.name).write_bytes(bytes(blob))
         try:
             shiftadd.load(d / src.name)
@@ -248,8 +302,9 @@ print(json.dumps(results))
 def test_damaged_artifacts_are_refused(artifact, tmp_path):
     """Every file truncated (4 ways) and bit-flipped (4 random bits): loading raises a clear error naming
     the damaged file, and the process never crashes."""
-    r = subprocess.run([sys.executable, "-c", FUZZ, str(artifact), str(tmp_path)], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", FUZZ, str(artifact), str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(results) == 3 * 8  # .so, .params, .json

@@ -22,8 +22,8 @@ def _run(mod, params, fname, feeds, scores: bool = True):
     import tvm
     from tvm import relax
 
-    from shiftadd.compiler import build
-    from shiftadd.targets import resolve_target
+    from shiftadd.relax_passes.pipeline import build
+    from shiftadd.schedules.targets import resolve_target
 
     vm = relax.VirtualMachine(build(mod, resolve_target("cpu"), share_kv=False, attention=scores), tvm.cpu())
     func = mod[fname]
@@ -40,12 +40,15 @@ def _feeds(mod, seed: int = 1, past: int = 5, prefill_mask=None):
     rng = np.random.default_rng(seed)
     mask = np.ones((2, 6), np.int64) if prefill_mask is None else np.asarray(prefill_mask, np.int64)
     prefill = {"input_ids": rng.integers(0, VOCAB, (2, 6)).astype(np.int64), "attention_mask": mask}
-    one = {"input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64),
-           "attention_mask": np.ones((1, past + 1), np.int64)}
-    for p in mod["decode_one"].params[:int(mod["decode_one"].attrs["num_input"])]:
+    one = {
+        "input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64),
+        "attention_mask": np.ones((1, past + 1), np.int64),
+    }
+    for p in mod["decode_one"].params[: int(mod["decode_one"].attrs["num_input"])]:
         if p.name.startswith("past_key_values"):
-            one[p.name] = rng.standard_normal([int(s) if i != 2 else past for i, s in enumerate(
-                [1, *p.ty.shape.values[1:]])]).astype(np.float32)
+            one[p.name] = rng.standard_normal(
+                [int(s) if i != 2 else past for i, s in enumerate([1, *p.ty.shape.values[1:]])]
+            ).astype(np.float32)
     return prefill, one
 
 

@@ -14,13 +14,16 @@ import warnings
 import pytest
 
 from shiftadd.schedules import lut_avx2 as L
-from shiftadd.schedules.tuning import PHASES, LocalMeasurer, TuningDB, key_of
-from shiftadd.tune import kernel_keys, model_matmuls, parse_budget, tune
+from shiftadd.tuning.database import PHASES, TuningDB, key_of
+from shiftadd.tuning.jobs import kernel_keys, model_matmuls, parse_budget, tune
+from shiftadd.tuning.search import LocalMeasurer
 
 from .conftest import _tiny
 
-pytestmark = pytest.mark.skipif(not L.target_supported(__import__("shiftadd.targets", fromlist=["x"]).resolve_target("cpu")),
-                                reason="the tunable kernel needs AVX2")
+pytestmark = pytest.mark.skipif(
+    not L.target_supported(__import__("shiftadd.schedules.targets", fromlist=["x"]).resolve_target("cpu")),
+    reason="the tunable kernel needs AVX2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,19 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
     shapes, siblings = model_matmuls(opt_folder)
     assert [len(g) for g in siblings] == [3, 3]  # q/k/v of both layers
     keys = kernel_keys(shapes, BCQConfig(bits=3, group=32), siblings=siblings)
-    assert sorted(keys) == sorted([(64, 64, 3, 32, True, 1, False, False), (64, 96, 3, 32, True, 1, False, False),
-                                   (96, 64, 3, 32, True, 1, False, False),
-                                   (64, 192, 3, 32, True, 1, False, False)])  # + q/k/v stacked
+    assert sorted(keys) == sorted(
+        [
+            (64, 64, 3, 32, True, 1, False, False),
+            (64, 96, 3, 32, True, 1, False, False),
+            (96, 64, 3, 32, True, 1, False, False),
+            (64, 192, 3, 32, True, 1, False, False),
+        ]
+    )  # + q/k/v stacked
     db = tmp_path / "db"
     db.mkdir()
     s = tune(opt_folder, db=db, bits=3, group=32, rounds=2, float_ops=False)
     assert s["complete"] == s["kernels"] == 4 and s["phases_left"] == 0
-    res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=3, group=32, calib_windows=0, db=db)
+    res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=3, group=32, windows=0, db=db)
     t = res.manifest["tuning"]
     assert t["default"] == 0 and t["from_db"] == 4 and t["db"] == str(db / "tuning.json")
 
@@ -88,16 +96,17 @@ def test_scale_storage_is_part_of_the_key(opt_folder, tmp_path, monkeypatch):
     assert key_of(64, 64, 4, 32, True, 1) == key_of(64, 64, 4, 32, True, 1, False, False)
     assert len({key_of(64, 64, 4, 32, True, 1, f, t) for f in (False, True) for t in (False, True)}) == 4
     db = tmp_path / "db"
-    s = tune(opt_folder, db=db, bits=4, group=32, rounds=1, float_ops=False, scale_format="e5m2", tied_scales=True)
+    s = tune(opt_folder, db=db, bits=4, group=32, rounds=1, float_ops=False, scale_format="e5m2", tied=True)
     assert s["complete"] == s["kernels"] == 4
     assert calls and all(kk[6:] == (True, True) for kk, _ in calls)
     assert made and all(a[8:] == (True, True) for a in made)  # make_lut_avx2(..., fp8, tied) as the compile builds it
     entries = json.loads((db / "tuning.json").read_text())["entries"]
     assert all(" e5m2 tied" in k for k in entries)
-    res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=4, group=32, calib_windows=0, db=db,
-                           scale_format="e5m2", tied_scales=True)
+    res = shiftadd.compile(
+        opt_folder, tmp_path / "m.so", bits=4, group=32, windows=0, db=db, scale_format="e5m2", tied=True
+    )
     assert res.manifest["tuning"]["from_db"] == 4 and res.manifest["tuning"]["default"] == 0
-    plain = shiftadd.compile(opt_folder, tmp_path / "p.so", bits=4, group=32, calib_windows=0, db=db)
+    plain = shiftadd.compile(opt_folder, tmp_path / "p.so", bits=4, group=32, windows=0, db=db)
     assert plain.manifest["tuning"]["from_db"] == 0 and plain.manifest["tuning"]["default"] == 4
 
 
@@ -172,8 +181,23 @@ def rpc_tracker():
     from tvm import rpc
 
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                               "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--port-end",
+                str(port + 1),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         t0 = time.time()
         while True:
@@ -185,10 +209,27 @@ def rpc_tracker():
                 time.sleep(0.5)
         for _ in range(2):
             sp = _free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-                                           f"127.0.0.1:{port}", "--key", "shiftadd-test", "--host", "127.0.0.1",
-                                           "--port", str(sp), "--port-end", str(sp + 1)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tvm.exec.rpc_server",
+                        "--tracker",
+                        f"127.0.0.1:{port}",
+                        "--key",
+                        "shiftadd-test",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(sp),
+                        "--port-end",
+                        str(sp + 1),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         while tracker.summary()["queue_info"].get("shiftadd-test", {}).get("free", 0) < 2:
             assert time.time() - t0 < 120, f"RPC servers did not register: {tracker.summary()}"
             time.sleep(0.5)
@@ -206,15 +247,24 @@ def rpc_tracker():
 
 def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     """Two servers measure the candidates; the entries are of the same kind as local tuning's."""
-    from shiftadd.schedules.rpc import RPCMeasurer
+    from shiftadd.tuning.rpc import RPCMeasurer
 
     m = RPCMeasurer(rpc_tracker, "shiftadd-test", repeat=5)
     assert len(m.sessions) == 2
     ms = m.measure((64, 64, 3, 32, True, 1), 1, [L.Knobs(1, 1, 0), L.Knobs(1, 2, 0), L.Knobs(1, 4, 1)])
     assert set(ms) == {"m1r1t0", "m1r2t0", "m1r4t1"} and all(0 < v < 100 for v in ms.values())
     m.close()
-    s = tune(opt_folder, db=tmp_path / "rpc.json", rpc=rpc_tracker, key="shiftadd-test", bits=3, group=32,
-             repeat=5, float_trials=2, float_min_work=1000)
+    s = tune(
+        opt_folder,
+        db=tmp_path / "rpc.json",
+        rpc=rpc_tracker,
+        key="shiftadd-test",
+        bits=3,
+        group=32,
+        repeat=5,
+        float_trials=2,
+        float_min_work=1000,
+    )
     assert s["complete"] == 4 and s["measured_by"].startswith("rpc:shiftadd-test@127.0.0.1:")
     # MetaSchedule measured the float lm_head (64 x 96) through the same servers: baseline + trials
     f = s["float"]
@@ -228,15 +278,17 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     assert set(lut) == set(lo["entries"])
     # our attention kernels' knobs were searched through the servers too, with local tuning's entries
     from shiftadd.quant import BCQConfig
-    from shiftadd.schedules.attention_cpu import candidates, measure, timing_cases
-    from shiftadd.schedules.float_tuning import attention_kernels
-    from shiftadd.schedules.tuning import attention_key
-    from shiftadd.targets import resolve_target
-    from shiftadd.tune import model_module
+    from shiftadd.relax_passes.pipeline import attention_kernels
+    from shiftadd.schedules.attention_cpu import candidates, timing_cases
+    from shiftadd.schedules.targets import resolve_target
+    from shiftadd.tuning.database import attention_key
+    from shiftadd.tuning.jobs import model_module
+    from shiftadd.tuning.search import measure
 
     assert s["attention"]["done"] == len(r["entries"]) - len(lut) >= 3
-    for spec, rows in attention_kernels(model_module(opt_folder, BCQConfig(bits=3, group=32), ("lm_head",),
-                                                         resolve_target("cpu"))[2]).items():
+    for spec, rows in attention_kernels(
+        model_module(opt_folder, BCQConfig(bits=3, group=32), ("lm_head",), resolve_target("cpu"))[2]
+    ).items():
         e = r["entries"][attention_key(spec)]
         _, here = measure(spec, rows, rounds=1)
         assert e["measured_by"].startswith("rpc:") and e["knob"] in candidates(spec) and e["rows"] == rows
@@ -265,8 +317,11 @@ def test_bad_arguments_get_clear_errors(opt_folder, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: not readable JSON"):
         tune(opt_folder, db=tmp_path / "bad.json")
-    r = subprocess.run([sys.executable, "-m", "shiftadd.cli", "tune", opt_folder, "--rpc", "nowhere", "--key", "k"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "shiftadd.cli", "tune", opt_folder, "--rpc", "nowhere", "--key", "k"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "shiftadd tune: error: --rpc: expected HOST:PORT" in r.stderr
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no stray warnings from a plain, valid call path

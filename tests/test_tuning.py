@@ -8,13 +8,14 @@ import pytest
 
 import shiftadd
 from shiftadd.schedules import lut_avx2
-from shiftadd.schedules.tuning import TuningDB, key_of
-from shiftadd.targets import resolve_target
+from shiftadd.schedules.targets import resolve_target
+from shiftadd.tuning.database import TuningDB, key_of
 
 from .conftest import ragged_batch
 
-pytestmark = pytest.mark.skipif(not lut_avx2.target_supported(resolve_target("cpu")),
-                                reason="this CPU has no AVX2/FMA/F16C")
+pytestmark = pytest.mark.skipif(
+    not lut_avx2.target_supported(resolve_target("cpu")), reason="this CPU has no AVX2/FMA/F16C"
+)
 
 
 def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
@@ -28,7 +29,9 @@ def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
     data = json.loads((db / "tuning.json").read_text())
     assert len(data["entries"]) == len(kernels)
     for e in data["entries"].values():
-        assert lut_avx2.Knobs(**e["decode"]) in lut_avx2.KNOB_SPACE and lut_avx2.Knobs(**e["batch"]) in lut_avx2.KNOB_SPACE
+        assert (
+            lut_avx2.Knobs(**e["decode"]) in lut_avx2.KNOB_SPACE and lut_avx2.Knobs(**e["batch"]) in lut_avx2.KNOB_SPACE
+        )
         assert min(e["ms"]["decode"].values()) > 0
     second = shiftadd.compile(path, tmp_path / "b.so", bits=2, group=32, tune=True, db=db)
     assert second.manifest["tuning"]["tuned_now"] == 0 and second.manifest["tuning"]["from_db"] == len(kernels)
@@ -53,10 +56,14 @@ def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
 
 def test_stale_database_is_ignored_with_a_warning(tmp_path):
     db = TuningDB.open(tmp_path / "t.json")
-    db.put(key_of(64, 32, 2, 32, True, 1), {"decode": {"mt": 1, "rbk": 2, "tasks": 1},
-                                            "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}})
-    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) == (lut_avx2.Knobs(1, 2, 1),
-                                                                              lut_avx2.Knobs(2, 1, 0))
+    db.put(
+        key_of(64, 32, 2, 32, True, 1),
+        {"decode": {"mt": 1, "rbk": 2, "tasks": 1}, "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}},
+    )
+    assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) == (
+        lut_avx2.Knobs(1, 2, 1),
+        lut_avx2.Knobs(2, 1, 0),
+    )
     data = json.loads((tmp_path / "t.json").read_text())
     data["context"]["tvm"] = "0.0.1"
     data["context"]["cpu"] = "another CPU"
@@ -72,8 +79,14 @@ def test_int8_batch_off_keeps_the_lut_path(tmp_path):
     default LUT batch knobs without one); decode knobs and other picks are untouched."""
     db = TuningDB.open(tmp_path / "t.json")
     key = key_of(64, 32, 2, 32, True, 1)
-    db.put(key, {"decode": {"mt": 1, "rbk": 4, "tasks": 0, "path": 2}, "batch": {"mt": 4, "rbk": 1, "tasks": 0, "path": 1},
-                 "ms": {"batch": {"i8m4t0": 0.1, "m4r1t0": 0.5, "m2r2t0": 0.3, "wm1r4t0": 0.4}}})
+    db.put(
+        key,
+        {
+            "decode": {"mt": 1, "rbk": 4, "tasks": 0, "path": 2},
+            "batch": {"mt": 4, "rbk": 1, "tasks": 0, "path": 1},
+            "ms": {"batch": {"i8m4t0": 0.1, "m4r1t0": 0.5, "m2r2t0": 0.3, "wm1r4t0": 0.4}},
+        },
+    )
     wide, i8 = lut_avx2.Knobs(1, 4, 0, 2), lut_avx2.Knobs(4, 1, 0, 1)
     assert db.knobs(64, 32, 2, 32, True, 1) == (wide, i8)
     assert db.knobs(64, 32, 2, 32, True, 1, int8=False) == (wide, lut_avx2.Knobs(2, 2, 0))
@@ -142,7 +155,7 @@ def test_single_thread_split_needs_a_margin(spin, monkeypatch):
     """A tasks=1 candidate wins only by SPLIT_MARGIN, with spinning workers and without
     (TVM_THREAD_POOL_SPIN_COUNT=0, bench/kernels.py's regime)."""
     from shiftadd.schedules import lut_avx2 as L
-    from shiftadd.schedules.tuning import SPLIT_MARGIN, pick
+    from shiftadd.tuning.search import SPLIT_MARGIN, pick
 
     cands = [L.Knobs(1, 1, 0), L.Knobs(1, 2, 0), L.Knobs(1, 1, 1)]
     close = {"m1r1t0": 0.0110, "m1r2t0": 0.0105, "m1r1t1": 0.0100}
@@ -160,8 +173,10 @@ def test_knobs_timed_under_a_kernel_switch_are_not_used_without_it(tmp_path, mon
     them: a database tuned under a switch is ignored (with a warning) without it, and vice versa."""
     monkeypatch.setenv("SHIFTADD_NO_AVX512", "1")
     db = TuningDB.open(tmp_path / "t.json")
-    db.put(key_of(64, 32, 2, 32, True, 1), {"decode": {"mt": 1, "rbk": 2, "tasks": 0},
-                                            "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}})
+    db.put(
+        key_of(64, 32, 2, 32, True, 1),
+        {"decode": {"mt": 1, "rbk": 2, "tasks": 0}, "batch": {"mt": 2, "rbk": 1, "tasks": 0}, "ms": {}},
+    )
     assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is not None
     monkeypatch.setenv("SHIFTADD_NO_AVX512", "0")  # read as unset, as the micro-kernel reads it
     with pytest.warns(UserWarning, match=r"another context \(cpu differ\)"):
@@ -170,7 +185,7 @@ def test_knobs_timed_under_a_kernel_switch_are_not_used_without_it(tmp_path, mon
     monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
     with pytest.warns(UserWarning, match=r"another context"):
         assert TuningDB.open(tmp_path / "t.json").get(64, 32, 2, 32, True, 1) is None
-    from shiftadd.targets import resolve_target
+    from shiftadd.schedules.targets import resolve_target
 
     assert "SHIFTADD_NO_INT8" in TuningDB.open(tmp_path / "u.json", target=resolve_target("cpu")).ctx["cpu"]
 
@@ -180,10 +195,13 @@ def test_untuned_batch_knobs_follow_the_target(tmp_path, monkeypatch):
     <= 3 bits (the LUT loop measured faster there): SHIFTADD_NO_AVX512 is such a target here."""
     vnni = TuningDB.open(tmp_path / "a.json").vnni
     if vnni:
-        assert all(TuningDB.open(tmp_path / "a.json").knobs(64, 32, b, 32, True, 1)[1] == lut_avx2.DEFAULT_BATCH_KNOBS
-                   for b in (2, 3, 4))
+        assert all(
+            TuningDB.open(tmp_path / "a.json").knobs(64, 32, b, 32, True, 1)[1] == lut_avx2.DEFAULT_BATCH_KNOBS
+            for b in (2, 3, 4)
+        )
     monkeypatch.setenv("SHIFTADD_NO_AVX512", "1")
     db = TuningDB.open(tmp_path / "b.json")
     assert not db.vnni
     assert [db.knobs(64, 32, b, 32, True, 1) for b in (2, 3, 4)] == [
-        (lut_avx2.DEFAULT_KNOBS, lut_avx2.LUT_BATCH_KNOBS)] * 2 + [(lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)]
+        (lut_avx2.DEFAULT_KNOBS, lut_avx2.LUT_BATCH_KNOBS)
+    ] * 2 + [(lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)]

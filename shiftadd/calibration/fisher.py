@@ -11,11 +11,12 @@ model, so this runs on Hugging Face (torch) models; an ONNX input keeps the plai
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
-from .util import log
+logger = logging.getLogger(__name__)
 
 
 def output_fisher(model, batches: list[dict], names=None) -> dict[str, np.ndarray]:
@@ -26,19 +27,22 @@ def output_fisher(model, batches: list[dict], names=None) -> dict[str, np.ndarra
     import torch
     from tqdm import tqdm
 
-    from . import util
-
     if not batches:
         raise ValueError("Fisher estimate: no calibration batches")
-    lin = {f"{n}.weight": m for n, m in model.named_modules()  # nn.Linear, GPT-2's Conv1D, ...
-           if isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.ndim == 2
-           and not isinstance(m, torch.nn.Embedding)}
+    lin = {
+        f"{n}.weight": m
+        for n, m in model.named_modules()  # nn.Linear, GPT-2's Conv1D, ...
+        if isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+        and m.weight.ndim == 2
+        and not isinstance(m, torch.nn.Embedding)
+    }
     if names is not None:
         names = set(names)
         lin = {k: m for k, m in lin.items() if k in names}
     if not lin:
-        raise ValueError("Fisher estimate: the model has no linear layers named "
-                         f"{sorted(names)[:3] if names else []}...")
+        raise ValueError(
+            f"Fisher estimate: the model has no linear layers named {sorted(names)[:3] if names else []}..."
+        )
     acc = {}
 
     def on_output(name):
@@ -48,6 +52,7 @@ def output_fisher(model, batches: list[dict], names=None) -> dict[str, np.ndarra
 
         def hook(_mod, _inp, out):
             out.register_hook(record)
+
         return hook
 
     def grad_from_here(_mod, _inp, out):  # the weights stay frozen; gradients flow from the embeddings on
@@ -60,13 +65,20 @@ def output_fisher(model, batches: list[dict], names=None) -> dict[str, np.ndarra
         p.requires_grad_(False)
     t0, tokens = time.time(), 0
     try:
-        for b in tqdm(batches, desc="loss sensitivity (Fisher)", unit="window", disable=util.QUIET, leave=False):
+        for b in tqdm(
+            batches,
+            desc="loss sensitivity (Fisher)",
+            unit="window",
+            disable=not logger.isEnabledFor(logging.INFO),
+            leave=False,
+        ):
             ids = torch.as_tensor(np.asarray(b["input_ids"]), dtype=torch.long)
             if ids.ndim != 2 or ids.shape[1] < 2:
                 raise ValueError(f"Fisher estimate: input_ids of shape [batch, >= 2] expected, got {list(ids.shape)}")
             logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+            )
             loss.backward()
             tokens += ids.numel()
     finally:
@@ -74,5 +86,5 @@ def output_fisher(model, batches: list[dict], names=None) -> dict[str, np.ndarra
             h.remove()
         for p, g in frozen:
             p.requires_grad_(g)
-    log(f"loss sensitivity of {len(acc)} linear layers from {tokens} tokens in {time.time() - t0:.1f}s")
+    logger.info(f"loss sensitivity of {len(acc)} linear layers from {tokens} tokens in {time.time() - t0:.1f}s")
     return {k: (v / tokens).numpy() for k, v in acc.items()}

@@ -13,6 +13,7 @@ Two protocols:
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -20,9 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .util import log
+from ..config import CALIBRATION_MODES
 
-MODES = ("sequential", "one-pass")
+logger = logging.getLogger(__name__)
+
+
+MODES = CALIBRATION_MODES
 
 
 @dataclass
@@ -85,18 +89,18 @@ def _memo_key(imported, batches, target, skip) -> str:
     return h.hexdigest()
 
 
-def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: str = "sequential",
-              fit: Callable | None = None) -> Calibration:
+def calibrate(
+    imported, batches: list[dict], target, skip=("lm_head",), mode: str = "sequential", fit: Callable | None = None
+) -> Calibration:
     """Measure Hessians on ``batches`` (feeds of the model's inputs) and, with ``fit(name, w [N, K],
     H) -> BCQWeight or None``, fit each layer; ``sequential`` needs ``fit`` (it feeds the quantized
     weights forward)."""
     import tvm
-    from tvm import relax
     from tqdm import tqdm
+    from tvm import relax
 
-    from . import util
-    from .compiler import build
-    from .relax_passes.capture_matmul_inputs import capture_matmul_inputs
+    from ..relax_passes.capture_matmul_inputs import capture_matmul_inputs
+    from ..relax_passes.pipeline import build
 
     if mode not in MODES:
         raise ValueError(f"calibration mode must be one of {MODES}, got '{mode}'")
@@ -108,7 +112,7 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
     _check_feeds(func, imported.input_names, batches)
     memo = _memo_key(imported, batches, target, skip) if mode == "one-pass" and fit is None else None
     if memo is not None and memo in _MEMO:
-        log("calibration: reusing the Hessians measured earlier in this process (same model, inputs, target)")
+        logger.info("calibration: reusing the Hessians measured earlier in this process (same model, inputs, target)")
         return _MEMO[memo]
     mod, caps = capture_matmul_inputs(imported.mod, imported.params, tuple(skip))
     t0 = time.time()
@@ -116,8 +120,10 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
     dev = tvm.cpu(0)
     vm = relax.VirtualMachine(ex, dev)
     weights = {k: tvm.runtime.tensor(v, dev) for k, v in imported.params.items()}
-    feeds = [[tvm.runtime.tensor(np.ascontiguousarray(f[v.name]), dev) for v in func.params[:len(imported.input_names)]]
-             for f in batches]
+    feeds = [
+        [tvm.runtime.tensor(np.ascontiguousarray(f[v.name]), dev) for v in func.params[: len(imported.input_names)]]
+        for f in batches
+    ]
 
     stages: dict[str, list] = {}
     for c in caps:
@@ -127,8 +133,13 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
         stages = {"all": caps}
     cal = Calibration({}, 0, mode)
     # progress per forward pass (a one-pass calibration of SmolLM2 is 128 of them, minutes in all)
-    bar = tqdm(total=len(stages) * len(feeds), desc=f"calibration ({mode})", unit="window", disable=util.QUIET,
-               leave=False)
+    bar = tqdm(
+        total=len(stages) * len(feeds),
+        desc=f"calibration ({mode})",
+        unit="window",
+        disable=not logger.isEnabledFor(logging.INFO),
+        leave=False,
+    )
     for key, group in stages.items():
         wanted = sorted({c.index for c in group})
         sums = {i: 0 for i in wanted}
@@ -159,8 +170,10 @@ def calibrate(imported, batches: list[dict], target, skip=("lm_head",), mode: st
     if memo is not None:
         _MEMO.clear()  # one model's Hessians at a time (hundreds of MB for a 135M model)
         _MEMO[memo] = cal
-    log(f"calibrated {len(caps)} matmuls ({mode}, {len(stages)} stage(s), {cal.forwards} forwards) on "
-        f"{cal.tokens} tokens in {cal.seconds:.1f}s")
+    logger.info(
+        f"calibrated {len(caps)} matmuls ({mode}, {len(stages)} stage(s), {cal.forwards} forwards) on "
+        f"{cal.tokens} tokens in {cal.seconds:.1f}s"
+    )
     return cal
 
 

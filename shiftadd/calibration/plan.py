@@ -7,6 +7,7 @@ per-layer bit allocation, and the fits themselves (the rewrite pass then only pa
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,14 +15,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .quant import BCQConfig
-from .quant.allocate import (CHOICES, LayerCost, allocate_budget, allocate_ratio, allocation_table,
-                             average_bits, sensitivity)
-from .quant.gptq import fit_layer
-from .quant.refit import row_errors
-from .util import log
+from ..config import ALLOCATORS
+from ..quant import BCQConfig
+from ..quant.allocate import (
+    CHOICES,
+    LayerCost,
+    allocate_budget,
+    allocate_ratio,
+    allocation_table,
+    average_bits,
+    sensitivity,
+)
+from ..quant.gptq import fit_layer
+from ..quant.refit import row_errors
 
-ALLOCATORS = ("budget", "ratio")
+logger = logging.getLogger(__name__)
+
 ALLOCATION_REFITS = 1  # scale refits of the fits that predict each layer's error per bit width
 _ROWS_MEMO: dict = {}  # memo key -> {(weight name, bits): per-row output errors}
 
@@ -43,12 +52,15 @@ class Allocation:
 
     def table(self) -> str:
         other = "ratio" if self.allocator == "budget" else "budget"
-        head = (f"Average-bits budget {self.budget}: allocator '{self.allocator}' -> "
-                f"{average_bits(self.costs, self.bits):.4f} bits, predicted error {self.predicted_error():.4g}; "
-                f"'{other}' -> {average_bits(self.costs, self.alternative):.4f} bits, predicted error "
-                f"{self.predicted_error(self.alternative):.4g}\n\n")
-        return head + allocation_table(self.costs, {f"bits ({self.allocator})": self.bits,
-                                                    f"bits ({other})": self.alternative})
+        head = (
+            f"Average-bits budget {self.budget}: allocator '{self.allocator}' -> "
+            f"{average_bits(self.costs, self.bits):.4f} bits, predicted error {self.predicted_error():.4g}; "
+            f"'{other}' -> {average_bits(self.costs, self.alternative):.4f} bits, predicted error "
+            f"{self.predicted_error(self.alternative):.4g}\n\n"
+        )
+        return head + allocation_table(
+            self.costs, {f"bits ({self.allocator})": self.bits, f"bits ({other})": self.alternative}
+        )
 
     def plot(self, path) -> None:
         import matplotlib
@@ -59,8 +71,13 @@ class Allocation:
         x = np.arange(len(self.costs))
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.06 * len(x) + 2), 5), sharex=True)
         a1.step(x, [self.bits[c.name] for c in self.costs], where="mid", label=self.allocator)
-        a1.step(x, [self.alternative[c.name] for c in self.costs], where="mid", ls="--",
-                label="ratio" if self.allocator == "budget" else "budget")
+        a1.step(
+            x,
+            [self.alternative[c.name] for c in self.costs],
+            where="mid",
+            ls="--",
+            label="ratio" if self.allocator == "budget" else "budget",
+        )
         a1.set_ylabel("bits")
         a1.legend(loc="upper right")
         a1.set_title(f"bit allocation, budget {self.budget} bits/weight")
@@ -86,10 +103,12 @@ class FitPlan:
     allocation: Allocation | None = None
     calibration: dict | None = None  # what the manifest records
     scale_tuning: dict | None = None  # likewise, when the scales were tuned end to end (scale_tuning.py)
+    norms: dict = field(default_factory=dict)  # norm gains tuned with the scales (param name -> array)
+    predicted_error: str | None = None  # what the bit allocation minimised
 
 
 def _layers(imported, skip):
-    from .relax_passes.capture_matmul_inputs import capture_matmul_inputs
+    from ..relax_passes.capture_matmul_inputs import capture_matmul_inputs
 
     _, caps = capture_matmul_inputs(imported.mod, imported.params, tuple(skip), require=False)
     out = []
@@ -100,9 +119,17 @@ def _layers(imported, skip):
     return out
 
 
-def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, allocator: str = "budget",
-                  choices=CHOICES, fisher: dict | None = None, fits: dict | None = None,
-                  memo_key=None) -> Allocation:
+def allocate_bits(
+    layers,
+    cfg: BCQConfig,
+    budget: float,
+    hessians: dict | None,
+    allocator: str = "budget",
+    choices=CHOICES,
+    fisher: dict | None = None,
+    fits: dict | None = None,
+    memo_key=None,
+) -> Allocation:
     """Measure every layer's predicted error at each bit width and allocate.
 
     With ``hessians`` the prediction is the output error of the calibrated fit at that width (error
@@ -110,37 +137,47 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
     the fits are stored in ``fits`` (weight name ->
     {bits: BCQWeight}) when given, and serve as the final fits when ``cfg.refits`` is no more. Without
     ``hessians``: the plain weight error of weight-only fits. ``fisher`` (weight name -> [N] loss
-    sensitivity per output, shiftadd/fisher.py) makes the prediction loss-aware: row errors weighted
+    sensitivity per output, shiftadd/calibration/fisher.py) makes the prediction loss-aware: row errors weighted
     by it. ``memo_key`` (the content of model, calibration and config) keeps the per-row errors in
     this process, so further budgets of one model (bench/quality.py) skip the fits."""
     from tqdm import tqdm
-
-    from . import util
 
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {ALLOCATORS}, got '{allocator}'")
     t0 = time.time()
     memo = _ROWS_MEMO.get(memo_key) if memo_key is not None else None
     if memo is not None:
-        log("bit allocation: reusing the per-width fit errors measured earlier in this process")
+        logger.info("bit allocation: reusing the per-width fit errors measured earlier in this process")
     rows_of = {}
     costs = []
-    for name, w in tqdm(layers, desc="bit allocation", unit="matmul", disable=util.QUIET or memo is not None,
-                        leave=False):
+    for name, w in tqdm(
+        layers,
+        desc="bit allocation",
+        unit="matmul",
+        disable=not logger.isEnabledFor(logging.INFO) or memo is not None,
+        leave=False,
+    ):
         h = hessians.get(name) if hessians else None
         f = fisher.get(name) if fisher else None
         if f is not None and np.shape(f) != (w.shape[0],):
-            raise ValueError(f"fisher weights of {name}: shape [{w.shape[0]}] (one per output row) expected, "
-                             f"got {list(np.shape(f))}")
+            raise ValueError(
+                f"fisher weights of {name}: shape [{w.shape[0]}] (one per output row) expected, got {list(np.shape(f))}"
+            )
         c = LayerCost(name, int(w.size), score=sensitivity(w, h if h is not None else np.eye(w.shape[1])))
         for b in choices:
             rows = memo.get((name, b)) if memo is not None else None
             if rows is None:
-                bw = fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h) \
-                    if h is not None else fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
+                bw = (
+                    fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h)
+                    if h is not None
+                    else fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
+                )
                 d = torch.from_numpy(np.asarray(w, np.float64) - bw.dequantize().astype(np.float64))
-                rows = (row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64)))
-                        if h is not None else (d * d).sum(1)).numpy()
+                rows = (
+                    row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64)))
+                    if h is not None
+                    else (d * d).sum(1)
+                ).numpy()
                 if fits is not None and h is not None and cfg.refits <= ALLOCATION_REFITS:
                     fits.setdefault(name, {})[b] = bw
             rows_of[(name, b)] = rows
@@ -155,20 +192,30 @@ def allocate_bits(layers, cfg: BCQConfig, budget: float, hessians: dict | None, 
     bits, alt = (ours, paper) if allocator == "budget" else (paper, ours)
     a = Allocation(budget, allocator, bits, costs, alt, time.time() - t0)
     hist = {b: sum(c.params for c in costs if bits[c.name] == b) for b in choices}
-    log(f"allocated {len(costs)} layers for {budget} bits/weight ({allocator}): "
+    logger.info(
+        f"allocated {len(costs)} layers for {budget} bits/weight ({allocator}): "
         + ", ".join(f"{b}-bit {100 * n / sum(hist.values()):.1f} %" for b, n in hist.items())
         + f" of weights, predicted error {a.predicted_error():.4g} vs {a.predicted_error(alt):.4g} "
-        f"({'ratio' if allocator == 'budget' else 'budget'}) in {a.seconds:.1f}s")
+        f"({'ratio' if allocator == 'budget' else 'budget'}) in {a.seconds:.1f}s"
+    )
     return a
 
 
-def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list | None = None,
-             mode: str = "one-pass", avg_bits: float | None = None, allocator: str = "budget",
-             fisher: dict | None = None) -> FitPlan:
+def plan_fit(
+    imported,
+    cfg: BCQConfig,
+    target,
+    skip=("lm_head",),
+    batches: list | None = None,
+    mode: str = "one-pass",
+    avg_bits: float | None = None,
+    allocator: str = "budget",
+    fisher: dict | None = None,
+) -> FitPlan:
     """Fits for every weight matmul: weight-only without ``batches``, error feedback with them
     (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation, on
-    loss-aware predicted errors when ``fisher`` (shiftadd/fisher.py) is given."""
-    from .calibrate import calibrate
+    loss-aware predicted errors when ``fisher`` (shiftadd/calibration/fisher.py) is given."""
+    from .hessians import calibrate
 
     plan = FitPlan()
     layers = _layers(imported, skip)
@@ -181,12 +228,19 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
     if avg_bits is not None:
         from dataclasses import asdict
 
-        from .calibrate import _memo_key
+        from .hessians import _memo_key
 
-        key = (_memo_key(imported, batches, target, tuple(skip)),  # the fits' config, whatever its bits
-               tuple(v for k, v in asdict(cfg).items() if k != "bits")) if batches else None
-        plan.allocation = allocate_bits(layers, cfg, avg_bits, h0, allocator, fisher=fisher,
-                                        fits=fits if mode == "one-pass" else None, memo_key=key)
+        key = (
+            (
+                _memo_key(imported, batches, target, tuple(skip)),  # the fits' config, whatever its bits
+                tuple(v for k, v in asdict(cfg).items() if k != "bits"),
+            )
+            if batches
+            else None
+        )
+        plan.allocation = allocate_bits(
+            layers, cfg, avg_bits, h0, allocator, fisher=fisher, fits=fits if mode == "one-pass" else None, memo_key=key
+        )
         plan.layer_bits = plan.allocation.bits
 
     def cfg_of(name):
@@ -196,20 +250,99 @@ def plan_fit(imported, cfg: BCQConfig, target, skip=("lm_head",), batches: list 
     if batches is None:
         return plan  # the rewrite pass fits weight-only with layer_bits
     if mode == "sequential":
-        cal2 = calibrate(imported, batches, target, skip, mode="sequential",
-                         fit=lambda name, w, h: fit_layer(w, cfg_of(name), h))
+        cal2 = calibrate(
+            imported, batches, target, skip, mode="sequential", fit=lambda name, w, h: fit_layer(w, cfg_of(name), h)
+        )
         plan.fitted = cal2.fitted
         forwards, seconds = cal2.forwards + (cal.forwards if cal else 0), cal2.seconds + (cal.seconds if cal else 0)
         tokens = cal2.tokens
     else:
         from tqdm import tqdm
 
-        from . import util
-
         t0 = time.time()
-        for name, w in tqdm(layers, desc="error-feedback fit", unit="matmul", disable=util.QUIET, leave=False):
+        for name, w in tqdm(
+            layers, desc="error-feedback fit", unit="matmul", disable=not logger.isEnabledFor(logging.INFO), leave=False
+        ):
             done = fits.get(name, {}).get(cfg_of(name).bits)
             plan.fitted[name] = done if done is not None else fit_layer(w, cfg_of(name), h0[name])
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan
+
+
+TUNE_LEN = 256  # tokens per scale-tuning window
+
+
+def fit_weights(loaded, options, target, batches) -> FitPlan:
+    """Every weight matmul's fit for a compile: the loss sensitivity of each output (Fisher, from the
+    source model) when bits are allocated per layer, the calibrated fits of :func:`plan_fit`, then
+    the end-to-end scale tuning the options ask for. ``loaded``: frontend.LoadedModel (its
+    torch model kept when a step needs it), ``options``: config.CompileOptions."""
+    q, c = options.quant, options.calibration
+    cfg = options.bcq()
+    fisher = None
+    if q.avg_bits is not None and batches and c.loss_aware:
+        if loaded.torch_model is None:
+            logger.info(
+                "loss-aware allocation needs the source model's gradients: ONNX input, allocating on "
+                "output error (compile the Hugging Face model for the loss-aware allocation)"
+            )
+        else:
+            from .fisher import output_fisher
+
+            fisher = output_fisher(loaded.torch_model, batches, names=set(loaded.imported.params))
+    plan = plan_fit(
+        loaded.imported,
+        cfg,
+        target,
+        skip=q.skip,
+        batches=batches,
+        mode=c.mode,
+        avg_bits=q.avg_bits,
+        allocator=q.allocator,
+        fisher=fisher,
+    )
+    plan.predicted_error = (
+        "loss-aware (Fisher-weighted output error)"
+        if fisher is not None
+        else ("output error" if batches else "weight error")
+    )
+    if c.tune_scales:
+        if not batches:
+            raise ValueError("scale tuning needs calibration windows (windows > 0 and a tokenizer)")
+        _tune_scales(loaded, plan, batches, cfg, c.tune_scales)
+    return plan
+
+
+def _tune_scales(loaded, plan: FitPlan, batches, cfg: BCQConfig, steps: int) -> None:
+    """End-to-end scale tuning of ``plan.fitted`` and the norm gains (in place) on the source model."""
+    from .scale_tuning import tune_scales
+
+    model, imported = loaded.torch_model, loaded.imported
+    windows = _tuning_windows(loaded.tokenizer, batches, getattr(model.config, "max_position_embeddings", None))
+    tuned = tune_scales(model, plan.fitted, windows, cfg.rounder(), steps, available=set(imported.params))
+    for name, gain in tuned.norms.items():
+        want = np.shape(imported.params[name])
+        if np.shape(gain) != want:
+            raise ValueError(
+                f"scale tuning: norm gain {name} has shape {list(np.shape(gain))}, the graph's {list(want)}"
+            )
+    plan.fitted, plan.norms = tuned.fitted, dict(tuned.norms)
+    plan.scale_tuning = {
+        "steps": steps,
+        "norm_gains": len(tuned.norms),
+        "kl_before": round(tuned.kl_before, 5),
+        "kl_after": round(tuned.kl_after, 5),
+        "seconds": round(tuned.seconds, 1),
+    }
+
+
+def _tuning_windows(tokenizer, batches, max_len: int | None = None) -> np.ndarray:
+    """The calibration text's tokens (as many as the calibration windows hold) in windows of TUNE_LEN:
+    on SmolLM2 at 3 bits, 64 x 256 tokens tuned to 20.00 held-out perplexity, 128 x 128 to 20.43
+    (docs/QUALITY.md; later positions see longer contexts, as in use)."""
+    from .text import token_windows, wiki_split
+
+    length = min(TUNE_LEN, max_len or TUNE_LEN)
+    tokens = sum(int(np.asarray(b["input_ids"]).size) for b in batches)
+    return token_windows(tokenizer, wiki_split("calib"), length, max(1, tokens // length))

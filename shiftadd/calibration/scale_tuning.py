@@ -17,14 +17,16 @@ SmolLM2-135M at 3 bits (docs/QUALITY.md). Needs the source model (torch): Huggin
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .quant.bcq import BCQWeight
-from .util import log
+from ..quant.bcq import BCQWeight
+
+logger = logging.getLogger(__name__)
 
 KL_PROBE_WINDOWS = 16  # windows the before/after KL is reported on
 
@@ -57,8 +59,11 @@ def _norm_gains(model, available) -> dict:
     """Norm-layer gains (LayerNorm / RMSNorm weights) whose parameter name is in ``available`` and whose
     value no other norm shares: an exporter may merge equal initializers (e.g. freshly initialised
     all-ones gains), and tuning one of them would then silently change the others in the graph."""
-    gains = {f"{n}.weight": m.weight for n, m in model.named_modules()
-             if type(m).__name__.endswith("Norm") and getattr(m, "weight", None) is not None}
+    gains = {
+        f"{n}.weight": m.weight
+        for n, m in model.named_modules()
+        if type(m).__name__.endswith("Norm") and getattr(m, "weight", None) is not None
+    }
     keyed = {}
     for name, p in gains.items():
         keyed.setdefault(p.detach().numpy().tobytes(), []).append(name)
@@ -95,7 +100,7 @@ class _Scales:
         z = self.z0 + self.a0[0] * self.t if self.z0 is not None else None
         if hard:  # straight-through: the forward pass sees the stored (rounded) values
             if self.bw.tied:  # round plane 0's scale, the others are it times 2^-b
-                from .quant.bcq import plane_weights
+                from ..quant.bcq import plane_weights
 
                 stored = rnd(a[:1].detach()).to(a.dtype) * plane_weights(a.shape[0])[:, None, None]
             else:
@@ -112,7 +117,7 @@ class _Scales:
         w = torch.einsum("bng,bnge->nge", a, self.B)
         if z is not None:
             w = w + z[..., None]
-        w = w.reshape(w.shape[0], -1)[:, :self.k]
+        w = w.reshape(w.shape[0], -1)[:, : self.k]
         return w.T if self.transposed else w
 
     def tuned(self, rnd) -> BCQWeight:
@@ -120,12 +125,27 @@ class _Scales:
 
         with torch.no_grad():
             a, z = self.scales(rnd, hard=True)
-        return BCQWeight(signs=self.bw.signs, alpha=a.numpy().astype(np.float32), group=self.bw.group,
-                         offset=z.numpy().astype(np.float32) if z is not None else None, tied=self.bw.tied)
+        return BCQWeight(
+            signs=self.bw.signs,
+            alpha=a.numpy().astype(np.float32),
+            group=self.bw.group,
+            offset=z.numpy().astype(np.float32) if z is not None else None,
+            tied=self.bw.tied,
+        )
 
 
-def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: float = 1.5e-3, batch: int = 2,
-                norms: bool = True, available=None, seed: int = 0) -> TunedScales:
+def tune_scales(
+    model,
+    fitted: dict,
+    windows: np.ndarray,
+    rnd,
+    steps: int,
+    lr: float = 1.5e-3,
+    batch: int = 2,
+    norms: bool = True,
+    available=None,
+    seed: int = 0,
+) -> TunedScales:
     """Tune the scales of ``fitted`` (weight name -> BCQWeight of the row-group layout; other fits stay
     as they are) and the norm gains of ``model`` (a torch causal LM holding the float weights) for
     ``steps`` Adam steps (cosine-decayed ``lr``) of ``batch`` rows of ``windows`` (int token ids
@@ -134,22 +154,27 @@ def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: f
     import torch
     from tqdm import tqdm
 
-    from . import util
-
     windows = np.asarray(windows)
     if steps < 1:
         raise ValueError(f"scale tuning: steps must be >= 1, got {steps}")
     if not lr > 0 or batch < 1:
         raise ValueError(f"scale tuning: lr > 0 and batch >= 1 expected, got lr={lr}, batch={batch}")
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2 or windows.dtype.kind not in "iu":
-        raise ValueError("scale tuning: calibration windows must be integer token ids [count >= 1, length >= 2], "
-                         f"got {windows.dtype} {list(windows.shape)}")
+        raise ValueError(
+            "scale tuning: calibration windows must be integer token ids [count >= 1, length >= 2], "
+            f"got {windows.dtype} {list(windows.shape)}"
+        )
     mods = _linear_modules(model)
-    layers = {name: _Scales(bw, mods[name][1]) for name, bw in fitted.items()
-              if isinstance(bw, BCQWeight) and bw.alpha_rows == 1 and name in mods}
+    layers = {
+        name: _Scales(bw, mods[name][1])
+        for name, bw in fitted.items()
+        if isinstance(bw, BCQWeight) and bw.alpha_rows == 1 and name in mods
+    }
     if not layers:
-        raise ValueError("scale tuning: none of the fitted matmuls is a row-group fit of one of the model's "
-                         f"linear layers (fitted: {sorted(fitted)[:3]}..., model: {sorted(mods)[:3]}...)")
+        raise ValueError(
+            "scale tuning: none of the fitted matmuls is a row-group fit of one of the model's "
+            f"linear layers (fitted: {sorted(fitted)[:3]}..., model: {sorted(mods)[:3]}...)"
+        )
     fixed = {}  # other fits: their dequantized weights, constant
     for name, bw in fitted.items():
         if name not in layers and name in mods:
@@ -183,8 +208,11 @@ def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: f
     def mean_kl():  # on the first windows only: a progress figure, not worth a full pass
         with torch.no_grad():
             w = weights()
-            return float(np.mean([kl(torch.from_numpy(probe[i:i + batch]).long(), w).item()
-                                  for i in range(0, len(probe), batch)]))
+            return float(
+                np.mean(
+                    [kl(torch.from_numpy(probe[i : i + batch]).long(), w).item() for i in range(0, len(probe), batch)]
+                )
+            )
 
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(windows)) for _ in range(-(-steps * batch // len(windows)))])
@@ -193,9 +221,15 @@ def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: f
     t0 = time.time()
     try:
         before = mean_kl()
-        bar = tqdm(range(steps), desc="scale tuning (KL to float)", unit="step", disable=util.QUIET, leave=False)
+        bar = tqdm(
+            range(steps),
+            desc="scale tuning (KL to float)",
+            unit="step",
+            disable=not logger.isEnabledFor(logging.INFO),
+            leave=False,
+        )
         for i in bar:
-            x = torch.from_numpy(windows[order[i * batch:(i + 1) * batch]]).long()
+            x = torch.from_numpy(windows[order[i * batch : (i + 1) * batch]]).long()
             loss = kl(x, weights())
             opt.zero_grad()
             loss.backward()
@@ -212,6 +246,8 @@ def tune_scales(model, fitted: dict, windows: np.ndarray, rnd, steps: int, lr: f
     with torch.no_grad():
         new_gains = {n: (g0[n] * torch.exp(v)).numpy().astype(np.float32) for n, v in gv.items()}
     secs = time.time() - t0
-    log(f"scale tuning: {len(layers)} matmuls, {len(new_gains)} norm gains, {steps} steps of {batch} windows: "
-        f"KL to float {before:.4f} -> {after:.4f} per token in {secs:.1f}s")
+    logger.info(
+        f"scale tuning: {len(layers)} matmuls, {len(new_gains)} norm gains, {steps} steps of {batch} windows: "
+        f"KL to float {before:.4f} -> {after:.4f} per token in {secs:.1f}s"
+    )
     return TunedScales(tuned, new_gains, before, after, secs)

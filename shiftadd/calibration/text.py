@@ -47,3 +47,13 @@ def token_windows(tokenizer, texts: list[str], window: int, count: int) -> np.nd
     if len(ids) < need:
         raise ValueError(f"text has only {len(ids)} tokens, {need} needed for {count} windows of {window}")
     return np.asarray(ids[:need], dtype=np.int64).reshape(count, window)
+
+
+def calibration_batches(tokenizer, windows: int, length: int) -> list[dict] | None:
+    """``windows`` x ``length`` tokens of the calibration split as model feeds, or None for none."""
+    if windows <= 0:
+        return None
+    if tokenizer is None:
+        raise ValueError("calibration on text needs a tokenizer (pass tokenizer= for an ONNX input)")
+    ids = token_windows(tokenizer, wiki_split("calib"), length, windows)
+    return [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .util import log
+logger = logging.getLogger(__name__)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -37,15 +38,21 @@ def agreement(sess, ref_model, ids: np.ndarray, progress: bool = True) -> dict:
         tgt = row[1:]
         nll_ours -= _log_softmax(ours[:-1])[np.arange(len(tgt)), tgt].sum()
         nll_ref -= _log_softmax(ref[:-1])[np.arange(len(tgt)), tgt].sum()
-    return {"top1_agreement": agree / total, "tokens": total, "ppl": float(np.exp(nll_ours / total)),
-            "ppl_float": float(np.exp(nll_ref / total)), "seconds_ours": t_ours}
+    return {
+        "top1_agreement": agree / total,
+        "tokens": total,
+        "ppl": float(np.exp(nll_ours / total)),
+        "ppl_float": float(np.exp(nll_ref / total)),
+        "seconds_ours": t_ours,
+    }
 
 
-def agreement_report(artifact: str, reference: str | None = None, windows: int = 8, window: int = 128,
-                     out: str | None = "results") -> dict:
-    from .data import token_windows, wiki_split
-    from .frontend import load_hf_model
-    from .runtime import load
+def agreement_report(
+    artifact: str, reference: str | None = None, windows: int = 8, window: int = 128, out: str | None = "results"
+) -> dict:
+    from ..calibration.text import token_windows, wiki_split
+    from ..frontend import load_hf_model
+    from ..runtime import load
 
     sess = load(artifact)
     ref_spec = reference or sess.manifest["model"]
@@ -54,18 +61,26 @@ def agreement_report(artifact: str, reference: str | None = None, windows: int =
     if tok is None:
         raise ValueError("no tokenizer in the artifact or the reference model: cannot tokenize the text")
     ids = token_windows(tok, wiki_split("eval"), window, windows)
-    log(f"evaluating {artifact} on {windows} held-out wiki windows of {window} tokens ...")
+    logger.info(f"evaluating {artifact} on {windows} held-out wiki windows of {window} tokens ...")
     r = agreement(sess, ref_model, ids)
     q = sess.manifest.get("quant") or {}
-    label = f"{q.get('bits', 32)}-bit, group {q.get('group', '-')}" if sess.manifest.get("rewrite") else "float (no rewrite)"
-    row = (f"| {sess.manifest['model']} | {label} | {r['tokens']} | {100 * r['top1_agreement']:.2f} % | "
-           f"{r['ppl']:.3f} | {r['ppl_float']:.3f} |")
-    table = ("| model | weights | tokens | top-1 agreement with float | perplexity | float perplexity |\n"
-             "|---|---|---:|---:|---:|---:|\n" + row)
+    label = (
+        f"{q.get('bits', 32)}-bit, group {q.get('group', '-')}"
+        if sess.manifest.get("rewrite")
+        else "float (no rewrite)"
+    )
+    row = (
+        f"| {sess.manifest['model']} | {label} | {r['tokens']} | {100 * r['top1_agreement']:.2f} % | "
+        f"{r['ppl']:.3f} | {r['ppl_float']:.3f} |"
+    )
+    table = (
+        "| model | weights | tokens | top-1 agreement with float | perplexity | float perplexity |\n"
+        "|---|---|---:|---:|---:|---:|\n" + row
+    )
     print(table)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         p = Path(out) / f"agreement_{Path(artifact).stem}.md"
         p.write_text(table + "\n")
-        log(f"wrote {p}")
+        logger.info(f"wrote {p}")
     return r

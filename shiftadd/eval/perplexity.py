@@ -12,12 +12,15 @@ scored, so all models are compared on exactly the same tokens.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .util import atomic_path, log
+from ..runtime.artifact import atomic_path
+
+logger = logging.getLogger(__name__)
 
 TEXTS = ("wiki",)
 
@@ -39,7 +42,7 @@ class _Runner:
         self.manifest = None
         p = str(spec)
         if p.endswith(".so"):
-            from .runtime import load
+            from ..runtime import load
 
             sess = load(p)
             self.manifest = sess.manifest
@@ -62,7 +65,7 @@ class _Runner:
         else:
             import torch
 
-            from .frontend import load_hf_model
+            from ..frontend import load_hf_model
 
             model, self.tokenizer, src = load_hf_model(p)
             self.kind, self.label, self.avg_bits = "torch", f"{p} (torch float32)", 32.0
@@ -111,10 +114,14 @@ def onnx_weight_bits(path: str) -> tuple[float, int]:
 def perplexity(runner, ids: np.ndarray, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from . import util
-
     nll, n, t = 0.0, 0, 0.0
-    bar = tqdm(ids, desc=f"perplexity {runner.label}", unit="window", disable=not progress or util.QUIET, leave=False)
+    bar = tqdm(
+        ids,
+        desc=f"perplexity {runner.label}",
+        unit="window",
+        disable=not progress or not logger.isEnabledFor(logging.INFO),
+        leave=False,
+    )
     for row in bar:
         ts = time.perf_counter()
         lg = runner.logits(row[None])
@@ -131,23 +138,33 @@ def _tokenizer_for(runner, tokenizer):
     if isinstance(tokenizer, str) or runner.tokenizer is None:
         from transformers import AutoTokenizer
 
-        from .frontend import resolve_model
+        from ..frontend import resolve_model
 
         spec = tokenizer or (runner.manifest or {}).get("model")
         if not spec:
-            raise ValueError(f"{runner.spec}: no tokenizer stored with it; pass --tokenizer (a model id/path or 'smollm2')")
+            raise ValueError(
+                f"{runner.spec}: no tokenizer stored with it; pass --tokenizer (a model id/path or 'smollm2')"
+            )
         src = resolve_model(spec)
         kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         return AutoTokenizer.from_pretrained(src.path, **kw)
     return runner.tokenizer
 
 
-def eval_perplexity(spec: str, text: str = "wiki", windows: int = 16, window: int = 256, out: str | None = "results",
-                    label: str | None = None, tokenizer=None, avg_bits: float | None = None,
-                    weight_bytes: int | None = None) -> dict:
+def eval_perplexity(
+    spec: str,
+    text: str = "wiki",
+    windows: int = 16,
+    window: int = 256,
+    out: str | None = "results",
+    label: str | None = None,
+    tokenizer=None,
+    avg_bits: float | None = None,
+    weight_bytes: int | None = None,
+) -> dict:
     """Perplexity of ``spec`` (.so, .onnx or HF model) on ``windows`` held-out windows of ``window``
     tokens; appends the row to ``out``/perplexity.json and rewrites the table and plots."""
-    from .data import token_windows, wiki_split
+    from ..calibration.text import token_windows, wiki_split
 
     if text not in TEXTS:
         raise ValueError(f"--text must be one of {TEXTS}, got '{text}'")
@@ -160,17 +177,30 @@ def eval_perplexity(spec: str, text: str = "wiki", windows: int = 16, window: in
         runner.avg_bits, runner.weight_bytes = avg_bits, weight_bytes
     tok = _tokenizer_for(runner, tokenizer)
     ids = token_windows(tok, wiki_split("eval"), window, windows)
-    log(f"perplexity of {spec} on {windows} held-out {text} windows x {window} tokens ...")
+    logger.info(f"perplexity of {spec} on {windows} held-out {text} windows x {window} tokens ...")
     r = perplexity(runner, ids)
-    row = {"label": label or runner.label, "model": str(spec), "kind": runner.kind, "text": text,
-           "windows": windows, "window": window, "tokens": r["tokens"], "ppl": round(r["ppl"], 4),
-           "avg_bits": None if runner.avg_bits is None else round(float(runner.avg_bits), 3),
-           "weight_bytes": runner.weight_bytes, "seconds": round(r["seconds"], 1)}
+    row = {
+        "label": label or runner.label,
+        "model": str(spec),
+        "kind": runner.kind,
+        "text": text,
+        "windows": windows,
+        "window": window,
+        "tokens": r["tokens"],
+        "ppl": round(r["ppl"], 4),
+        "avg_bits": None if runner.avg_bits is None else round(float(runner.avg_bits), 3),
+        "weight_bytes": runner.weight_bytes,
+        "seconds": round(r["seconds"], 1),
+    }
     if runner.manifest and runner.manifest.get("quant"):
         q = runner.manifest["quant"]
-        row["config"] = {"bits": q.get("bits"), "group": q.get("group"), "budget": (runner.manifest.get("allocation") or {}).get("budget"),
-                         "calibration": (runner.manifest.get("calibration") or {}).get("mode")}
-    log(f"{row['label']}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['seconds']:.1f}s)")
+        row["config"] = {
+            "bits": q.get("bits"),
+            "group": q.get("group"),
+            "budget": (runner.manifest.get("allocation") or {}).get("budget"),
+            "calibration": (runner.manifest.get("calibration") or {}).get("mode"),
+        }
+    logger.info(f"{row['label']}: perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['seconds']:.1f}s)")
     if out:
         write_results(out, row, runner.manifest)
     return row
@@ -190,16 +220,20 @@ def write_results(out: str, row: dict, manifest: dict | None = None) -> None:
     _plot_ppl(rows, d / "perplexity.png")
     if manifest and manifest.get("layers"):
         _plot_layers(manifest, d / f"{row['label']}-layers.png")
-    log(f"results: {d / 'perplexity.md'}, {d / 'perplexity.png'}")
+    logger.info(f"results: {d / 'perplexity.md'}, {d / 'perplexity.png'}")
 
 
 def results_table(rows: list[dict]) -> str:
-    lines = ["| model | text | windows x tokens | perplexity | avg bits / weight (incl. scales) | weight bytes |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| model | text | windows x tokens | perplexity | avg bits / weight (incl. scales) | weight bytes |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (r["text"], r["window"], -(r["avg_bits"] or 0), r["ppl"])):
         bits = "" if r["avg_bits"] is None else f"{r['avg_bits']:.3f}"
         wb = "" if r.get("weight_bytes") is None else f"{r['weight_bytes'] / 1e6:.2f} MB"
-        lines.append(f"| {r['label']} | {r['text']} | {r['windows']} x {r['window']} | {r['ppl']:.3f} | {bits} | {wb} |")
+        lines.append(
+            f"| {r['label']} | {r['text']} | {r['windows']} x {r['window']} | {r['ppl']:.3f} | {bits} | {wb} |"
+        )
     return "\n".join(lines)
 
 

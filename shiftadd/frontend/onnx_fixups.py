@@ -40,8 +40,9 @@ def scalar_constant_of_shape(model: onnx.ModelProto) -> int:
             continue
         value = next((a.t for a in n.attribute if a.name == "value"), None)
         scalar = numpy_helper.to_array(value).reshape(()) if value is not None else np.zeros((), np.float32)
-        node = helper.make_node("Constant", [], [n.output[0]], name=n.name + "/scalar",
-                                value=numpy_helper.from_array(scalar))
+        node = helper.make_node(
+            "Constant", [], [n.output[0]], name=n.name + "/scalar", value=numpy_helper.from_array(scalar)
+        )
         g.node.remove(n)
         g.node.insert(i, node)
         changed += 1

@@ -7,6 +7,7 @@ baking hundreds of MB into the shared library.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..util import log
 from .onnx_fixups import apply_fixups
+
+logger = logging.getLogger(__name__)
 
 
 class ONNXImportError(ValueError):
@@ -114,7 +116,8 @@ def _check_ops(model: onnx.ModelProto, path: str) -> None:
             dom = f" (domain '{n.domain}')" if n.domain not in ("", "ai.onnx") else ""
             raise ONNXImportError(
                 f"{path}: ONNX op '{n.op_type}'{dom} at node '{n.name or n.output[0]}' is not supported by "
-                f"TVM {_tvm_version()}'s Relax ONNX importer")
+                f"TVM {_tvm_version()}'s Relax ONNX importer"
+            )
 
 
 def _tvm_version() -> str:
@@ -157,7 +160,7 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> ImportedModel:
     params = {}
     for var, val in zip(func.params[n_in:], values):
         params[var.name] = val.numpy() if hasattr(val, "numpy") else np.asarray(val)
-    log(f"imported {where}: {len(model.graph.node)} ONNX nodes, {len(params)} weights, fixups {fixups}")
+    logger.info(f"imported {where}: {len(model.graph.node)} ONNX nodes, {len(params)} weights, fixups {fixups}")
     return ImportedModel(mod, params, input_names, output_names, fixups)
 
 
@@ -175,8 +178,10 @@ def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
         for w, v in other.params.items():
             mine = base.params.get(w)
             if mine is None or mine.shape != v.shape or not np.array_equal(mine, v):
-                raise ONNXImportError(f"function '{name}': weight '{w}' is not a weight of 'main' with the same "
-                                      f"value (the graphs must be exports of one model)")
+                raise ONNXImportError(
+                    f"function '{name}': weight '{w}' is not a weight of 'main' with the same "
+                    f"value (the graphs must be exports of one model)"
+                )
         mapping = {}
         for gv, f in other.mod.functions_items():
             if gv.name_hint == "main":
@@ -187,8 +192,10 @@ def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
                 continue
             new_name = gv.name_hint if have is None else f"{gv.name_hint}_{name}"
             mapping[gv.name_hint] = tvm.ir.GlobalVar(new_name)
-            funcs[new_name] = (mapping[gv.name_hint], f.with_attr("global_symbol", new_name)
-                               if f.attrs and "global_symbol" in f.attrs else f)
+            funcs[new_name] = (
+                mapping[gv.name_hint],
+                f.with_attr("global_symbol", new_name) if f.attrs and "global_symbol" in f.attrs else f,
+            )
         main = _RenameGlobals(mapping).visit_expr(other.mod["main"]) if mapping else other.mod["main"]
         funcs[name] = (tvm.ir.GlobalVar(name), main.with_attr("global_symbol", name))
     return tvm.IRModule({gv: f for gv, f in funcs.values()}, attrs=base.mod.attrs)

@@ -8,10 +8,10 @@ Two allocators over the same per-layer measurements:
 * :func:`allocate_ratio` (the paper's): sort layers by the sensitivity score and give the most
   sensitive ``frac_high`` of the weights the higher bit width (80/20 -> ≈2.2 bits average).
 
-The predicted error of layer l at b bits (shiftadd/reparam.py) is :func:`output_error` of its
+The predicted error of layer l at b bits (shiftadd/calibration/plan.py) is :func:`output_error` of its
 calibrated fit at b bits, ``tr((W - Ŵ_b) H (W - Ŵ_b)ᵀ)`` (= mean over calibration tokens of
 ‖(W - Ŵ_b) x‖²), loss-aware when the loss's sensitivity to each output is known (rows weighted by
-the empirical Fisher, shiftadd/fisher.py): plain output error spends bits where activations are
+the empirical Fisher, shiftadd/calibration/fisher.py): plain output error spends bits where activations are
 large, not where errors move the loss (docs/QUALITY.md). The paper's score is :func:`sensitivity`.
 """
 
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .bcq import SUPPORTED_BITS
 from .refit import row_errors
 
-CHOICES = (2, 3, 4)
+CHOICES = SUPPORTED_BITS  # the widths a per-layer allocation picks from
 MAX_UNITS = 200_000  # DP resolution; coarser units round every layer's cost up (budget still exact)
 
 
@@ -52,7 +53,7 @@ def sensitivity(w: np.ndarray, h: np.ndarray, damp: float = 0.01) -> float:
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, fisher: np.ndarray | None = None) -> float:
     """``tr(ΔW H ΔWᵀ)`` for ΔW = w - w_hat ([N, K]); the squared Frobenius norm when ``h`` is None.
-    ``fisher`` ([N], shiftadd/fisher.py) weights row i's output error ``(ΔW H ΔWᵀ)_ii`` by the loss
+    ``fisher`` ([N], shiftadd/calibration/fisher.py) weights row i's output error ``(ΔW H ΔWᵀ)_ii`` by the loss
     sensitivity of output i: ``Σ_i F_i (ΔW H ΔWᵀ)_ii`` (twice the predicted loss increase)."""
     d = torch.from_numpy(np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))
     if h is None:
@@ -72,18 +73,20 @@ def average_bits(layers: list[LayerCost], bits: dict[str, int]) -> float:
     return sum(c.params * bits[c.name] for c in layers) / total
 
 
-def _check_budget(budget: float, choices) -> None:
+def check_budget(budget: float, choices) -> None:
     if not (isinstance(budget, (int, float)) and math.isfinite(budget)):
         raise ValueError(f"average-bits budget must be a number, got {budget!r}")
     if not min(choices) <= budget <= max(choices):
-        raise ValueError(f"average-bits budget {budget} is outside [{min(choices)}, {max(choices)}] "
-                         f"(the bit widths available: {list(choices)})")
+        raise ValueError(
+            f"average-bits budget {budget} is outside [{min(choices)}, {max(choices)}] "
+            f"(the bit widths available: {list(choices)})"
+        )
 
 
 def allocate_budget(layers: list[LayerCost], budget: float, choices=CHOICES) -> dict[str, int]:
     """Bits per layer minimising ``Σ errors[bits]`` with average bits (weighted by params) <= budget."""
     choices = sorted(choices)
-    _check_budget(budget, choices)
+    check_budget(budget, choices)
     if not layers:
         raise ValueError("bit allocation: no layers to allocate")
     for c in layers:
@@ -112,7 +115,7 @@ def allocate_budget(layers: list[LayerCost], budget: float, choices=CHOICES) -> 
             if w > cap:
                 continue
             cand = np.full(cap + 1, inf)
-            cand[w:] = best[:cap + 1 - w] + c.errors[b]
+            cand[w:] = best[: cap + 1 - w] + c.errors[b]
             better = cand < new
             new[better] = cand[better]
             pick[i][better] = j
@@ -150,6 +153,10 @@ def allocation_table(layers: list[LayerCost], allocations: dict[str, dict[str, i
         row = [c.name, str(c.params), f"{c.score:.3g}"] + [f"{c.errors[b]:.3g}" for b in bits]
         row += [str(a[c.name]) for a in allocations.values()]
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("| **average bits** | | | " + " | " * (len(bits) - 1)
-                 + " | ".join(f"{average_bits(layers, a):.3f}" for a in allocations.values()) + " |")
+    lines.append(
+        "| **average bits** | | | "
+        + " | " * (len(bits) - 1)
+        + " | ".join(f"{average_bits(layers, a):.3f}" for a in allocations.values())
+        + " |"
+    )
     return "\n".join(lines)

@@ -67,8 +67,9 @@ class BCQConfig:
         if self.refits < 0:
             raise ValueError(f"refits must be >= 0, got {self.refits!r}")
         if self.tied and self.layout != "row-group":
-            raise ValueError(f"tied scales are a row-group layout (one scale per row and group), "
-                             f"got layout {self.layout!r}")
+            raise ValueError(
+                f"tied scales are a row-group layout (one scale per row and group), got layout {self.layout!r}"
+            )
 
     def rounder(self):
         """Rounding of scales and offsets for the storage format (quant.apot.scale_rounder)."""
@@ -164,8 +165,9 @@ def _best_codes(v: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor) ->
     return b
 
 
-def _fit_groups(v: torch.Tensor, q: int, rounds: int, rnd,
-                offset: bool, tied: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fit_groups(
+    v: torch.Tensor, q: int, rounds: int, rnd, offset: bool, tied: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit α [R, q] (APoT, sorted by magnitude), B [R, q, G] and an offset z [R] (APoT; zeros when
     ``offset`` is False) to the rows of v [R, G]: ``v ≈ z + Σ_b α_b B_b``. ``rnd`` rounds scales and
     offsets to the storage format (BCQConfig.rounder). ``tied``: α_b = α_0 2^-b (plane_weights), the
@@ -209,8 +211,13 @@ def _fit_groups(v: torch.Tensor, q: int, rounds: int, rnd,
         rhs = torch.einsum("rqg,rg->rq", d, v).to(torch.float64)
         if offset:
             bsum = d.sum(2).to(torch.float64)
-            gram = torch.cat([torch.cat([gram, bsum[:, :, None]], 2),
-                              torch.cat([bsum, torch.full_like(bsum[:, :1], v.shape[1])], 1)[:, None, :]], 1)
+            gram = torch.cat(
+                [
+                    torch.cat([gram, bsum[:, :, None]], 2),
+                    torch.cat([bsum, torch.full_like(bsum[:, :1], v.shape[1])], 1)[:, None, :],
+                ],
+                1,
+            )
             rhs = torch.cat([rhs, vd.sum(1, keepdim=True)], 1)
         gram = gram + torch.eye(gram.shape[1], dtype=torch.float64) * 1e-9
         sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
@@ -261,5 +268,6 @@ def quantize_matrix(w: np.ndarray | torch.Tensor, cfg: BCQConfig) -> BCQWeight:
             alpha[:, :, full] = a.T
             signs[:, :, full * g :] = (b > 0).permute(1, 0, 2)
             offset[:, full] = z
-    return BCQWeight(signs=signs.numpy(), alpha=alpha.numpy(), group=g,
-                     offset=offset.numpy() if cfg.offset else None, tied=cfg.tied)
+    return BCQWeight(
+        signs=signs.numpy(), alpha=alpha.numpy(), group=g, offset=offset.numpy() if cfg.offset else None, tied=cfg.tied
+    )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bcq import LAYOUTS, BCQConfig, BCQWeight, SignPlanes, _best_codes, _fit_groups, _sign_patterns, quantize_matrix
+from .bcq import BCQConfig, BCQWeight, SignPlanes, _best_codes, _fit_groups, _sign_patterns, quantize_matrix
 from .refit import refit_scales, row_errors
 
 BLOCK_COLS = 8
@@ -93,15 +93,29 @@ def fit_layer(w: np.ndarray, cfg: BCQConfig, hessian: np.ndarray | None = None, 
         bw = refit_scales(W, bw, H, rnd)
         if i + 1 < cfg.refits:
             again = quantize_matrix_gptq(w, hessian, cfg, damp=damp, codebook=bw)
-            keep = (row_errors(W, torch.from_numpy(again.dequantize()), H)
-                    < row_errors(W, torch.from_numpy(bw.dequantize()), H)).numpy()
-            bw = BCQWeight(signs=np.where(keep[None, :, None], again.signs, bw.signs), alpha=bw.alpha,
-                           group=bw.group, offset=bw.offset, tied=bw.tied)
+            keep = (
+                row_errors(W, torch.from_numpy(again.dequantize()), H)
+                < row_errors(W, torch.from_numpy(bw.dequantize()), H)
+            ).numpy()
+            bw = BCQWeight(
+                signs=np.where(keep[None, :, None], again.signs, bw.signs),
+                alpha=bw.alpha,
+                group=bw.group,
+                offset=bw.offset,
+                tied=bw.tied,
+            )
     return bw
 
 
-def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, damp: float = 0.01,
-                         block: int = 128, act_order: bool = True, codebook: BCQWeight | None = None):
+def quantize_matrix_gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    cfg: BCQConfig,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = True,
+    codebook: BCQWeight | None = None,
+):
     """Fit ``w`` ([N, K]) against inputs with second moment ``hessian`` ([K, K], symmetric PSD),
     in the scale layout ``cfg.layout``. ``codebook`` (row-group only): the static (α, z) the loop
     codes against, instead of a weight-only fit (fit_layer's alternation passes its refit)."""
@@ -156,7 +170,9 @@ def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, dam
                 qcol = (a1[0].to(torch.float64)[None, :] * b.to(torch.float64)).sum(1) + float(z1[0])
             else:
                 if layout == "block" and col % BLOCK_COLS == 0:
-                    _fit_block(W1[:, i:i + min(BLOCK_COLS, k - col)], col // BLOCK_COLS, q, cfg, block_rows, alpha, zoff)
+                    _fit_block(
+                        W1[:, i : i + min(BLOCK_COLS, k - col)], col // BLOCK_COLS, q, cfg, block_rows, alpha, zoff
+                    )
                 grp = col // (g if layout == "row-group" else BLOCK_COLS)
                 a = alpha[:, :, grp].T.contiguous()  # [N, q], sorted descending per row
                 z = zoff[:, grp]
@@ -169,10 +185,17 @@ def quantize_matrix_gptq(w: np.ndarray, hessian: np.ndarray, cfg: BCQConfig, dam
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     if layout == "column":
-        return ColumnBCQWeight(signs=signs.numpy(), alpha=col_alpha.numpy(), offset=col_z.numpy() if cfg.offset else None)
+        return ColumnBCQWeight(
+            signs=signs.numpy(), alpha=col_alpha.numpy(), offset=col_z.numpy() if cfg.offset else None
+        )
     if layout == "block":
-        return BCQWeight(signs=signs.numpy(), alpha=alpha.numpy(), group=BLOCK_COLS,
-                         offset=zoff.numpy() if cfg.offset else None, alpha_rows=block_rows)
+        return BCQWeight(
+            signs=signs.numpy(),
+            alpha=alpha.numpy(),
+            group=BLOCK_COLS,
+            offset=zoff.numpy() if cfg.offset else None,
+            alpha_rows=block_rows,
+        )
     return BCQWeight(signs=signs.numpy(), alpha=base.alpha, group=g, offset=base.offset, tied=base.tied)
 
 
@@ -187,6 +210,6 @@ def _fit_block(blk, grp, q, cfg, rows, alpha, zoff):
         alpha[:, : full * rows, grp] = a.T.repeat_interleave(rows, dim=1)
         zoff[: full * rows, grp] = z.repeat_interleave(rows)
     if full * rows < n:
-        a, _, z = _fit_groups(blk[full * rows:].reshape(1, -1), q, cfg.rounds, cfg.rounder(), cfg.offset)
-        alpha[:, full * rows:, grp] = a[0][:, None]
-        zoff[full * rows:, grp] = z[0]
+        a, _, z = _fit_groups(blk[full * rows :].reshape(1, -1), q, cfg.rounds, cfg.rounder(), cfg.offset)
+        alpha[:, full * rows :, grp] = a[0][:, None]
+        zoff[full * rows :, grp] = z[0]

@@ -52,8 +52,10 @@ def _exact_f16(a: np.ndarray, what: str) -> np.ndarray:
     bad = h.astype(np.float32) != a
     if bad.any():
         v = a[bad].ravel()[0]
-        raise ValueError(f"{what} {v!r} is not exact in float16 (not an APoT value within its span, or "
-                         f"out of float16 range): {int(bad.sum())} of {a.size} values")
+        raise ValueError(
+            f"{what} {v!r} is not exact in float16 (not an APoT value within its span, or "
+            f"out of float16 range): {int(bad.sum())} of {a.size} values"
+        )
     return h
 
 

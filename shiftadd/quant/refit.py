@@ -82,9 +82,14 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
         a, order = torch.sort(a.abs(), dim=0, descending=True)
         new_signs = torch.gather(new_signs, 0, order.repeat_interleave(g, dim=2)[:, :, :k])
         alpha = rnd(a).to(torch.float32)
-    cand = BCQWeight(signs=new_signs.numpy(), alpha=alpha.numpy(), group=g,
-                     offset=rnd(sol[:, qs]).to(torch.float32).numpy() if off else None, alpha_rows=bw.alpha_rows,
-                     tied=tied)
+    cand = BCQWeight(
+        signs=new_signs.numpy(),
+        alpha=alpha.numpy(),
+        group=g,
+        offset=rnd(sol[:, qs]).to(torch.float32).numpy() if off else None,
+        alpha_rows=bw.alpha_rows,
+        tied=tied,
+    )
     better = row_errors(w, torch.from_numpy(cand.dequantize()), H) < row_errors(w, torch.from_numpy(bw.dequantize()), H)
     if bool(better.all()):
         return cand
@@ -92,5 +97,4 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
     signs_out = np.where(keep[None, :, None], cand.signs, bw.signs)
     alpha_out = np.where(keep[None, :, None], cand.alpha, bw.alpha)
     offset_out = np.where(keep[:, None], cand.offset, bw.offset) if off else None
-    return BCQWeight(signs=signs_out, alpha=alpha_out, group=g, offset=offset_out, alpha_rows=bw.alpha_rows,
-                     tied=tied)
+    return BCQWeight(signs=signs_out, alpha=alpha_out, group=g, offset=offset_out, alpha_rows=bw.alpha_rows, tied=tied)

@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 
 from ..schedules.attention_cpu import PROMPT, AttentionKernel, default_knob, kernel
-from .rewrite_lut_matmul import _is_op, mutate_functions
+from .ir import is_op, mutate_functions
 
 
 class KernelTable:
@@ -54,7 +54,7 @@ class _CallRewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_op(call, self.op):
+        if not is_op(call, self.op):
             return call
         new = self.pattern(self, call)
         if new is None:

@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.ir import GenericConst
 
-from .rewrite_lut_matmul import match_weight_operand, resolve_binding
+from .ir import match_weight_operand, resolve_binding
 
 
 @dataclass
@@ -66,16 +66,23 @@ class _Capture(relax.PyExprMutator):
         if x.ty.dtype != "float32":
             return call
         if x not in self.by_input:
-            flat = self.builder_.emit_output(relax.op.reshape(x, relax.ShapeExpr([-1, k]))
-                                             if len(x.ty.shape.values) != 2 else x)
+            flat = self.builder_.emit_output(
+                relax.op.reshape(x, relax.ShapeExpr([-1, k])) if len(x.ty.shape.values) != 2 else x
+            )
             self.by_input[x] = len(self.outputs)
             self.outputs.append(flat)
         self.captured.append(CapturedMatmul(name, self.by_input[x], k, transposed, is_param))
         return call
 
 
-def capture_matmul_inputs(mod: tvm.IRModule, params: dict, skip: tuple[str, ...] = ("lm_head",),
-                          func_name: str = "main", keep_result: bool = False, require: bool = True):
+def capture_matmul_inputs(
+    mod: tvm.IRModule,
+    params: dict,
+    skip: tuple[str, ...] = ("lm_head",),
+    func_name: str = "main",
+    keep_result: bool = False,
+    require: bool = True,
+):
     """Returns (module whose ``main`` returns ([result,] *inputs), [CapturedMatmul] in model order).
     With ``require`` (calibration), a model without weight matmuls is an error."""
     cap = _Capture(mod, params, skip)

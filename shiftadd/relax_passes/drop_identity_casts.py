@@ -11,7 +11,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .rewrite_lut_matmul import _is_op, mutate_functions
+from .ir import is_op, mutate_functions
 
 
 @relax.expr_functor.mutator
@@ -22,7 +22,7 @@ class _DropIdentityCasts(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_op(call, "relax.astype"):
+        if not is_op(call, "relax.astype"):
             return call
         x = call.args[0]
         if isinstance(x.ty, relax.TensorType) and str(x.ty.dtype) == str(call.attrs.dtype):

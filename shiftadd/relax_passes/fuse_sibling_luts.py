@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from ..schedules import lut_avx2
-from .rewrite_lut_matmul import _drop_unused_params
+from .ir import drop_unused_params
 
 _NAME = re.compile(r"^shiftadd_lut8_k(\d+)_n(\d+)_q(\d)_g(\d+)(_z)?(_r\d+)?(_f8)?(_t)?$")
 
@@ -30,8 +30,12 @@ def _source(x, bound):
     """The activation a LUT input comes from: the rewrite flattens it per matmul (its own reshape
     to [M, K] each time), so siblings read equal reshapes of one variable."""
     v = bound.get(x)
-    if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.reshape" \
-            and isinstance(v.args[0], relax.Var):
+    if (
+        isinstance(v, relax.Call)
+        and isinstance(v.op, tvm.ir.Op)
+        and v.op.name == "relax.reshape"
+        and isinstance(v.args[0], relax.Var)
+    ):
         return v.args[0]
     return x
 
@@ -46,11 +50,21 @@ def _member(value, params, bound):
         return None
     x, *packed = args.fields
     n = int(m.group(2))
-    if n % lut_avx2.ROWS or not isinstance(x, relax.Var) or any(
-            not isinstance(v, relax.Var) or v.name not in params for v in packed):
+    if (
+        n % lut_avx2.ROWS
+        or not isinstance(x, relax.Var)
+        or any(not isinstance(v, relax.Var) or v.name not in params for v in packed)
+    ):
         return None
-    key = (_source(x, bound), int(m.group(1)), int(m.group(3)), int(m.group(4)), bool(m.group(5)), bool(m.group(7)),
-           bool(m.group(8)))
+    key = (
+        _source(x, bound),
+        int(m.group(1)),
+        int(m.group(3)),
+        int(m.group(4)),
+        bool(m.group(5)),
+        bool(m.group(7)),
+        bool(m.group(8)),
+    )
     return key, n, tuple(packed), x
 
 
@@ -84,10 +98,18 @@ class _Fuser(relax.PyExprMutator):
         x = members[0][3]  # the first member's flattened input: defined before any member
         n_total = sum(n for _, n, _, _ in members)
         arrays = [np.concatenate([self.params[p[i].name] for _, _, p, _ in members], axis=0) for i in range(2)]
-        zoff = (np.concatenate([self.params[p[2].name] for _, _, p, _ in members], axis=0) if offset
-                else self.params[members[0][2][2].name])
-        label = "fused(" + ",".join(p[0].name[:-len(".codes")] if p[0].name.endswith(".codes") else p[0].name
-                                    for _, _, p, _ in members) + ")"
+        zoff = (
+            np.concatenate([self.params[p[2].name] for _, _, p, _ in members], axis=0)
+            if offset
+            else self.params[members[0][2][2].name]
+        )
+        label = (
+            "fused("
+            + ",".join(
+                p[0].name[: -len(".codes")] if p[0].name.endswith(".codes") else p[0].name for _, _, p, _ in members
+            )
+            + ")"
+        )
         vs = []
         for suffix, a in zip((".codes", ".alpha", ".offset"), (*arrays, zoff)):
             v = relax.Var(label + suffix, relax.TensorType(a.shape, str(a.dtype)))
@@ -95,8 +117,11 @@ class _Fuser(relax.PyExprMutator):
             vs.append(v)
         name = lut_avx2.kernel_name(k, n_total, bits, group, offset, 1, fp8, tied)
         if name not in self.kernels:
-            kn = self.knobs(k, n_total, bits, group, offset, 1, fp8, tied) if self.knobs else \
-                (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
+            kn = (
+                self.knobs(k, n_total, bits, group, offset, 1, fp8, tied)
+                if self.knobs
+                else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
+            )
             f = lut_avx2.make_lut_avx2(k, n_total, bits, group, offset, 1, kn[0], kn[1], fp8, tied)
             self.kernels[name] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         xv = self.visit_expr(x)
@@ -135,16 +160,17 @@ def fuse_sibling_luts(mod: tvm.IRModule, params: dict[str, np.ndarray], function
                 off += n
             removed += len(members) - 1
         if not specs:
-            out_params.update({v.name: params[v.name] for v in func.params[int(func.attrs["num_input"]):]})
+            out_params.update({v.name: params[v.name] for v in func.params[int(func.attrs["num_input"]) :]})
             continue
         fz = _Fuser(mod, groups, specs, params, knobs, kernels)
         new = fz.visit_expr(func)
-        new = relax.Function(list(new.params) + [v for v, _ in fz.new_params], new.body, new.ret_ty, new.is_pure,
-                             new.attrs)
+        new = relax.Function(
+            list(new.params) + [v for v, _ in fz.new_params], new.body, new.ret_ty, new.is_pure, new.attrs
+        )
         fz.builder_.update_func(fz.builder_.get().get_global_var(fname), new)
         mod = fz.builder_.get()
         values = {**params, **{v.name: a for v, a in fz.new_params}}
-        mod, kept = _drop_unused_params(mod, fname, values)
+        mod, kept = drop_unused_params(mod, fname, values)
         for name, a in kept.items():
             if name in out_params and not np.array_equal(out_params[name], a):
                 raise AssertionError(f"fuse_sibling_luts: '{fname}' stacked '{name}' differently")
@@ -152,5 +178,6 @@ def fuse_sibling_luts(mod: tvm.IRModule, params: dict[str, np.ndarray], function
         kernels = {gv.name_hint: gv for gv, _ in mod.functions_items()}
     if removed:  # the members' own kernels, if nothing else calls them
         mod = relax.transform.DeadCodeElimination(
-            [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)])(mod)
+            [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+        )(mod)
     return mod, out_params, removed

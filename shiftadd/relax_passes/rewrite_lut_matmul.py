@@ -11,6 +11,7 @@ back. The replaced weight parameter is dropped if nothing else uses it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,12 +21,15 @@ import tvm
 from tvm import relax
 from tvm.ir import GenericConst
 
-from ..quant import BCQConfig, BCQWeight
+from ..quant import BCQConfig
 from ..quant.gptq import ColumnBCQWeight, fit_layer
 from ..quant.pack import column_as_one_bit, pack_bcq
 from ..schedules import lut_avx2
+from ..schedules.backends import KERNELS
 from ..schedules.lut_kernel import DEFAULT_VEC, build_lut_kernel, kernel_name
-from ..util import log
+from .ir import drop_unused_params, is_op, match_weight_operand, resolve_binding, shape_of
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +54,7 @@ class LayerReport:
 class RewriteReport:
     layers: list[LayerReport] = field(default_factory=list)
     dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # name -> weight as stored
-    allocation: object | None = None  # reparam.Allocation when bits were allocated per layer
+    allocation: object | None = None  # calibration.plan.Allocation when bits were allocated per layer
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -72,14 +76,18 @@ class RewriteReport:
         return 8 * sum(r.bytes_after for r in self.rewritten) / max(n, 1)
 
     def table(self) -> str:
-        lines = ["| layer | K | N | status | bits | group | rel. weight error | bytes before | bytes after |",
-                 "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| layer | K | N | status | bits | group | rel. weight error | bytes before | bytes after |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for r in self.layers:
             st = r.status if r.status == "rewritten" else f"kept ({r.reason})"
             err = f"{r.rel_error:.4f}" if r.status == "rewritten" else ""
             after = r.bytes_after if r.status == "rewritten" else r.bytes_before
-            lines.append(f"| {r.name} | {r.k} | {r.n} | {st} | {r.bits or ''} | {r.group or ''} | {err} | "
-                         f"{r.bytes_before} | {after} |")
+            lines.append(
+                f"| {r.name} | {r.k} | {r.n} | {st} | {r.bits or ''} | {r.group or ''} | {err} | "
+                f"{r.bytes_before} | {after} |"
+            )
         return "\n".join(lines)
 
     def plot(self, path) -> None:
@@ -102,65 +110,32 @@ class RewriteReport:
 
     def summary(self) -> str:
         b, a = self.weight_bytes()
-        return (f"matmuls rewritten: {len(self.rewritten)}, left alone: {len(self.kept)}"
-                + "".join(f"\n  kept {r.name}: {r.reason}" for r in self.kept)
-                + f"\nmatmul weight bytes: {b / 1e6:.2f} MB -> {a / 1e6:.2f} MB ({b / max(a, 1):.2f}x smaller)")
-
-
-def _shape(expr) -> list | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    return list(ty.shape.values)
-
-
-def _is_op(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
-def mutate_functions(mutator, mod: tvm.IRModule, dce=None) -> tvm.IRModule:
-    """Run ``mutator`` (a PyExprMutator over ``mod``) on every Relax function of ``mod``. ``dce``: a
-    callable asked afterwards (e.g. "did it rewrite anything?"); if true, bindings left without users
-    are removed (an untouched module stays structurally equal)."""
-    names = []
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(f))
-            names.append(gv.name_hint)
-    out = mutator.builder_.get()
-    return relax.transform.DeadCodeElimination(names)(out) if dce is not None and dce() else out
-
-
-def resolve_binding(mutator, expr):
-    """``expr`` with variables replaced by what ``mutator`` saw them bound to, until a function
-    parameter (weights included) or a non-variable is reached."""
-    while isinstance(expr, relax.Var):
-        bound = mutator.lookup_binding(expr)
-        if bound is None:
-            break
-        expr = bound
-    return expr
-
-
-def match_weight_operand(call, resolve):
-    """For ``R.matmul(x, W)`` or ``R.matmul(x, R.permute_dims(W, [1, 0]))``: (W, transposed), with
-    ``resolve`` following variable bindings; None for any other call. W may be anything: the caller
-    decides whether it is a known weight."""
-    if not _is_op(call, "relax.matmul"):
-        return None
-    rhs = resolve(call.args[1])
-    if not _is_op(rhs, "relax.permute_dims"):
-        return rhs, False
-    axes = rhs.attrs.axes
-    if axes is not None and [int(a) for a in axes] != [1, 0]:
-        return None
-    return resolve(rhs.args[0]), True
+        return (
+            f"matmuls rewritten: {len(self.rewritten)}, left alone: {len(self.kept)}"
+            + "".join(f"\n  kept {r.name}: {r.reason}" for r in self.kept)
+            + f"\nmatmul weight bytes: {b / 1e6:.2f} MB -> {a / 1e6:.2f} MB ({b / max(a, 1):.2f}x smaller)"
+        )
 
 
 @relax.expr_functor.mutator
 class _LutMatmulRewriter(relax.PyExprMutator):
-    def __init__(self, mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians=None,
-                 fitted=None, layer_bits=None, kernel="f32", knobs=None, kernels=None):
+    def __init__(
+        self,
+        mod,
+        func,
+        params,
+        cfg,
+        skip,
+        vec,
+        keep_dequantized,
+        report,
+        hessians=None,
+        fitted=None,
+        layer_bits=None,
+        kernel="f32",
+        knobs=None,
+        kernels=None,
+    ):
         super().__init__(mod)
         self.kernel = kernel
         self.knobs = knobs
@@ -221,8 +196,11 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         fp8 = self.cfg.scale_format == "e5m2"
         key = ("avx2", k, n, bits, group, offset, alpha_rows, fp8, tied)
         if key not in self.kernels:
-            kn = (self.knobs(k, n, bits, group, offset, alpha_rows, fp8, tied) if self.knobs
-                  else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS))
+            kn = (
+                self.knobs(k, n, bits, group, offset, alpha_rows, fp8, tied)
+                if self.knobs
+                else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
+            )
             f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1], fp8, tied)
             name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows, fp8, tied)
             self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
@@ -238,7 +216,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         rep = LayerReport(name=name, k=k, n=n, status="kept", bytes_before=w.nbytes, transposed=transposed)
         self.report.layers.append(rep)
         x = call.args[0]
-        xs = _shape(x)
+        xs = shape_of(x)
         if any(p.search(name) for p in self.skip):
             rep.reason = "skipped by pattern"
             return call
@@ -253,8 +231,10 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         bw = self.fitted.get(name)
         if bw is not None:
             if bw.signs.shape[1:] != (n, k) or bw.bits != cfg.bits:
-                raise ValueError(f"fitted weight for '{name}' is {bw.bits}-bit {bw.signs.shape[1:]}, "
-                                 f"expected {cfg.bits}-bit ({n}, {k})")
+                raise ValueError(
+                    f"fitted weight for '{name}' is {bw.bits}-bit {bw.signs.shape[1:]}, "
+                    f"expected {cfg.bits}-bit ({n}, {k})"
+                )
             if isinstance(bw, ColumnBCQWeight) != (cfg.layout == "column"):
                 raise ValueError(f"fitted weight for '{name}' is not in the '{cfg.layout}' layout")
         else:
@@ -271,13 +251,17 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         else:
             kern_w = bw
         rep.kernel = "avx2" if self.kernel == "avx2" and lut_avx2.supports(kern_w.group, kern_w.alpha_rows) else "f32"
-        codes, alpha, zoff = (pack_bcq(kern_w, self.vec) if rep.kernel == "f32"
-                              else lut_avx2.pack_avx2(kern_w, fp8=self.cfg.scale_format == "e5m2"))
+        codes, alpha, zoff = (
+            pack_bcq(kern_w, self.vec)
+            if rep.kernel == "f32"
+            else lut_avx2.pack_avx2(kern_w, fp8=self.cfg.scale_format == "e5m2")
+        )
         rep.status, rep.bits = "rewritten", bw.bits
         rep.group = getattr(bw, "group", 0) if cfg.layout == "row-group" else 0
         rep.layout = cfg.layout
-        rep.bytes_after = codes.nbytes + (alpha.nbytes + (zoff.nbytes if kern_w.offset is not None else 0)
-                                          if colscale is None else colscale.nbytes)
+        rep.bytes_after = codes.nbytes + (
+            alpha.nbytes + (zoff.nbytes if kern_w.offset is not None else 0) if colscale is None else colscale.nbytes
+        )
         rep.rel_error = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
         if self.keep_dequantized:
             self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
@@ -302,8 +286,9 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         if rep.kernel == "f32":  # float tables: the q scales stored as they are (pack_bcq)
             gv = self._kernel(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
         else:
-            gv = self._kernel_avx2(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows,
-                                   kern_w.tied)
+            gv = self._kernel_avx2(
+                kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows, kern_w.tied
+            )
         y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
         if self.progress is not None:
@@ -313,9 +298,6 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             return y2
         y2 = self.builder_.emit(y2)
         return relax.op.reshape(y2, relax.ShapeExpr(lead + [n]))
-
-
-KERNELS = ("f32", "avx2")
 
 
 def layer_config(cfg: BCQConfig, layer_bits: dict | None, name: str) -> BCQConfig:
@@ -371,7 +353,7 @@ def _weight_matmuls(func, params, skip) -> list[tuple]:
             k, n = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
             x = value.args[0]
             xv = bound.get(x)  # through a per-matmul reshape of one activation
-            if _is_op(xv, "relax.reshape") and isinstance(xv.args[0], relax.Var):
+            if is_op(xv, "relax.reshape") and isinstance(xv.args[0], relax.Var):
                 x = xv.args[0]
             out.append((name, int(k), int(n), x))
     return out
@@ -393,15 +375,27 @@ def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
     some = [d for d in range(4, 257, 4) if any(k % d == 0 for k in ks)]
     good = sorted(set(common[-2:] + some[-3:]))
     hint = f"e.g. {', '.join(map(str, good))}, " if good else ""
-    raise ValueError(f"group size {cfg.group} divides none of the matmul input sizes {sorted(set(ks))}; "
-                     f"choose a multiple of 4 that divides some of them ({hint}or -1 for one group per row)")
+    raise ValueError(
+        f"group size {cfg.group} divides none of the matmul input sizes {sorted(set(ks))}; "
+        f"choose a multiple of 4 that divides some of them ({hint}or -1 for one group per row)"
+    )
 
 
-def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BCQConfig,
-                       skip: tuple[str, ...] = ("lm_head",), vec: int = DEFAULT_VEC,
-                       keep_dequantized: bool = False, func_name: str = "main", hessians: dict | None = None,
-                       fitted: dict | None = None, layer_bits: dict | None = None, kernel: str = "f32",
-                       knobs=None, also: tuple[str, ...] = ()):
+def rewrite_lut_matmul(
+    mod: tvm.IRModule,
+    params: dict[str, np.ndarray],
+    cfg: BCQConfig,
+    skip: tuple[str, ...] = ("lm_head",),
+    vec: int = DEFAULT_VEC,
+    keep_dequantized: bool = False,
+    func_name: str = "main",
+    hessians: dict | None = None,
+    fitted: dict | None = None,
+    layer_bits: dict | None = None,
+    kernel: str = "f32",
+    knobs=None,
+    also: tuple[str, ...] = (),
+):
     """Apply the rewrite to ``func_name``. Returns (new module, new params dict, RewriteReport).
 
     ``params`` maps weight parameter names to values; the returned dict drops replaced weights
@@ -423,19 +417,32 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     report = RewriteReport()
     from tqdm import tqdm
 
-    from .. import util
-
-    rw = _LutMatmulRewriter(mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians, fitted,
-                            layer_bits, kernel, knobs)
+    rw = _LutMatmulRewriter(
+        mod, func, params, cfg, skip, vec, keep_dequantized, report, hessians, fitted, layer_bits, kernel, knobs
+    )
     label = f"{cfg.bits}-bit" if not layer_bits else "mixed-bit"
-    with tqdm(desc=f"BCQ {label}", unit="matmul", disable=util.QUIET, leave=False) as bar:
+    with tqdm(desc=f"BCQ {label}", unit="matmul", disable=not logger.isEnabledFor(logging.INFO), leave=False) as bar:
         rw.progress = bar
         new_func = rw.visit_expr(func)
     out = _with_params(rw, func_name, new_func)
     packed = {v.name: a for v, a in rw.new_params}
     for other in also:  # same fits, same kernels, same packed arrays: the params file is shared
-        rw2 = _LutMatmulRewriter(out, out[other], params, cfg, skip, vec, False, RewriteReport(), None,
-                                 {**(fitted or {}), **rw.fits}, layer_bits, kernel, knobs, kernels=rw.kernels)
+        rw2 = _LutMatmulRewriter(
+            out,
+            out[other],
+            params,
+            cfg,
+            skip,
+            vec,
+            False,
+            RewriteReport(),
+            None,
+            {**(fitted or {}), **rw.fits},
+            layer_bits,
+            kernel,
+            knobs,
+            kernels=rw.kernels,
+        )
         out = _with_params(rw2, other, rw2.visit_expr(out[other]))
         for v, a in rw2.new_params:
             if v.name in packed and not np.array_equal(packed[v.name], a):
@@ -444,27 +451,20 @@ def rewrite_lut_matmul(mod: tvm.IRModule, params: dict[str, np.ndarray], cfg: BC
     out = relax.transform.DeadCodeElimination([func_name, *also])(out)
     new_params: dict[str, np.ndarray] = {}
     for f in (func_name, *also):
-        out, kept = _drop_unused_params(out, f, {**params, **packed})
+        out, kept = drop_unused_params(out, f, {**params, **packed})
         new_params.update(kept)
-    log(report.summary())
+    logger.info(report.summary())
     return out, new_params, report
 
 
 def _with_params(rw, func_name, new_func):
     """The rewriter's module with ``func_name`` replaced by ``new_func`` plus the packed-weight params."""
-    new_func = relax.Function(list(new_func.params) + [v for v, _ in rw.new_params], new_func.body,
-                              new_func.ret_ty, new_func.is_pure, new_func.attrs)
+    new_func = relax.Function(
+        list(new_func.params) + [v for v, _ in rw.new_params],
+        new_func.body,
+        new_func.ret_ty,
+        new_func.is_pure,
+        new_func.attrs,
+    )
     rw.builder_.update_func(rw.builder_.get().get_global_var(func_name), new_func)
     return rw.builder_.get()
-
-
-def _drop_unused_params(mod, func_name, values):
-    """Remove weight parameters the body no longer reads; returns (module, params in signature order)."""
-    func = mod[func_name]
-    n_in = int(func.attrs["num_input"])
-    used = {v.name for v in relax.analysis.free_vars(func.body)}
-    keep = list(func.params[:n_in]) + [v for v in func.params[n_in:] if v.name in used]
-    new = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
-    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    mod[func_name] = new
-    return mod, {v.name: values[v.name] for v in keep[n_in:]}

@@ -17,20 +17,20 @@ from tvm import relax
 
 from ..schedules.attention_cpu import AttentionKernel
 from .attention_kernel_table import float_matmul_dtype, rewrite_calls
-from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
+from .ir import is_op, resolve_binding, shape_of
 from .share_kv_heads import _scalar_const
 
 
 def _scores(rw, call):
     t, scales = resolve_binding(rw, call.args[1]), []
-    while _is_op(t, "relax.multiply") and (_scalar_const(t.args[0]) or _scalar_const(t.args[1])):
+    while is_op(t, "relax.multiply") and (_scalar_const(t.args[0]) or _scalar_const(t.args[1])):
         side = 0 if _scalar_const(t.args[0]) else 1  # SDPA exports scale k^T by sqrt(1/sqrt(D))
         scales.append(t.args[side])
         t = resolve_binding(rw, t.args[1 - side])
-    if not _is_op(t, "relax.permute_dims") or t.attrs.axes is None or [int(a) for a in t.attrs.axes] != [0, 1, 3, 2]:
+    if not is_op(t, "relax.permute_dims") or t.attrs.axes is None or [int(a) for a in t.attrs.axes] != [0, 1, 3, 2]:
         return None
     q, k = call.args[0], t.args[0]
-    qs, ks = _shape(q), _shape(k)
+    qs, ks = shape_of(q), shape_of(k)
     dtype = float_matmul_dtype(call, q, k)
     if dtype is None or qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
         return None

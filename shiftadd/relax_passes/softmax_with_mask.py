@@ -16,7 +16,7 @@ from tvm import relax
 
 from ..schedules.attention_cpu import AttentionKernel
 from .attention_kernel_table import rewrite_calls
-from .rewrite_lut_matmul import _is_op, _shape, resolve_binding
+from .ir import is_op, resolve_binding, shape_of
 
 
 def _mask_pattern(xs, ms) -> str | None:
@@ -38,7 +38,7 @@ def _softmax(rw, call):
     if int(call.attrs.axis) not in (-1, 3):
         return None
     x = call.args[0]
-    xs = _shape(x)
+    xs = shape_of(x)
     if xs is None or len(xs) != 4 or isinstance(xs[3], tvm.tirx.IntImm) or not isinstance(xs[1], tvm.tirx.IntImm):
         return None
     dtype = str(x.ty.dtype)
@@ -46,12 +46,17 @@ def _softmax(rw, call):
         return None
     args, bias = [x], ""
     add = resolve_binding(rw, x)
-    if _is_op(add, "relax.add"):
+    if is_op(add, "relax.add"):
         an = tvm.sym.Analyzer()
         for a, m in (add.args, add.args[::-1]):
-            sa, pattern = _shape(a), _mask_pattern(xs, _shape(m))
-            if sa is not None and len(sa) == 4 and all(an.can_prove_equal(u, w) for u, w in zip(sa, xs)) \
-                    and pattern is not None and str(a.ty.dtype) == str(m.ty.dtype) == dtype:
+            sa, pattern = shape_of(a), _mask_pattern(xs, shape_of(m))
+            if (
+                sa is not None
+                and len(sa) == 4
+                and all(an.can_prove_equal(u, w) for u, w in zip(sa, xs))
+                and pattern is not None
+                and str(a.ty.dtype) == str(m.ty.dtype) == dtype
+            ):
                 args, bias = [a, m], pattern
                 break
     gv = rw.table.call(AttentionKernel("softmax", int(xs[1]), 0, dtype, bias), xs[2])

@@ -15,12 +15,12 @@ from tvm import relax
 
 from ..schedules.attention_cpu import AttentionKernel
 from .attention_kernel_table import float_matmul_dtype, rewrite_calls
-from .rewrite_lut_matmul import _shape
+from .ir import shape_of
 
 
 def _values(rw, call):
     p, v = call.args
-    ps, vs = _shape(p), _shape(v)
+    ps, vs = shape_of(p), shape_of(v)
     dtype = float_matmul_dtype(call, p, v)
     if dtype is None or ps is None or vs is None or len(ps) != 4 or len(vs) != 4:
         return None

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,28 @@ import tempfile
 from pathlib import Path
 
 FORMAT_VERSION = 2  # 2: functions main + decode (KV cache), manifest self-hash
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    An exception or Ctrl-C leaves neither a partial file nor the temporary behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 DIGEST_KEY = '"manifest_sha256": "'
@@ -35,7 +58,7 @@ def manifest_digest(text: str) -> str:
     i = text.find(DIGEST_KEY)
     if i >= 0:
         j = i + len(DIGEST_KEY)
-        text = text[:j] + DIGEST_ZERO + text[j + 64:]
+        text = text[:j] + DIGEST_ZERO + text[j + 64 :]
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -54,8 +77,12 @@ def paths(so_path: str | os.PathLike) -> dict[str, Path]:
     if so.suffix != ".so":
         raise ArtifactError(f"output path must end in .so, got {so}")
     stem = so.with_suffix("")
-    return {"so": so, "params": stem.with_suffix(".params"), "manifest": stem.with_suffix(".json"),
-            "tokenizer": Path(str(stem) + ".tokenizer")}
+    return {
+        "so": so,
+        "params": stem.with_suffix(".params"),
+        "manifest": stem.with_suffix(".json"),
+        "tokenizer": Path(str(stem) + ".tokenizer"),
+    }
 
 
 def sha256_file(path: Path) -> str:
@@ -80,8 +107,9 @@ class ArtifactWriter:
     def __init__(self, so_path: str | os.PathLike):
         self.paths = paths(so_path)
         self.paths["so"].parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.paths['so'].stem}.", suffix=".partial",
-                                           dir=self.paths["so"].parent))
+        self.stage = Path(
+            tempfile.mkdtemp(prefix=f".{self.paths['so'].stem}.", suffix=".partial", dir=self.paths["so"].parent)
+        )
 
     def staged(self, kind: str) -> Path:
         return self.stage / self.paths[kind].name
@@ -135,8 +163,10 @@ def read_manifest(so_path: str | os.PathLike, verify: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{p['manifest']}: corrupted manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{p['manifest']}: format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}"
-                            f", this shiftadd reads version {FORMAT_VERSION} (recompile the model)")
+        raise ArtifactError(
+            f"{p['manifest']}: format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}"
+            f", this shiftadd reads version {FORMAT_VERSION} (recompile the model)"
+        )
     if manifest.get("manifest_sha256") != manifest_digest(text):
         raise ArtifactError(f"{p['manifest']}: corrupted manifest (its content does not match its manifest_sha256)")
     if verify:
@@ -146,5 +176,7 @@ def read_manifest(so_path: str | os.PathLike, verify: bool = True) -> dict:
             if not f.is_file():
                 raise ArtifactError(f"{p['so']}: file {f} listed in the manifest is missing")
             if sha256_file(f) != digest:
-                raise ArtifactError(f"{p['so']}: file {f} does not match its SHA-256 in the manifest (corrupted or replaced)")
+                raise ArtifactError(
+                    f"{p['so']}: file {f} does not match its SHA-256 in the manifest (corrupted or replaced)"
+                )
     return manifest

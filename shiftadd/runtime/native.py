@@ -23,8 +23,9 @@ BINARY = "shiftadd-run"
 def _source_files() -> list[Path]:
     files = [SOURCES / "CMakeLists.txt", *sorted(SOURCES.glob("*.cc")), *sorted(SOURCES.glob("*.h"))]
     if not files[0].is_file() or len(files) < 2:
-        raise RuntimeError(f"the runner's sources are missing from {SOURCES} (CMakeLists.txt, *.cc): "
-                           "reinstall shiftadd")
+        raise RuntimeError(
+            f"the runner's sources are missing from {SOURCES} (CMakeLists.txt, *.cc): reinstall shiftadd"
+        )
     return files
 
 
@@ -73,26 +74,50 @@ def build_runner(build_dir: str | os.PathLike | None = None) -> Path:
         stamp.unlink(missing_ok=True)
         if not (build / "CMakeCache.txt").is_file():
             gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-            _run(["cmake", "-S", str(SOURCES), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                  f"-DPython_EXECUTABLE={sys.executable}"], "configuring shiftadd-run (cmake)")
+            _run(
+                [
+                    "cmake",
+                    "-S",
+                    str(SOURCES),
+                    "-B",
+                    str(build),
+                    *gen,
+                    "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DPython_EXECUTABLE={sys.executable}",
+                ],
+                "configuring shiftadd-run (cmake)",
+            )
         # one job: the two runner sources build in seconds, and the machine may be shared
-        _run(["cmake", "--build", str(build), "--target", BINARY, "--parallel", "1"],
-             "building shiftadd-run (cmake --build)")
+        _run(
+            ["cmake", "--build", str(build), "--target", BINARY, "--parallel", "1"],
+            "building shiftadd-run (cmake --build)",
+        )
         if not binary.is_file():
             raise RuntimeError(f"cmake reported success but {binary} is missing")
         stamp.write_text(key)
     return binary
 
 
-def run_runner(so_path: str | os.PathLike, ids, max_new_tokens: int = 16, threads: int | None = None,
-               binary: str | os.PathLike | None = None) -> dict:
+def run_runner(
+    so_path: str | os.PathLike,
+    ids,
+    max_new_tokens: int = 16,
+    threads: int | None = None,
+    binary: str | os.PathLike | None = None,
+) -> dict:
     """Greedy-decode ``ids`` with the native runner: ``{"ids": new ids, "timing": {...}}``.
 
     Raises RuntimeError with the runner's message (``shiftadd-run: ...``) when it exits non-zero.
     """
     exe = Path(binary) if binary is not None else build_runner()
-    cmd = [str(exe), str(so_path), "--ids", " ".join(str(int(i)) for i in ids),
-           "--max-new-tokens", str(int(max_new_tokens))]
+    cmd = [
+        str(exe),
+        str(so_path),
+        "--ids",
+        " ".join(str(int(i)) for i in ids),
+        "--max-new-tokens",
+        str(int(max_new_tokens)),
+    ]
     if threads is not None:
         cmd += ["--threads", str(int(threads))]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -58,7 +58,7 @@ class TextStream:
         text = self.text()
         if text.endswith("\ufffd"):
             return ""
-        piece, self.sent = text[self.sent:], len(text)
+        piece, self.sent = text[self.sent :], len(text)
         return piece
 
     def text(self) -> str:

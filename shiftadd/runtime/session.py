@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactError, paths, read_manifest
+from .artifact import ArtifactError, paths, read_manifest
 from .sampling import Sampler, TextStream
 
 
@@ -82,7 +82,9 @@ class Session:
             try:
                 vm = relax.VirtualMachine(self._lib, self.device)
             except Exception as e:  # noqa: BLE001
-                raise ArtifactError(f"{self.path}: not a shiftadd/TVM VM executable: {str(e).splitlines()[0]}") from None
+                raise ArtifactError(
+                    f"{self.path}: not a shiftadd/TVM VM executable: {str(e).splitlines()[0]}"
+                ) from None
             self._local.vm = vm
         return vm
 
@@ -122,8 +124,10 @@ class Session:
                 if want.isidentifier():
                     first = sym.setdefault(want, (name, d))
                     if first[1] != d:
-                        raise ValueError(f"input '{name}': dimension '{want}' is {d} but {first[1]} in input "
-                                         f"'{first[0]}' (shape {a.shape})")
+                        raise ValueError(
+                            f"input '{name}': dimension '{want}' is {d} but {first[1]} in input "
+                            f"'{first[0]}' (shape {a.shape})"
+                        )
             arrays.append(a)
         by_name = dict(zip(names, arrays))
         self._check_ids(by_name.get("input_ids"))
@@ -131,12 +135,15 @@ class Session:
         if past is not None and "attention_mask" in by_name and "input_ids" in by_name:
             total = past.shape[2] + by_name["input_ids"].shape[1]  # the 'past' dim is shared by every layer
             if by_name["attention_mask"].shape[1] != total:
-                raise ValueError(f"input 'attention_mask': expected {total} columns (past {past.shape[2]} + "
-                                 f"new {by_name['input_ids'].shape[1]}), got shape {by_name['attention_mask'].shape}")
+                raise ValueError(
+                    f"input 'attention_mask': expected {total} columns (past {past.shape[2]} + "
+                    f"new {by_name['input_ids'].shape[1]}), got shape {by_name['attention_mask'].shape}"
+                )
         seq = by_name["attention_mask"].shape[1] if "attention_mask" in by_name else None
         if self.max_context and seq and seq > self.max_context:
-            raise ValueError(f"input 'attention_mask': {seq} positions exceed the model's context of "
-                             f"{self.max_context}")
+            raise ValueError(
+                f"input 'attention_mask': {seq} positions exceed the model's context of {self.max_context}"
+            )
         return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
     def _check_ids(self, ids) -> None:
@@ -145,8 +152,9 @@ class Session:
             return
         ids = np.asarray(ids)
         if ids.min() < 0 or ids.max() >= vocab:
-            raise ValueError(f"input 'input_ids': token ids must be in [0, {vocab}), got range "
-                             f"[{ids.min()}, {ids.max()}]")
+            raise ValueError(
+                f"input 'input_ids': token ids must be in [0, {vocab}), got range [{ids.min()}, {ids.max()}]"
+            )
 
     def _call(self, function: str, args: list) -> list:
         out = self._vm()[function](*args, *self._args[function])
@@ -181,7 +189,9 @@ class Session:
             try:
                 ids = [int(t) for t in np.asarray(prompt).reshape(-1)]
             except (TypeError, ValueError):
-                raise TypeError(f"prompt: expected text or a sequence of token ids, got {type(prompt).__name__}") from None
+                raise TypeError(
+                    f"prompt: expected text or a sequence of token ids, got {type(prompt).__name__}"
+                ) from None
         if not ids:
             raise ValueError("prompt is empty")
         self._check_ids(np.asarray(ids))
@@ -207,8 +217,9 @@ class Session:
                 logits = self.logits(np.asarray(seq))[0, -1]
             elif past is None:
                 ids_t = np.asarray([seq], dtype=np.int64)
-                out = self._call("main", self._check_feed("main", {"input_ids": ids_t,
-                                                                   "attention_mask": np.ones_like(ids_t)}))
+                out = self._call(
+                    "main", self._check_feed("main", {"input_ids": ids_t, "attention_mask": np.ones_like(ids_t)})
+                )
                 logits, past = out[0].numpy()[0, -1], out[1:]
             else:
                 new = tvm.runtime.tensor(np.asarray([[seq[-1]]], dtype=np.int64), self.device)
@@ -221,8 +232,17 @@ class Session:
             if nxt in eos:
                 return
 
-    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stream=None, use_cache: bool = True) -> dict:
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream=None,
+        use_cache: bool = True,
+    ) -> dict:
         """Generate after ``prompt`` (text, needs the stored tokenizer, or token ids). ``temperature`` 0
         is greedy; otherwise sampling from the softmax of logits/temperature restricted to the ``top_k``
         most likely tokens (0: all) and to the smallest set whose probability reaches ``top_p``, drawn
@@ -242,10 +262,15 @@ class Session:
             piece = text.push(tok)
             if stream is not None and piece:
                 stream(piece)
-        return {"prompt_ids": ids, "new_ids": new, "text": text.text() if self.tokenizer else None,
-                "seconds": time.perf_counter() - t0, "step_seconds": steps,
-                "prefill_seconds": steps[0] if steps else 0.0,
-                "decode_tokens_per_s": (len(steps) - 1) / sum(steps[1:]) if len(steps) > 1 else None}
+        return {
+            "prompt_ids": ids,
+            "new_ids": new,
+            "text": text.text() if self.tokenizer else None,
+            "seconds": time.perf_counter() - t0,
+            "step_seconds": steps,
+            "prefill_seconds": steps[0] if steps else 0.0,
+            "decode_tokens_per_s": (len(steps) - 1) / sum(steps[1:]) if len(steps) > 1 else None,
+        }
 
 
 def load(so_path: str | os.PathLike, verify: bool = True) -> Session:

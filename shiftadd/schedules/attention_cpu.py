@@ -68,16 +68,20 @@ def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = 16) -
     k = te.placeholder((bsz, heads, n, d), dtype, name="k")
     if lanes == 1:
         r = te.reduce_axis((0, d), name="r")
-        out = te.compute((bsz, heads, m, n), lambda b, h, i, j: te.sum(q[b, h, i, r] * k[b, h, j, r], axis=r),
-                         name="scores")
+        out = te.compute(
+            (bsz, heads, m, n), lambda b, h, i, j: te.sum(q[b, h, i, r] * k[b, h, j, r], axis=r), name="scores"
+        )
     else:
         c = te.reduce_axis((0, d // lanes), name="c")
-        part = te.compute((bsz, heads, m, n, lanes),
-                          lambda b, h, i, j, l: te.sum(q[b, h, i, c * lanes + l] * k[b, h, j, c * lanes + l], axis=c),
-                          name="part")
+        part = te.compute(
+            (bsz, heads, m, n, lanes),
+            lambda b, h, i, j, v: te.sum(q[b, h, i, c * lanes + v] * k[b, h, j, c * lanes + v], axis=c),
+            name="part",
+        )
         l_ax = te.reduce_axis((0, lanes), name="l")
-        out = te.compute((bsz, heads, m, n), lambda b, h, i, j: te.sum(part[b, h, i, j, l_ax], axis=l_ax),
-                         name="scores")
+        out = te.compute(
+            (bsz, heads, m, n), lambda b, h, i, j: te.sum(part[b, h, i, j, l_ax], axis=l_ax), name="scores"
+        )
     sch = s_tir.Schedule(te.create_prim_func([q, k, out]))
     blk = sch.get_sblock("scores")
     b, h, i, j, lr = sch.get_loops(blk)
@@ -106,8 +110,9 @@ def values_kernel(heads: int, d: int, dtype: str = "float32", cols: int = 0) -> 
     p = te.placeholder((bsz, heads, m, n), dtype, name="p")
     v = te.placeholder((bsz, heads, n, d), dtype, name="v")
     r = te.reduce_axis((0, n), name="r")
-    out = te.compute((bsz, heads, m, d), lambda b, h, i, c: te.sum(p[b, h, i, r] * v[b, h, r, c], axis=r),
-                     name="values")
+    out = te.compute(
+        (bsz, heads, m, d), lambda b, h, i, c: te.sum(p[b, h, i, r] * v[b, h, r, c], axis=r), name="values"
+    )
     sch = s_tir.Schedule(te.create_prim_func([p, v, out]))
     blk = sch.get_sblock("values")
     b, h, i, c, r = sch.get_loops(blk)
@@ -125,30 +130,36 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str 
     exponentials (kept) and their sum, then one scaling pass; float16 is computed in float32. Tasks
     of ``rows`` rows in parallel; 0 runs one serial loop. Scheduled, opaque to fusion."""
     if heads < 1 or rows < 0 or (bias and (len(bias) != 3 or set(bias) - {"x", "1"})):
-        raise ValueError(f"softmax_kernel: heads must be positive, rows >= 0 and bias '' or 3 of 'x'/'1' "
-                         f"(got {heads}, {rows}, {bias!r})")
+        raise ValueError(
+            f"softmax_kernel: heads must be positive, rows >= 0 and bias '' or 3 of 'x'/'1' "
+            f"(got {heads}, {rows}, {bias!r})"
+        )
     bsz, m, n = te.var("batch", "int64"), te.var("m", "int64"), te.var("n", "int64")
     x = te.placeholder((bsz, heads, m, n), dtype, name="x")
     args = [x]
     acc = "float32"
     if bias:
-        mask = te.placeholder(tuple(e if f == "x" else 1 for f, e in zip(bias, (bsz, heads, m))) + (n,), dtype,
-                              name="mask")
+        mask = te.placeholder(
+            tuple(e if f == "x" else 1 for f, e in zip(bias, (bsz, heads, m))) + (n,), dtype, name="mask"
+        )
         args.append(mask)
 
         def val(b, h, i, j):
             idx = [e if f == "x" else 0 for f, e in zip(bias, (b, h, i))]
             return (x[b, h, i, j] + mask[idx[0], idx[1], idx[2], j]).astype(acc)
     else:
+
         def val(b, h, i, j):
             return x[b, h, i, j].astype(acc)
+
     j = te.reduce_axis((0, n), name="j")
     mx = te.compute((bsz, heads, m), lambda b, h, i: te.max(val(b, h, i, j), axis=j), name="row_max")
     ex = te.compute((bsz, heads, m, n), lambda b, h, i, k: te.exp(val(b, h, i, k) - mx[b, h, i]), name="row_exp")
     j2 = te.reduce_axis((0, n), name="j2")
     sm = te.compute((bsz, heads, m), lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")
-    out = te.compute((bsz, heads, m, n), lambda b, h, i, k: (ex[b, h, i, k] / sm[b, h, i]).astype(dtype),
-                     name="softmax")
+    out = te.compute(
+        (bsz, heads, m, n), lambda b, h, i, k: (ex[b, h, i, k] / sm[b, h, i]).astype(dtype), name="softmax"
+    )
     sch = s_tir.Schedule(te.create_prim_func(args + [out]))
     b, h, i, _ = sch.get_loops(sch.get_sblock("softmax"))
     row = sch.fuse(b, h, i)
@@ -164,12 +175,24 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str 
 # measured on SmolLM2's shapes (3 key/value heads, d 64; docs/BENCHMARKS.md): values, one task per
 # query row (whole rows); softmax, one row per task (serial was 1.1-1.7x slower from 64 keys on).
 KINDS = {
-    "scores": ("block", lambda d: 16, lambda d: (4, 8, 16, 32, 64),
-               lambda s, k: scores_kernel(s.heads, s.d, s.dtype, k)),
-    "values": ("cols", lambda d: d, lambda d: tuple(c for c in (d, d // 2, d // 4) if c >= 8 and d % c == 0) or (d,),
-               lambda s, k: values_kernel(s.heads, s.d, s.dtype, k)),
-    "softmax": ("rows", lambda d: 1, lambda d: (0, 1, 2, 4, 8),
-                lambda s, k: softmax_kernel(s.heads, s.dtype, k, s.bias)),
+    "scores": (
+        "block",
+        lambda d: 16,
+        lambda d: (4, 8, 16, 32, 64),
+        lambda s, k: scores_kernel(s.heads, s.d, s.dtype, k),
+    ),
+    "values": (
+        "cols",
+        lambda d: d,
+        lambda d: tuple(c for c in (d, d // 2, d // 4) if c >= 8 and d % c == 0) or (d,),
+        lambda s, k: values_kernel(s.heads, s.d, s.dtype, k),
+    ),
+    "softmax": (
+        "rows",
+        lambda d: 1,
+        lambda d: (0, 1, 2, 4, 8),
+        lambda s, k: softmax_kernel(s.heads, s.dtype, k, s.bias),
+    ),
 }
 
 
@@ -190,8 +213,9 @@ def kernel(spec: AttentionKernel, knob: int | None = None) -> tvm.tirx.PrimFunc:
 
 def timing_cases(rows, lengths=LENGTHS) -> list[tuple[int, int]]:
     """(query rows M, keys N) a kernel called with ``rows`` is timed at (see :func:`measure`)."""
-    return list(dict.fromkeys((m or n, n) for m in sorted(set(rows)) for n in lengths
-                              if m != PROMPT or n <= PROMPT_MAX))
+    return list(
+        dict.fromkeys((m or n, n) for m in sorted(set(rows)) for n in lengths if m != PROMPT or n <= PROMPT_MAX)
+    )
 
 
 def arrays(spec: AttentionKernel, m: int, n: int, rng) -> list[np.ndarray]:
@@ -203,39 +227,8 @@ def arrays(spec: AttentionKernel, m: int, n: int, rng) -> list[np.ndarray]:
     elif spec.kind == "values":
         shapes, out = [(1, h, m, n), (1, h, n, d)], (1, h, m, d)
     else:
-        shapes = [(1, h, m, n)] + ([tuple(1 if f == "1" else e for f, e in zip(spec.bias, (1, h, m))) + (n,)]
-                                   if spec.bias else [])
+        shapes = [(1, h, m, n)] + (
+            [tuple(1 if f == "1" else e for f, e in zip(spec.bias, (1, h, m))) + (n,)] if spec.bias else []
+        )
         out = (1, h, m, n)
     return [rng.standard_normal(s).astype(dt) for s in shapes] + [np.zeros(out, dt)]
-
-
-def time_local(spec: AttentionKernel, knobs, cases, target=None, rounds: int = 30) -> dict:
-    """``{knob: {"M,N": ms}}`` on this machine: interleaved medians over ``rounds`` rounds."""
-    from ..targets import resolve_target
-    from .timing import interleaved, median_ms
-
-    target = resolve_target(target or "cpu")
-    rng = np.random.default_rng(0)
-    data = {c: [tvm.runtime.tensor(a) for a in arrays(spec, *c, rng)] for c in cases}
-    fns = {}
-    for k in knobs:
-        fn = tvm.compile(tvm.IRModule({"main": kernel(spec, k)}), target)["main"]
-        for c in cases:
-            fns[f"{k} {c[0]},{c[1]}"] = [lambda fn=fn, a=data[c]: fn(*a)]
-    t = {key: median_ms(v) for key, v in interleaved(fns, rounds=rounds).items()}
-    return {k: {f"{m},{n}": t[f"{k} {m},{n}"] for m, n in cases} for k in knobs}
-
-
-def measure(spec: AttentionKernel, rows=(1,), target=None, rounds: int = 30, knobs=None,
-            lengths=LENGTHS, timer=None) -> tuple[int, dict]:
-    """Time ``spec``'s kernel for every knob (default :func:`candidates`) at every (query rows
-    ``rows`` x cache ``lengths``) (batch 1; rows PROMPT: a prompt over itself, M = N for the
-    lengths up to PROMPT_MAX); returns (best knob, {knob: {"M,N": ms}}). ``timer(spec, knobs,
-    cases)`` measures (default :func:`time_local`; schedules/rpc.py measures on RPC servers). The
-    best minimises the mean over (M, N) of its time relative to the fastest knob there, so short
-    and long caches count alike."""
-    knobs = tuple(knobs or candidates(spec))
-    cases = timing_cases(rows, lengths)
-    ms = timer(spec, knobs, cases) if timer else time_local(spec, knobs, cases, target, rounds)
-    score = {k: np.mean([ms[k][c] / min(ms[x][c] for x in knobs) for c in ms[k]]) for k in knobs}
-    return min(score, key=score.get), ms

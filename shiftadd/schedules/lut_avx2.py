@@ -41,6 +41,7 @@ class Knobs:
     AVX2 with at most 4 rows per pass; rbk unused), 2 = LUT-add on 512-bit registers (AVX-512 BW;
     mt 1). On a CPU without AVX-512 path 2 runs as path 0; with SHIFTADD_NO_INT8 path 1 runs as path
     0 with mt <= 2, rbk 1."""
+
     mt: int = 1
     rbk: int = 1
     tasks: int = 0  # 0: every thread of TVM's pool; 1: the calling thread alone (no wake-up)
@@ -52,10 +53,13 @@ class Knobs:
         return f"{'w' if self.path == 2 else ''}m{self.mt}r{self.rbk}t{self.tasks}"
 
 
-KNOB_SPACE = ([Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (4, 1))
-               for t in (0, 1)]  # the (mt, rbk) pairs the micro-kernel instantiates
-              + [Knobs(mt, 1, t, 1) for mt in (2, 4, 6) for t in (0, 1)]  # the int8 path's rows per pass
-              + [Knobs(1, rbk, t, 2) for rbk in (1, 2, 4) for t in (0, 1)])  # the 512-bit LUT path
+KNOB_SPACE = (
+    [
+        Knobs(mt, rbk, t) for mt, rbk in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2), (4, 1)) for t in (0, 1)
+    ]  # the (mt, rbk) pairs the micro-kernel instantiates
+    + [Knobs(mt, 1, t, 1) for mt in (2, 4, 6) for t in (0, 1)]  # the int8 path's rows per pass
+    + [Knobs(1, rbk, t, 2) for rbk in (1, 2, 4) for t in (0, 1)]
+)  # the 512-bit LUT path
 # untuned defaults, measured on 4096x4096 here: 4 row blocks per pass keep 4 weight streams in flight
 # (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4), on 512-bit registers where the CPU has
 # them (4-bit M=1: 0.33 -> 0.24 ms); for M > 1 the int8 path, 4 rows per pass (the LUT path's cost
@@ -71,6 +75,8 @@ def default_knobs(bits: int, vnni: bool = True) -> tuple[Knobs, Knobs]:
     per activation row) lost to the LUT loop in every tuning at M = 32 (2-bit 1.3-1.5x, 3-bit
     1.0-1.2x; 4-bit the int8 path won 1.1-1.2x; docs/BENCHMARKS.md)."""
     return DEFAULT_KNOBS, (DEFAULT_BATCH_KNOBS if vnni or bits >= 4 else LUT_BATCH_KNOBS)
+
+
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")
 SWITCHES = ("SHIFTADD_NO_AVX512", "SHIFTADD_NO_INT8")  # environment switches the micro-kernel reads
 
@@ -129,14 +135,28 @@ def dims(k: int, n: int, group: int, alpha_rows: int = 1) -> dict:
     ng = -(-t4 // g4)
     nb = -(-n // ROWS)
     u4 = unit_tables(g4)
-    return {"g4": g4, "ng": ng, "pairs": ng * g4 // 2, "u4": u4, "nu": ng * g4 // u4, "nb": nb,
-            "nba": nb if alpha_rows == 1 else -(-nb * ROWS // alpha_rows), "w": ROWS if alpha_rows == 1 else 1}
+    return {
+        "g4": g4,
+        "ng": ng,
+        "pairs": ng * g4 // 2,
+        "u4": u4,
+        "nu": ng * g4 // u4,
+        "nb": nb,
+        "nba": nb if alpha_rows == 1 else -(-nb * ROWS // alpha_rows),
+        "w": ROWS if alpha_rows == 1 else 1,
+    }
 
 
-def kernel_name(k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int, fp8: bool = False,
-                tied: bool = False) -> str:
-    return (f"shiftadd_lut8_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
-            + (f"_r{alpha_rows}" if alpha_rows != 1 else "") + ("_f8" if fp8 else "") + ("_t" if tied else ""))
+def kernel_name(
+    k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int, fp8: bool = False, tied: bool = False
+) -> str:
+    return (
+        f"shiftadd_lut8_k{k}_n{n}_q{bits}_g{group}"
+        + ("_z" if offset else "")
+        + (f"_r{alpha_rows}" if alpha_rows != 1 else "")
+        + ("_f8" if fp8 else "")
+        + ("_t" if tied else "")
+    )
 
 
 def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
@@ -146,8 +166,10 @@ def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
     bad = (h & 0xFF) != 0
     if bad.any():
         v = a[bad].ravel()[0]
-        raise ValueError(f"{what} {float(v)!r} is not a float8 e5m2 value (fit with scale_format='e5m2'): "
-                         f"{int(bad.sum())} of {a.size} values")
+        raise ValueError(
+            f"{what} {float(v)!r} is not a float8 e5m2 value (fit with scale_format='e5m2'): "
+            f"{int(bad.sum())} of {a.size} values"
+        )
     return (h >> 8).astype(np.uint8)
 
 
@@ -169,26 +191,42 @@ def pack_avx2(w: BCQWeight, fp8: bool = False) -> tuple[np.ndarray, np.ndarray, 
     return codes, alpha, zoff
 
 
-def random_packed(k: int, n: int, bits: int, group: int, offset: bool = True, rows: int = 1, fp8: bool = False,
-                  rng=None, tied: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_packed(
+    k: int,
+    n: int,
+    bits: int,
+    group: int,
+    offset: bool = True,
+    rows: int = 1,
+    fp8: bool = False,
+    rng=None,
+    tied: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Packed random weights of a shape (random signs; scales 2^-6 (tied: 2^-6 2^-b) and offsets 2^-8,
     exact in every scale format): what timing needs, for the tuner and the benchmarks alike."""
     rng = rng if rng is not None else np.random.default_rng(0)
     ng, na = -(-k // group), -(-n // rows)
-    a = np.full((bits, na, ng), 2.0 ** -6, np.float32)
+    a = np.full((bits, na, ng), 2.0**-6, np.float32)
     if tied:
         a *= plane_weights(bits).numpy()[:, None, None]
-    bw = BCQWeight(signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool), group=group, alpha_rows=rows,
-                   alpha=np.repeat(a, rows, axis=1)[:, :n], tied=tied,
-                   offset=np.repeat(np.full((na, ng), 2.0 ** -8, np.float32), rows, axis=0)[:n] if offset else None)
+    bw = BCQWeight(
+        signs=rng.integers(0, 2, (bits, n, k), dtype=np.uint8).astype(bool),
+        group=group,
+        alpha_rows=rows,
+        alpha=np.repeat(a, rows, axis=1)[:, :n],
+        tied=tied,
+        offset=np.repeat(np.full((na, ng), 2.0**-8, np.float32), rows, axis=0)[:n] if offset else None,
+    )
     return pack_avx2(bw, fp8)
 
 
 def _pack(w: BCQWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     q, n, k = w.signs.shape
     if not supports(w.group, w.alpha_rows):
-        raise ValueError(f"AVX2 kernel: group {w.group} / rows per scale {w.alpha_rows} not supported "
-                         f"(need group % 8 == 0 and rows per scale 1 or a multiple of 32)")
+        raise ValueError(
+            f"AVX2 kernel: group {w.group} / rows per scale {w.alpha_rows} not supported "
+            f"(need group % 8 == 0 and rows per scale 1 or a multiple of 32)"
+        )
     d = dims(k, n, w.group, w.alpha_rows)
     nb, pairs, ng = d["nb"], d["pairs"], d["ng"]
     bits = np.zeros((q, nb * ROWS, pairs * 2 * MU), dtype=np.uint8)
@@ -372,8 +410,13 @@ def compile_once(out: Path, shared: bool, source: Path = SOURCE, compiler: list[
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + f".tmp{os.getpid()}")
-    cmd = [*(compiler or [os.environ.get("CXX", "g++"), *CFLAGS]), "-shared" if shared else "-c", str(source),
-           "-o", str(tmp)]
+    cmd = [
+        *(compiler or [os.environ.get("CXX", "g++"), *CFLAGS]),
+        "-shared" if shared else "-c",
+        str(source),
+        "-o",
+        str(tmp),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
@@ -418,14 +461,23 @@ def int8_isa() -> str | None:
 
 
 # -- the TIR wrapper --------------------------------------------------------------------------------
-def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1,
-                  knobs: Knobs = DEFAULT_KNOBS, knobs_batch: Knobs | None = None, fp8: bool = False,
-                  tied: bool = False):
-    """PrimFunc ``(x [M, k] f32, codes, alpha, zoff) -> y [M, n] f32`` for the packed layout of
-    :func:`pack_avx2` (``fp8``: scales as float8 e5m2 bytes): one micro-kernel call, which launches its tasks on TVM's thread pool (tables
-    split over tasks, a barrier, then 32-row blocks split over tasks). ``knobs`` serve M = 1
-    (decode), ``knobs_batch`` M > 1 (prefill; defaults to ``knobs``). ``tied``: one scale per row and
-    group, plane b's being it times 2^-b (quant.bcq.plane_weights)."""
+def make_lut_avx2(
+    k: int,
+    n: int,
+    bits: int,
+    group: int,
+    offset: bool = True,
+    alpha_rows: int = 1,
+    knobs: Knobs = DEFAULT_KNOBS,
+    knobs_batch: Knobs | None = None,
+    fp8: bool = False,
+    tied: bool = False,
+):
+    """PrimFunc ``(x [M, k] f32, codes, alpha, zoff) -> y [M, n] f32`` for the packed layout of :func:`pack_avx2`
+    (``fp8``: scales as float8 e5m2 bytes): one micro-kernel call, which launches its tasks on TVM's thread pool
+    (tables split over tasks, a barrier, then 32-row blocks split over tasks). ``knobs`` serve M = 1 (decode),
+    ``knobs_batch`` M > 1 (prefill; defaults to ``knobs``). ``tied``: one scale per row and group, plane b's being it
+    times 2^-b (quant.bcq.plane_weights)."""
     from tvm.script import tirx as T
 
     if not supports(group, alpha_rows):
@@ -443,14 +495,41 @@ def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, al
 
     def call(m, kn, X, codes, alpha, zoff, tab, ls, gs, Y):
         return T.call_extern(
-            "int32", "shiftadd_lut_matmul", X.data, m, i64(k), codes.data, alpha.data, zoff.data, i64(use_z),
-            i64(n), i64(pairs), i64(u4), i64(g4), i64(ng), i64(alpha_rows), i64(int(fp8) | 2 * int(tied) | 4 * int(il)),
-            i64(q), i64(kn.mt),
-            i64(kn.rbk), i64(kn.path), i64(kn.tasks), tab.data, ls.data, gs.data, Y.data)
+            "int32",
+            "shiftadd_lut_matmul",
+            X.data,
+            m,
+            i64(k),
+            codes.data,
+            alpha.data,
+            zoff.data,
+            i64(use_z),
+            i64(n),
+            i64(pairs),
+            i64(u4),
+            i64(g4),
+            i64(ng),
+            i64(alpha_rows),
+            i64(int(fp8) | 2 * int(tied) | 4 * int(il)),
+            i64(q),
+            i64(kn.mt),
+            i64(kn.rbk),
+            i64(kn.path),
+            i64(kn.tasks),
+            tab.data,
+            ls.data,
+            gs.data,
+            Y.data,
+        )
 
     @T.prim_func
-    def lut8(x_h: T.handle, codes: T.Buffer((nb, pairs, ROWS, q) if il else (nb, pairs, q, ROWS), "uint8"),
-             alpha: T.Buffer((nba, ng, 1 if tied else q, wd), sdt), zoff: T.Buffer(zshape, sdt), y_h: T.handle):
+    def lut8(
+        x_h: T.handle,
+        codes: T.Buffer((nb, pairs, ROWS, q) if il else (nb, pairs, q, ROWS), "uint8"),
+        alpha: T.Buffer((nba, ng, 1 if tied else q, wd), sdt),
+        zoff: T.Buffer(zshape, sdt),
+        y_h: T.handle,
+    ):
         T.func_attr({"tir.noalias": True})
         m = T.int64()
         X = T.match_buffer(x_h, (m, k), "float32")
@@ -460,9 +539,13 @@ def make_lut_avx2(k: int, n: int, bits: int, group: int, offset: bool = True, al
         gs = T.decl_buffer((m * ng,), "float32")
         # the micro-kernel returns -1 for a plane count or knob it was not built for: fail loudly
         if m == 1:
-            assert call(m, knobs, X, codes, alpha, zoff, tab, ls, gs, Y) == 0, "shiftadd_lut_matmul: unsupported bits or knobs"
+            assert call(m, knobs, X, codes, alpha, zoff, tab, ls, gs, Y) == 0, (
+                "shiftadd_lut_matmul: unsupported bits or knobs"
+            )
         else:
-            assert call(m, kb, X, codes, alpha, zoff, tab, ls, gs, Y) == 0, "shiftadd_lut_matmul: unsupported bits or knobs"
+            assert call(m, kb, X, codes, alpha, zoff, tab, ls, gs, Y) == 0, (
+                "shiftadd_lut_matmul: unsupported bits or knobs"
+            )
 
     return lut8.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})
 

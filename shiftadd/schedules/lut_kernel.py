@@ -35,12 +35,16 @@ def lut_dims(k: int, n: int, group: int, vec: int = DEFAULT_VEC) -> dict:
 
 
 def kernel_name(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1) -> str:
-    return (f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}" + ("_z" if offset else "")
-            + (f"_r{alpha_rows}" if alpha_rows != 1 else ""))
+    return (
+        f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}"
+        + ("_z" if offset else "")
+        + (f"_r{alpha_rows}" if alpha_rows != 1 else "")
+    )
 
 
-def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC,
-                    offset: bool = True, alpha_rows: int = 1) -> tvm.tirx.PrimFunc:
+def make_lut_matmul(
+    k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC, offset: bool = True, alpha_rows: int = 1
+) -> tvm.tirx.PrimFunc:
     """The kernel for x[M, k] -> y[M, n] (M symbolic), written directly in its CPU loop nest.
 
     Stage 1 builds the tables in parallel over (row, table), 16 entries as one vector; with
@@ -61,9 +65,13 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
     na = -(-npad // ar)
 
     @T.prim_func
-    def lut_matmul(x_h: T.handle, codes: T.Buffer((q, t8, npad), "int32"),
-                   alpha: T.Buffer((q, ng, na), "float16"), zoff: T.Buffer((ng * use_z + 1 - use_z, na), "float16"),
-                   y_h: T.handle):
+    def lut_matmul(
+        x_h: T.handle,
+        codes: T.Buffer((q, t8, npad), "int32"),
+        alpha: T.Buffer((q, ng, na), "float16"),
+        zoff: T.Buffer((ng * use_z + 1 - use_z, na), "float16"),
+        y_h: T.handle,
+    ):
         T.func_attr({"tir.noalias": True})
         m_dim = T.int64()
         X = T.match_buffer(x_h, (m_dim, k), "float32")
@@ -73,10 +81,38 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
         for it in T.parallel(m_dim * t4p):
             for p in T.vectorized(16):
                 lut[it * 16 + p] = (
-                    T.if_then_else(it % t4p * 4 < k, T.Select(p % 2 == 1, X[it // t4p, it % t4p * 4], T.float32(0) - X[it // t4p, it % t4p * 4]), T.float32(0))
-                    + T.if_then_else(it % t4p * 4 + 1 < k, T.Select(p // 2 % 2 == 1, X[it // t4p, it % t4p * 4 + 1], T.float32(0) - X[it // t4p, it % t4p * 4 + 1]), T.float32(0))
-                    + T.if_then_else(it % t4p * 4 + 2 < k, T.Select(p // 4 % 2 == 1, X[it // t4p, it % t4p * 4 + 2], T.float32(0) - X[it // t4p, it % t4p * 4 + 2]), T.float32(0))
-                    + T.if_then_else(it % t4p * 4 + 3 < k, T.Select(p // 8 % 2 == 1, X[it // t4p, it % t4p * 4 + 3], T.float32(0) - X[it // t4p, it % t4p * 4 + 3]), T.float32(0))
+                    T.if_then_else(
+                        it % t4p * 4 < k,
+                        T.Select(p % 2 == 1, X[it // t4p, it % t4p * 4], T.float32(0) - X[it // t4p, it % t4p * 4]),
+                        T.float32(0),
+                    )
+                    + T.if_then_else(
+                        it % t4p * 4 + 1 < k,
+                        T.Select(
+                            p // 2 % 2 == 1,
+                            X[it // t4p, it % t4p * 4 + 1],
+                            T.float32(0) - X[it // t4p, it % t4p * 4 + 1],
+                        ),
+                        T.float32(0),
+                    )
+                    + T.if_then_else(
+                        it % t4p * 4 + 2 < k,
+                        T.Select(
+                            p // 4 % 2 == 1,
+                            X[it // t4p, it % t4p * 4 + 2],
+                            T.float32(0) - X[it // t4p, it % t4p * 4 + 2],
+                        ),
+                        T.float32(0),
+                    )
+                    + T.if_then_else(
+                        it % t4p * 4 + 3 < k,
+                        T.Select(
+                            p // 8 % 2 == 1,
+                            X[it // t4p, it % t4p * 4 + 3],
+                            T.float32(0) - X[it // t4p, it % t4p * 4 + 3],
+                        ),
+                        T.float32(0),
+                    )
                 )
         if use_z == 1:
             for ig in T.parallel(m_dim * ng):
@@ -98,8 +134,18 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
                         part[ji] = T.float32(0)
                     for tt in range(g4):
                         for ji in T.vectorized(vec):
-                            part[ji] = part[ji] + lut[(i * t4p + g * g4 + tt) * 16 + T.bitwise_and(
-                                T.shift_right(codes[b, (g * g4 + tt) // 8, jo * vec + ji], (g * g4 + tt) % 8 * 4), 15)]
+                            part[ji] = (
+                                part[ji]
+                                + lut[
+                                    (i * t4p + g * g4 + tt) * 16
+                                    + T.bitwise_and(
+                                        T.shift_right(
+                                            codes[b, (g * g4 + tt) // 8, jo * vec + ji], (g * g4 + tt) % 8 * 4
+                                        ),
+                                        15,
+                                    )
+                                ]
+                            )
                     for ji in T.vectorized(vec):
                         acc[ji] = acc[ji] + T.Cast("float32", alpha[b, g, (jo * vec + ji) // ar]) * part[ji]
                 for ji in range(vec):
@@ -109,8 +155,9 @@ def make_lut_matmul(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VE
     return lut_matmul
 
 
-def build_lut_kernel(k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC,
-                     offset: bool = True, alpha_rows: int = 1) -> tvm.tirx.PrimFunc:
+def build_lut_kernel(
+    k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC, offset: bool = True, alpha_rows: int = 1
+) -> tvm.tirx.PrimFunc:
     """Scheduled kernel, tagged opaque (op_pattern 8) so Relax fusion leaves it alone."""
     f = make_lut_matmul(k, n, bits, group, vec, offset, alpha_rows)
     return f.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})

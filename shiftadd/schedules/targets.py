@@ -9,13 +9,13 @@ import os
 def resolve_target(spec: str):
     """'cpu' (this machine's CPU, LLVM), or a TVM target JSON dict such as
     '{"kind": "llvm", "mcpu": "znver3"}'. GPU targets are not supported yet."""
-    import tvm
     from tvm.target import Target
 
     if spec in ("cpu", "llvm", "host"):
         host = Target.from_device("cpu")
-        return Target({"kind": "llvm", "mcpu": str(host.attrs.get("mcpu", "generic")),
-                       "num-cores": os.cpu_count() or 1})
+        return Target(
+            {"kind": "llvm", "mcpu": str(host.attrs.get("mcpu", "generic")), "num-cores": os.cpu_count() or 1}
+        )
     if spec.lstrip().startswith("{"):
         try:
             cfg = json.loads(spec)
@@ -28,8 +28,10 @@ def resolve_target(spec: str):
             return Target(cfg)
         except Exception as e:  # noqa: BLE001 - TVM raises several error types here
             raise ValueError(f"target {spec}: {str(e).splitlines()[0]}") from None
-    raise ValueError(f"unknown target {spec!r}: expected 'cpu' or a JSON dict like "
-                     f"'{{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}}' (CUDA is not supported yet)")
+    raise ValueError(
+        f"unknown target {spec!r}: expected 'cpu' or a JSON dict like "
+        f'\'{{"kind": "llvm", "mcpu": "znver3"}}\' (CUDA is not supported yet)'
+    )
 
 
 def target_dict(target) -> dict:

@@ -11,20 +11,18 @@ measured.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
+import logging
 import os
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+from ..runtime.artifact import atomic_path
+from ..schedules import lut_avx2 as L
 
-from ..util import atomic_path, log
-from . import lut_avx2 as L
-from .timing import copies_for, interleaved, median_ms
+logger = logging.getLogger(__name__)
 
 BATCH_M = 32
 PHASES = {"decode": 1, "batch": BATCH_M}  # phase -> activation rows it is timed at
@@ -45,7 +43,7 @@ def context(target=None) -> dict:
     import tvm
     from tvm.target import codegen
 
-    from ..targets import resolve_target
+    from ..schedules.targets import resolve_target
 
     tgt = resolve_target(target or "cpu") if target is None or isinstance(target, str) else target
     mcpu = str(tgt.attrs.get("mcpu", "generic"))
@@ -53,11 +51,18 @@ def context(target=None) -> dict:
         feats = ",".join(f for f in L.FEATURES + L.AVX512_FEATURES if codegen.target_has_features([f], tgt))
     except Exception:  # noqa: BLE001 - not an x86 target
         feats = ""
-    src = hashlib.sha256(L.SOURCE.read_bytes() + repr(L.KNOB_SPACE).encode()).hexdigest()[:16]
+    src = hashlib.sha256(
+        b"".join(f.read_bytes() for f in L.kernel_sources()) + repr(L.KNOB_SPACE).encode()
+    ).hexdigest()[:16]
     # this process's kernel switches change which path runs (for an RPC target: the tuning job's own)
     feats += "".join(f"; {v}" for v in L.SWITCHES if L.switch_on(v))
-    return {"version": VERSION, "tvm": tvm.__version__, "cpu": f"{mcpu}; {feats}", "kernel": src,
-            "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0)}
+    return {
+        "version": VERSION,
+        "tvm": tvm.__version__,
+        "cpu": f"{mcpu}; {feats}",
+        "kernel": src,
+        "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0),
+    }
 
 
 def spin_regime() -> str:
@@ -70,8 +75,9 @@ def spin_regime() -> str:
     return "" if not v else f" spin{v}"
 
 
-def key_of(k: int, n: int, bits: int, group: int, offset: bool, rows: int, fp8: bool = False,
-           tied: bool = False) -> str:
+def key_of(
+    k: int, n: int, bits: int, group: int, offset: bool, rows: int, fp8: bool = False, tied: bool = False
+) -> str:
     """A kernel's database key. The scale storage is part of it (float16 keys keep their old form):
     e5m2 bytes and tied scales run other loops (tied 4-bit reads row-interleaved codes), so each is
     timed as itself."""
@@ -88,7 +94,7 @@ def kernel_args(kk: tuple) -> tuple:
 def attention_key(spec) -> str:
     """Key of an attention kernel's knob (an AttentionKernel of schedules/attention_cpu.py; the
     file's source hash is in the key, so an entry for an older kernel is never applied)."""
-    from .attention_cpu import SOURCE_HASH
+    from ..schedules.attention_cpu import SOURCE_HASH
 
     mask = f" mask{spec.bias}" if spec.bias else ""
     return f"{spec.kind} h{spec.heads} d{spec.d} {spec.dtype}{mask} src{SOURCE_HASH}{spin_regime()}"
@@ -109,10 +115,16 @@ class TuningDB:
                 self.entries = dict(data.get("entries", {}))
             else:
                 self.stale = len(data.get("entries", {}))
-                diff = sorted(k for k in set(self.ctx) | set(data.get("context", {}))
-                              if self.ctx.get(k) != data.get("context", {}).get(k))
-                warnings.warn(f"tuning database {self.path}: {self.stale} entries were tuned for another "
-                              f"context ({', '.join(diff)} differ); ignoring them", stacklevel=3)
+                diff = sorted(
+                    k
+                    for k in set(self.ctx) | set(data.get("context", {}))
+                    if self.ctx.get(k) != data.get("context", {}).get(k)
+                )
+                warnings.warn(
+                    f"tuning database {self.path}: {self.stale} entries were tuned for another "
+                    f"context ({', '.join(diff)} differ); ignoring them",
+                    stacklevel=3,
+                )
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None, target=None) -> "TuningDB":
@@ -150,7 +162,9 @@ class TuningDB:
         e.setdefault("measured_by", {})[phase] = measured_by
         self.save()
 
-    def knobs(self, k, n, bits, group, offset, rows, fp8=False, tied=False, int8: bool = True) -> tuple[L.Knobs, L.Knobs]:
+    def knobs(
+        self, k, n, bits, group, offset, rows, fp8=False, tied=False, int8: bool = True
+    ) -> tuple[L.Knobs, L.Knobs]:
         """(decode, batch) knobs, tuned or the defaults for this target (lut_avx2.default_knobs).
         ``int8`` False keeps M > 1 on the LUT path (the decode kernel's arithmetic at every M): a
         batch pick on the int8 path is replaced by the fastest LUT candidate this entry timed, else
@@ -174,144 +188,3 @@ class TuningDB:
     def save(self) -> None:
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps({"context": self.ctx, "entries": self.entries}, indent=1, sort_keys=True))
-
-
-def candidates(m: int, paths=frozenset({0})) -> list[L.Knobs]:
-    """The knobs timed at ``m`` activation rows, of the ``paths`` the machine runs (Knobs.path). The
-    int8 path only for M > 1 (at M = 1 dequantising a panel for one row costs more than the LUT steps
-    it replaces); for M > 1 the 512-bit LUT path only with 4 row blocks per pass."""
-    def ok(kn):
-        return kn.path in paths
-    if m == 1:  # activation-row tiling does nothing for one row
-        return [kn for kn in L.KNOB_SPACE if ok(kn) and kn.mt == 1 and kn.path != 1]
-    return [kn for kn in L.KNOB_SPACE
-            if ok(kn) and (kn.path == 1 or (kn.path == 2 and kn.rbk == 4)
-                           or (kn.path == 0 and kn.rbk <= 4 and (kn.mt > 1 or kn.rbk == 4)))]
-
-
-class LocalMeasurer:
-    """Times candidates in this process: interleaved medians over cold copies of random weights."""
-
-    name = "local"
-
-    def __init__(self, cold_mib: int = 64, rounds: int = 5, seed: int = 0):
-        self.cold_mib, self.rounds, self.seed = cold_mib, rounds, seed
-
-    @property
-    def paths(self) -> frozenset[int]:
-        """The kernel paths this machine takes (a candidate only where it runs)."""
-        return L.active_paths()
-
-    def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
-        import tvm
-
-        from ..targets import resolve_target
-
-        L.load_in_process()
-        rng = np.random.default_rng(self.seed)
-        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
-        packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
-        nbytes = sum(a.nbytes for a in packed)
-        ncopies = copies_for(nbytes, self.cold_mib * 2**20, 16)
-        target = resolve_target("cpu")
-        x = tvm.runtime.tensor(rng.standard_normal((m, kk[0]), dtype=np.float32))
-        y = tvm.runtime.empty((m, kk[1]), "float32")
-        fns = {}
-        for kn in cands:
-            fn = tvm.compile(tvm.IRModule({"main": L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn, fp8, tied)}),
-                             target)["main"]
-            # copies of its own per candidate, as bench/kernels.py does: shared copies stay in a large L3
-            # (260 MB here) between candidates, and knobs picked on cached weights ran ~10 % slower cold
-            # (4096x11008 4-bit M = 1: wm1r1t0 won on cached weights, wm1r2t0 is 11 % faster cold)
-            copies = [[tvm.runtime.tensor(a) for a in packed] for _ in range(ncopies)]
-            fns[kn.tag()] = [(lambda fn=fn, p=p: fn(x, *p, y)) for p in copies]
-        try:
-            times = interleaved(fns, rounds=self.rounds if m == 1 else max(2, self.rounds // 2), deadline=deadline)
-        finally:  # ~1 GB of copies per call: free them now (reference cycles would hold them to the next gc)
-            fns.clear()
-            gc.collect()
-        return {t: median_ms(v) for t, v in times.items()}
-
-
-SPLIT_MARGIN = 0.15  # a single-thread pick must beat the best all-threads one by this much
-
-
-def pick(ms: dict[str, float], cands: list[L.Knobs]) -> str:
-    """The tag of the fastest candidate, except that a single-thread split (tasks = 1) is kept only
-    when it beats the fastest all-threads candidate by SPLIT_MARGIN. Why: on this shared 2-vCPU
-    machine the split's ranking flips with the other vCPU's load from one tuning to the next
-    (576x960 3-bit, three tunings in one process: 0.016 ms t1, 0.010 t0, 0.013 t0); a single-thread
-    kernel in a decode step, where both workers spin, gives away the second core; and without
-    spinning (bench/kernels.py), where one thread rightly wins small kernels by its saved wake-up,
-    an 11008x4096 GEMV picked one thread on a 5 % edge and then ran 1.7x slower than its neighbours."""
-    best = min(ms, key=ms.get)
-    tasks = {c.tag(): c.tasks for c in cands}
-    if tasks.get(best) != 1:
-        return best
-    pool = [t for t in ms if tasks.get(t) == 0]
-    alt = min(pool, key=ms.get) if pool else None
-    return alt if alt is not None and ms[alt] <= ms[best] * (1 + SPLIT_MARGIN) else best
-
-
-def tune_phases(db: TuningDB, keys: list[tuple], measurer=None, budget_s: float | None = None,
-                progress=log) -> dict:
-    """Tune every (kernel, phase) missing from ``db``, saving after each, until done or ``budget_s``
-    runs out. A phase is started only while its estimated time (the mean of the phases before it,
-    per candidate) fits in what is left, and its timing loop stops at the deadline, so the budget
-    holds to about one timing round. Returns a summary (phases done, left, seconds)."""
-    measurer = measurer or LocalMeasurer()
-    t0 = time.perf_counter()
-    deadline = None if budget_s is None else t0 + budget_s
-    todo = [(kk, ph) for kk in dict.fromkeys(keys) for ph in PHASES if not db.has_phase(key_of(*kk), ph)]
-    done, per_cand = 0, []
-    for i, (kk, ph) in enumerate(todo, 1):
-        cands = candidates(PHASES[ph], getattr(measurer, "paths", frozenset({0})))
-        left = None if deadline is None else deadline - time.perf_counter()
-        if left is not None and (left <= 0 or (per_cand and np.mean(per_cand) * len(cands) > left)):
-            break
-        ts = time.perf_counter()
-        ms = measurer.measure(kk, PHASES[ph], cands, deadline)
-        per_cand.append((time.perf_counter() - ts) / len(cands))
-        best = pick(ms, cands)
-        db.put_phase(key_of(*kk), ph, next(c for c in cands if c.tag() == best), ms, measurer.name)
-        done += 1
-        left = "" if deadline is None else f", {max(0.0, deadline - time.perf_counter()):.0f} s left"
-        progress(f"tuned {i}/{len(todo)} {key_of(*kk)} {ph}: best {best} {ms[best]:.3f} ms "
-                 f"(of {len(ms)}; worst {max(ms.values()):.3f} ms){left}")
-    return {"phases_done": done, "phases_left": len(todo) - done, "seconds": time.perf_counter() - t0,
-            "kernels": len(dict.fromkeys(keys))}
-
-
-def tune_missing(db: TuningDB, keys: list[tuple], **kw) -> int:
-    """Tune every kernel key not yet complete in ``db`` (no budget); returns how many were tuned."""
-    todo = [kk for kk in dict.fromkeys(keys) if db.get(*kk) is None]
-    tune_phases(db, todo, LocalMeasurer(**kw))
-    return sum(db.get(*kk) is not None for kk in todo)
-
-
-def tune_attention(db: TuningDB, kernels: dict, budget_s: float | None = None, rounds: int = 30,
-                   measurer=None, progress=log) -> dict:
-    """Search the knob of every attention kernel (``{AttentionKernel: query rows}``,
-    float_tuning.attention_kernels) missing from ``db``, saving each at once; a kernel is started
-    only while the time the last one took fits in ``budget_s``; ``rounds`` of interleaved timing
-    here, or on the RPC servers of ``measurer`` (an RPCMeasurer). Returns (done, left, seconds)."""
-    from .attention_cpu import KINDS, measure
-
-    t0 = time.perf_counter()
-    todo = [(k, rows) for k, rows in kernels.items() if db.attention_knob(k) is None]
-    done, took = 0, 0.0
-    for i, (spec, rows) in enumerate(todo, 1):
-        if budget_s is not None and (time.perf_counter() - t0) + took > budget_s:
-            break
-        ts = time.perf_counter()
-        best, ms = measure(spec, rows, rounds=rounds, timer=measurer.time_attention if measurer else None)
-        took = time.perf_counter() - ts
-        db.put(attention_key(spec), {"knob": best, "ms": {str(b): v for b, v in ms.items()}, "rows": list(rows),
-                                     "measured_by": measurer.name if measurer else "local"})
-        done += 1
-        worst = max(ms, key=lambda b: sum(ms[b].values()))
-        knob = KINDS[spec.kind][0]
-        progress(f"tuned attention {i}/{len(todo)} {spec.name}: {knob} {best} "
-                 f"({', '.join(f'{c} {v:.4f} ms' for c, v in ms[best].items())}; worst {knob} {worst}: "
-                 f"{', '.join(f'{v:.4f}' for v in ms[worst].values())}) in {took:.1f} s")
-    return {"done": done, "left": len(todo) - done, "seconds": time.perf_counter() - t0}

@@ -5,13 +5,15 @@ what the database already holds."""
 
 from __future__ import annotations
 
+import logging
 import re
-import tempfile
 import time
-from pathlib import Path
 
-from .quant import BCQConfig
-from .util import log
+from ..config import resolve
+from ..quant import BCQConfig
+from ..quant.allocate import CHOICES
+
+logger = logging.getLogger(__name__)
 
 
 def parse_budget(spec) -> float | None:
@@ -32,10 +34,10 @@ def parse_budget(spec) -> float | None:
 def model_matmuls(model: str) -> tuple[list[tuple[str, int, int]], list[list[str]]]:
     """((weight name, K, N) of the weight matmuls of ``model`` (HF id/folder, GGUF, 'smollm2', .onnx),
     the groups of them that read one activation: compile stacks those into one kernel call)."""
-    from .compiler import import_model
-    from .relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
+    from ..frontend import import_model
+    from ..relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
 
-    imported = import_model(model, kv_cache=False)[0]
+    imported = import_model(model, kv_cache=False).imported
     main = imported.mod["main"]
     return weight_matmul_shapes(main, imported.params, ()), sibling_groups(main, imported.params, ())
 
@@ -46,36 +48,39 @@ def model_module(model: str, cfg: BCQConfig, skip, target):
     calibration: the float operators left to tune depend on shapes, not on the fitted values."""
     from dataclasses import replace
 
-    from .compiler import import_model, pick_kernel
-    from .frontend import merge_functions
-    from .relax_passes import rewrite_lut_matmul
-    from .relax_passes.fuse_sibling_luts import fuse_sibling_luts
-    from .relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
-    from .relax_passes.specialize_decode import add_decode_one
+    from ..frontend import import_model, merge_functions
+    from ..relax_passes import rewrite_lut_matmul
+    from ..relax_passes.fuse_sibling_luts import fuse_sibling_luts
+    from ..relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
+    from ..relax_passes.specialize_decode import add_decode_one
+    from ..schedules.backends import pick_kernel
 
-    imported, extra, _, _, _, _ = import_model(model)
+    loaded = import_model(model)
+    imported, extra = loaded.imported, loaded.extra
     shapes = weight_matmul_shapes(imported.mod["main"], imported.params, ())
     siblings = sibling_groups(imported.mod["main"], imported.params, ())
     mod = merge_functions(imported, extra) if extra else imported.mod
     kernel = pick_kernel("auto", target)
-    mod, params, _ = rewrite_lut_matmul(mod, imported.params, replace(cfg, rounds=1), skip=tuple(skip),
-                                        kernel=kernel, also=tuple(extra))
+    mod, params, _ = rewrite_lut_matmul(
+        mod, imported.params, replace(cfg, rounds=1), skip=tuple(skip), kernel=kernel, also=tuple(extra)
+    )
     if kernel == "avx2":
         mod, _, _ = fuse_sibling_luts(mod, params, ("main", *extra))
     return shapes, siblings, (add_decode_one(mod) if extra else mod)
 
 
 def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, siblings=()) -> list[tuple]:
-    """Tuning keys (K, N, bits, group, offset, rows per scale, e5m2 scales, tied scales) of the AVX2 kernels these matmuls compile
-    to under ``cfg`` (``bits_set``: every bit width a per-layer allocation may pick), and of the stacked
-    calls of ``siblings`` (groups of names reading one activation; stacked when every member's N is a
-    multiple of 32 and they share bits). Layouts the AVX2 kernel does not read (odd groups, the column
-    layout) have nothing to tune."""
-    from .schedules import lut_avx2 as L
+    """Tuning keys (K, N, bits, group, offset, rows per scale, e5m2 scales, tied scales) of the AVX2 kernels these
+    matmuls compile to under ``cfg`` (``bits_set``: every bit width a per-layer allocation may pick), and of the
+    stacked calls of ``siblings`` (groups of names reading one activation; stacked when every member's N is a
+    multiple of 32 and they share bits). Layouts the AVX2 kernel does not read (odd groups, the column layout) have
+    nothing to tune."""
+    from ..schedules import lut_avx2 as L
 
     if cfg.layout == "column":
-        raise ValueError("tune: the column layout runs a one-bit kernel over pre-scaled inputs; tune the "
-                         "row-group or block layout")
+        raise ValueError(
+            "tune: the column layout runs a one-bit kernel over pre-scaled inputs; tune the row-group or block layout"
+        )
     pats = [re.compile(p) for p in skip]
     fmt = (cfg.scale_format == "e5m2", bool(cfg.tied))
     keys = []
@@ -100,44 +105,55 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, sibli
     return list(dict.fromkeys(keys))
 
 
-def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None = None, key: str | None = None,
-         bits: int = 3, group: int = 64, offset: bool = True, layout: str = "row-group", block_rows: int = 64,
-         skip=("lm_head",), avg_bits: float | None = None, rounds: int = 5, repeat: int = 20,
-         parallel: int | None = None, float_ops: bool = True, float_trials: int | None = None,
-         float_min_work: int | None = None, scale_format: str = "fp16", tied_scales: bool = False) -> dict:
-    """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and
-    return a summary; ``scale_format`` and ``tied_scales`` as the compile will use them (each storage
-    runs its own loop and has its own entries). ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
-    tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU).
-    Our LUT kernels' knobs are tuned first; then, with ``float_ops``, the knobs of our attention
-    kernels over the cache (scores, softmax, values) and MetaSchedule for
-    the static float operators left (``float_trials`` per operator, those over ``float_min_work``
-    loop iterations; schedules/float_tuning.py) in the time left."""
-    from .schedules import lut_avx2 as L
-    from .schedules.tuning import TuningDB, tune_phases
-    from .targets import resolve_target
+def tune(
+    model: str,
+    quant: str = "q3",
+    opt: str = "O2",
+    *,
+    db=None,
+    target: str = "cpu",
+    budget=None,
+    rpc: str | None = None,
+    key: str | None = None,
+    rounds: int = 5,
+    repeat: int = 20,
+    parallel: int | None = None,
+    float_ops: bool = True,
+    float_trials: int | None = None,
+    float_min_work: int | None = None,
+    **overrides,
+) -> dict:
+    """Tune the kernels ``model`` needs into ``db`` (a file or folder; default the user database) and return a summary;
+    ``quant``, ``opt`` and ``overrides`` as the compile will use them (config.resolve: each scale storage runs its
+    own loop and has its own entries). ``budget`` (seconds or '20m') bounds the search; ``rpc`` ('HOST:PORT' of a TVM
+    tracker) with ``key`` measures on the servers registered there, for ``target`` (their CPU). Our LUT kernels'
+    knobs are tuned first; then, with ``float_ops``, the knobs of our attention kernels over the cache (scores,
+    softmax, values) and MetaSchedule for the static float operators left (``float_trials`` per operator, those over
+    ``float_min_work`` loop iterations; tuning/metaschedule.py) in the time left."""
+    from ..schedules import lut_avx2 as L
+    from ..schedules.targets import resolve_target
+    from .database import TuningDB
+    from .search import tune_phases
 
     budget_s = parse_budget(budget)
     tgt = resolve_target(target)
     if not L.target_supported(tgt):
-        raise ValueError(f"tune: target {tgt.attrs.get('mcpu', '?')!r} lacks AVX2/FMA/F16C: the tunable LUT "
-                         "kernel does not run there")
+        raise ValueError(
+            f"tune: target {tgt.attrs.get('mcpu', '?')!r} lacks AVX2/FMA/F16C: the tunable LUT "
+            "kernel does not run there"
+        )
     if (key is not None) and rpc is None:
         raise ValueError("--key needs --rpc HOST:PORT (the tracker the servers registered with)")
-    cfg = BCQConfig(bits=bits, group=group, offset=offset, layout=layout, block_rows=block_rows,
-                    scale_format=scale_format, tied=tied_scales)
-    if avg_bits is not None:
-        from .quant.allocate import CHOICES, _check_budget
-
-        _check_budget(avg_bits, CHOICES)
+    options = resolve(quant, opt, overrides)
+    cfg, skip, avg_bits = options.bcq(), options.quant.skip, options.quant.avg_bits
     if rpc is not None:
-        from .schedules.rpc import RPCMeasurer
+        from .rpc import RPCMeasurer
 
         measurer = RPCMeasurer(rpc, key, tgt, repeat=repeat, parallel=parallel)
     else:
         if str(target) not in ("cpu", "llvm", "host") and not L.target_supported(resolve_target("cpu")):
             raise ValueError("tune: measuring locally needs this machine to be the target; use --rpc")
-        from .schedules.tuning import LocalMeasurer
+        from .search import LocalMeasurer
 
         measurer = LocalMeasurer(rounds=rounds)
     try:
@@ -147,33 +163,44 @@ def tune(model: str, db=None, target: str = "cpu", budget=None, rpc: str | None 
             shapes, siblings, module = model_module(model, cfg, skip, tgt)
         else:
             (shapes, siblings), module = model_matmuls(model), None
-        keys = kernel_keys(shapes, cfg, skip, (2, 3, 4) if avg_bits is not None else None, siblings)
+        keys = kernel_keys(shapes, cfg, skip, CHOICES if avg_bits is not None else None, siblings)
         have = sum(tdb.get(*kk) is not None for kk in keys)
-        log(f"tune: {len(keys)} distinct kernels ({have} already in {tdb.path}), measured {measurer.name}, "
-            f"budget {'none' if budget_s is None else f'{budget_s:.0f} s'}")
+        logger.info(
+            f"tune: {len(keys)} distinct kernels ({have} already in {tdb.path}), measured {measurer.name}, "
+            f"budget {'none' if budget_s is None else f'{budget_s:.0f} s'}"
+        )
         left = None if budget_s is None else budget_s - (time.time() - t0)
         if left is not None and left <= 0:
             raise TimeoutError(f"--budget {budget}: spent reading the model ({time.time() - t0:.0f} s) before tuning")
         summary = tune_phases(tdb, keys, measurer, left)
         if module is not None:  # our attention kernels' knobs, measured where the LUT kernels were
-            from .schedules.float_tuning import attention_kernels
-            from .schedules.tuning import tune_attention
+            from ..relax_passes.pipeline import attention_kernels
+            from .search import tune_attention
 
             left = None if budget_s is None else budget_s - (time.time() - t0)
-            summary["attention"] = tune_attention(tdb, attention_kernels(module), left, rounds=6 * rounds,
-                                                  measurer=measurer if rpc is not None else None)
+            summary["attention"] = tune_attention(
+                tdb, attention_kernels(module), left, rounds=6 * rounds, measurer=measurer if rpc is not None else None
+            )
     finally:
         if hasattr(measurer, "close"):  # hands the RPC servers back before MetaSchedule asks for them
             measurer.close()
     if module is not None:
-        from .schedules.float_tuning import TRIALS, tune_float
+        from ..relax_passes.pipeline import lower
+        from .metaschedule import TRIALS, tune_float
 
         left = None if budget_s is None else budget_s - (time.time() - t0)
-        summary["float"] = tune_float(module, tgt, tdb.path, left, float_trials or TRIALS, float_min_work,
-                                      rpc=rpc, key=key)
-    summary.update(db=str(tdb.path), measured_by=measurer.name, complete=sum(tdb.get(*kk) is not None for kk in keys),
-                   seconds_total=time.time() - t0)
-    log(f"tune: {summary['complete']}/{len(keys)} kernels complete in {tdb.path} "
-        f"({summary['phases_done']} phases measured now, {summary['phases_left']} left) in {summary['seconds_total']:.0f} s")
+        summary["float"] = tune_float(
+            lower(module, tgt), tgt, tdb.path, left, float_trials or TRIALS, float_min_work, rpc=rpc, key=key
+        )
+    summary.update(
+        db=str(tdb.path),
+        measured_by=measurer.name,
+        complete=sum(tdb.get(*kk) is not None for kk in keys),
+        seconds_total=time.time() - t0,
+    )
+    logger.info(
+        f"tune: {summary['complete']}/{len(keys)} kernels complete in {tdb.path} "
+        f"({summary['phases_done']} phases measured now, {summary['phases_left']} left) "
+        f"in {summary['seconds_total']:.0f} s"
+    )
     return summary
-

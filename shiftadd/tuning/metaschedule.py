@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
-from ..util import log
+logger = logging.getLogger(__name__)
+
 
 VERSION = 1
 TRIALS = 32  # per task: what a 20-minute budget affords on 2 cores for a few tasks
@@ -43,14 +45,19 @@ def context(target) -> dict:
                 feats.append(f)
         except Exception:  # noqa: BLE001 - a feature this target kind does not know
             pass
-    return {"version": VERSION, "tvm": tvm.__version__, "target": str(target.attrs.get("mcpu", "generic")),
-            "features": feats, "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0)}
+    return {
+        "version": VERSION,
+        "tvm": tvm.__version__,
+        "target": str(target.attrs.get("mcpu", "generic")),
+        "features": feats,
+        "threads": int(os.environ.get("TVM_NUM_THREADS", "0") or 0),
+    }
 
 
 def work_dir(db, target) -> Path:
     """MetaSchedule's folder for ``target`` beside the knob database ``db`` (a file or folder):
     ``<folder>/<db stem>-metaschedule/<context>/``, one per knob database file."""
-    from .tuning import TuningDB
+    from .database import TuningDB
 
     path = TuningDB.open(db, target=target).path
     root = path.parent / f"{path.stem}-metaschedule"
@@ -59,52 +66,9 @@ def work_dir(db, target) -> Path:
     return root / digest
 
 
-def _attention(mod, knob_of=None):
-    """(module, {AttentionKernel: static query rows}) after the three attention-over-the-cache passes."""
-    from ..relax_passes.scores_from_cache import scores_from_cache
-    from ..relax_passes.softmax_with_mask import softmax_with_mask
-    from ..relax_passes.values_from_cache import values_from_cache
-
-    specs = {}
-    for rewrite in (scores_from_cache, values_from_cache, softmax_with_mask):
-        mod, _, found = rewrite(mod, knob_of)
-        specs.update(found)
-    return mod, specs
-
-
-def lower(mod, target, share_kv: bool = True, attention: bool = True, attention_knob=None):
-    """The Relax module as ``compiler.build`` schedules it: same-dtype casts dropped
-    (relax_passes/drop_identity_casts.py), grouped-query attention without per-head
-    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention over the cache on
-    our kernels (``attention``: scores_from_cache, values_from_cache, softmax_with_mask; knobs
-    from ``attention_knob(spec)``, e.g. TuningDB.attention_knob), legalized, folded and fused."""
-    from tvm import relax
-
-    from ..relax_passes.drop_identity_casts import drop_identity_casts
-
-    mod, _ = drop_identity_casts(mod)
-    if share_kv:
-        from ..relax_passes.share_kv_heads import share_kv_heads
-
-        mod, _ = share_kv_heads(mod)
-    if attention:
-        mod, _ = _attention(mod, attention_knob)
-    with target:
-        return relax.get_default_pipeline(target)(mod)
-
-
-def attention_kernels(mod) -> dict:
-    """The attention kernels ``lower`` gives ``mod`` (after the same casts and head sharing):
-    ``{AttentionKernel: static query rows of their calls}``, what ``shiftadd tune`` times."""
-    from ..relax_passes.drop_identity_casts import drop_identity_casts
-    from ..relax_passes.share_kv_heads import share_kv_heads
-
-    return _attention(share_kv_heads(drop_identity_casts(mod)[0])[0])[1]
-
-
 def _default_schedule(func, target):
     """Our default schedule of ``func`` (the first rule of schedule_unscheduled that takes it)."""
-    from .default_cpu import rules
+    from ..schedules.default_cpu import rules
 
     for rule in rules():
         sch = rule.apply(func, target, False)
@@ -141,7 +105,7 @@ def tunable_tasks(lowered, target, min_work: int | None = None) -> list:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    from .default_cpu import SERIAL_WORK, static_work
+    from ..schedules.default_cpu import SERIAL_WORK, static_work
 
     min_work = SERIAL_WORK if min_work is None else min_work
     calls = _call_counts(lowered)
@@ -174,8 +138,9 @@ def _import_tensor_intrin() -> None:
     def frames(frame, context=1):
         out = []
         while frame is not None:
-            out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
-                                         None, None))
+            out.append(
+                inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None)
+            )
             frame = frame.f_back
         return out
 
@@ -205,8 +170,10 @@ def _runner(rpc: str | None = None, key: str | None = None):
     if rpc is None:
         return ms.runner.LocalRunner(evaluator_config=cfg, timeout_sec=60)
     host, port = rpc.rsplit(":", 1)
-    return ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
-                                                   session_timeout_sec=120), evaluator_config=cfg)
+    return ms.runner.RPCRunner(
+        ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=120),
+        evaluator_config=cfg,
+    )
 
 
 def _measure(mod, target, builder, runner) -> float | None:
@@ -225,10 +192,18 @@ def _records(database, workload) -> list:
     return list(database.get_top_k(workload, 10_000))
 
 
-def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int = TRIALS,
-               min_work: int | None = None, rpc: str | None = None, key: str | None = None,
-               progress=log) -> dict:
-    """Tune the static float operators of the Relax module ``mod`` (as the rewrite leaves it) with
+def tune_float(
+    lowered,
+    target,
+    db=None,
+    budget_s: float | None = None,
+    trials: int = TRIALS,
+    min_work: int | None = None,
+    rpc: str | None = None,
+    key: str | None = None,
+    progress=logger.info,
+) -> dict:
+    """Tune the static float operators of ``lowered`` (relax_passes.pipeline.lower of the rewritten module) with
     MetaSchedule into the folder of ``db``, heaviest first, each with as many of its ``trials`` as the
     time left of ``budget_s`` affords at the seconds per trial measured so far; stops when fewer than
     one trial fits. Tasks with ``trials`` records already are skipped (resume). Returns a summary
@@ -240,7 +215,7 @@ def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int 
     wd = work_dir(db, target)
     wd.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(wd))
-    tasks = tunable_tasks(lower(mod, target), target, min_work)
+    tasks = tunable_tasks(lowered, target, min_work)
     builder, runner = ms.builder.LocalBuilder(max_workers=2, timeout_sec=120, f_build=_build), _runner(rpc, key)
     summary = {"folder": str(wd), "tasks": len(tasks), "done": 0, "complete_before": 0, "left": 0, "best": {}}
     per_trial = []
@@ -267,12 +242,23 @@ def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int 
                 sch = _default_schedule(func["main"], target)
                 sec = None if sch is None else _measure(sch.mod, target, builder, runner)
                 if sec is not None:
-                    database.commit_tuning_record(ms.database.TuningRecord(
-                        sch.trace, workload, [sec], target, ms.arg_info.ArgInfo.from_prim_func(func["main"])))
+                    database.commit_tuning_record(
+                        ms.database.TuningRecord(
+                            sch.trace, workload, [sec], target, ms.arg_info.ArgInfo.from_prim_func(func["main"])
+                        )
+                    )
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(wd), num_threads=2)
-            ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=n - (0 if have else 1),
-                          num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=database,
-                          cost_model="xgb")
+            ms.tune_tasks(
+                tasks=ctxs,
+                task_weights=weights,
+                work_dir=str(wd),
+                max_trials_global=n - (0 if have else 1),
+                num_trials_per_iter=min(n, 16),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+            )
             per_trial.append((time.perf_counter() - ts) / n)
             best = _records(database, workload)
             summary["done"] += 1
@@ -280,8 +266,10 @@ def tune_float(mod, target, db=None, budget_s: float | None = None, trials: int 
             secs = [float(sum(float(s) for s in r.run_secs) / len(r.run_secs)) for r in best if r.run_secs]
             summary["best"][name] = min(secs) * 1e3 if secs else None
             rest = "" if deadline is None else f", {max(0.0, deadline - time.perf_counter()):.0f} s left"
-            progress(f"metaschedule {i}/{len(tasks)} {name}: best {summary['best'][name]:.3f} ms "
-                     f"of {len(best)} records ({time.perf_counter() - ts:.0f} s){rest}")
+            progress(
+                f"metaschedule {i}/{len(tasks)} {name}: best {summary['best'][name]:.3f} ms "
+                f"of {len(best)} records ({time.perf_counter() - ts:.0f} s){rest}"
+            )
     finally:
         pool = getattr(runner, "pool", None)
         if pool is not None:  # its worker processes would otherwise outlive the job

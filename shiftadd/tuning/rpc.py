@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import lut_avx2 as L
+from ..schedules import lut_avx2 as L
 
 
 def parse_hostport(spec: str) -> tuple[str, int]:
@@ -30,11 +30,20 @@ def parse_hostport(spec: str) -> tuple[str, int]:
 class RPCMeasurer:
     """``measure()`` like :class:`~shiftadd.schedules.tuning.LocalMeasurer`, on the tracker's servers."""
 
-    def __init__(self, tracker: str, key: str, target=None, repeat: int = 20, cold_mib: int = 64,
-                 parallel: int | None = None, session_timeout: float = 0, connect_timeout: float = 30):
+    def __init__(
+        self,
+        tracker: str,
+        key: str,
+        target=None,
+        repeat: int = 20,
+        cold_mib: int = 64,
+        parallel: int | None = None,
+        session_timeout: float = 0,
+        connect_timeout: float = 30,
+    ):
         from tvm import rpc
 
-        from ..targets import resolve_target
+        from ..schedules.targets import resolve_target
 
         if not key:
             raise ValueError("--key: the RPC key the servers registered with is required with --rpc")
@@ -46,7 +55,9 @@ class RPCMeasurer:
             socket.create_connection((host, port), timeout=min(connect_timeout, 5)).close()
             self.tracker = rpc.connect_tracker(host, port)
         except Exception as e:  # noqa: BLE001 - socket errors come wrapped in several types
-            raise ConnectionError(f"--rpc {host}:{port}: no TVM RPC tracker answers ({str(e).splitlines()[0]})") from None
+            raise ConnectionError(
+                f"--rpc {host}:{port}: no TVM RPC tracker answers ({str(e).splitlines()[0]})"
+            ) from None
         free = self._free(key, connect_timeout)
         n = min(parallel or free, free)
         self.sessions = [self.tracker.request(key, priority=1, session_timeout=session_timeout) for _ in range(n)]
@@ -75,8 +86,9 @@ class RPCMeasurer:
                 return int(info["free"])
             if time.time() - t0 > timeout:
                 known = sorted(self.tracker.summary().get("queue_info", {}))
-                raise ConnectionError(f"--key {key!r}: no free RPC server registered with the tracker "
-                                      f"(keys there: {known or 'none'})")
+                raise ConnectionError(
+                    f"--key {key!r}: no free RPC server registered with the tracker (keys there: {known or 'none'})"
+                )
             time.sleep(0.5)
 
     @property
@@ -99,10 +111,12 @@ class RPCMeasurer:
 
         # a name of this measurer's own: servers keep uploads by name, and replacing a loaded library's
         # file under a server that has it mapped would crash it
-        from .tuning import kernel_args
+        from .database import kernel_args
 
         k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
-        path = os.path.join(self.workdir, f"lut-{os.path.basename(self.workdir)}-{'-'.join(map(str, kk))}-{kn.tag()}.so")
+        path = os.path.join(
+            self.workdir, f"lut-{os.path.basename(self.workdir)}-{'-'.join(map(str, kk))}-{kn.tag()}.so"
+        )
         if not os.path.exists(path):
             f = L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn, fp8, tied)
             L.export(tvm.compile(tvm.IRModule({"main": f}), self.target), path)
@@ -110,13 +124,13 @@ class RPCMeasurer:
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
         libs = {kn.tag(): self._build(kk, kn) for kn in cands}  # compiled here, one at a time
-        from .tuning import kernel_args
+        from .database import kernel_args
 
         rng = np.random.default_rng(0)
         k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
         packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         x = rng.standard_normal((m, kk[0]), dtype=np.float32)
-        share = [list(libs.items())[i::len(self.sessions)] for i in range(len(self.sessions))]
+        share = [list(libs.items())[i :: len(self.sessions)] for i in range(len(self.sessions))]
 
         def run(remote, jobs):
             import tvm
@@ -141,7 +155,7 @@ class RPCMeasurer:
         by ``time_evaluator`` (median of ``repeat``, caches flushed) at every case."""
         import tvm
 
-        from . import attention_cpu as A
+        from ..schedules import attention_cpu as A
 
         libs = {}
         for k in knobs:  # compiled here; a fresh name per measurer and knob (see _build)
@@ -151,7 +165,7 @@ class RPCMeasurer:
             libs[k] = path
         rng = np.random.default_rng(0)
         data = {c: A.arrays(spec, *c, rng) for c in cases}
-        share = [list(libs.items())[i::len(self.sessions)] for i in range(len(self.sessions))]
+        share = [list(libs.items())[i :: len(self.sessions)] for i in range(len(self.sessions))]
 
         def run(remote, jobs):
             dev = remote.cpu(0)

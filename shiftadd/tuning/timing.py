@@ -20,9 +20,15 @@ def copies_for(nbytes: int, cold_bytes: int, most: int = 64) -> int:
     return max(1, min(most, -(-int(cold_bytes) // max(int(nbytes), 1))))
 
 
-def interleaved(cands: dict[str, list[Callable[[], object]]], rounds: int, warmup: int = 1,
-                seed: int = 0, budget_s: float | None = None, min_samples: int = 5,
-                deadline: float | None = None) -> dict[str, np.ndarray]:
+def interleaved(
+    cands: dict[str, list[Callable[[], object]]],
+    rounds: int,
+    warmup: int = 1,
+    seed: int = 0,
+    budget_s: float | None = None,
+    min_samples: int = 5,
+    deadline: float | None = None,
+) -> dict[str, np.ndarray]:
     """Seconds per call for each candidate: ``rounds`` x len(copies) samples, interleaved. With
     ``budget_s``, a candidate that has spent that long and has ``min_samples`` sits out later rounds
     (a 70 ms fallback kernel need not be sampled as often as a 0.05 ms one). Past ``deadline``

@@ -94,7 +94,7 @@ FunctionSpec ReadFunction(const Reader& r, const std::string& name) {
 }
 
 // The manifest hashes itself: SHA-256 of its text with the manifest_sha256 value replaced by 64 zeros
-// (shiftadd/artifact.py, manifest_digest), so no flipped bit in it goes unnoticed.
+// (shiftadd/runtime/artifact.py, manifest_digest), so no flipped bit in it goes unnoticed.
 void VerifyDigest(const Reader& r, std::string text, const std::string& path) {
   const std::string want = r.Str(r.Get("manifest_sha256"), "manifest_sha256");
   const std::string key = "\"manifest_sha256\": \"";
