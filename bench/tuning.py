@@ -1,7 +1,7 @@
 """Tuning, whole model (issue 6): SmolLM2-135M at 3 bits, untuned (default knobs) vs tuned
 (``shiftadd tune`` into a fresh database), per kernel class and end to end.
 
-1. ``shiftadd.tuning.jobs.tune("smollm2", db, bits=3, budget=--budget)``: the tuning time spent.
+1. ``shiftadd.tuning.jobs.tune("smollm2", db=db, bits=3, budget=--budget)``: the tuning time spent.
 2. Two compiles of the same model (weight-only fit: the weights are identical), one reading an empty
    database (every kernel on its default knobs), one reading the tuned database; and a third, the
    tuned one with ``attention=False`` (legalized attention on the generic schedules), as an ablation

@@ -15,7 +15,7 @@ from .calibration.plan import fit_weights
 from .calibration.text import calibration_batches
 from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileOptions, resolve
 from .frontend import import_model, is_onnx, merge_functions
-from .relax_passes.pipeline import build, export, rewrite_weights, with_decode_one
+from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export
 from .runtime.artifact import ArtifactWriter, paths
 from .schedules.backends import pick_kernel
 from .schedules.targets import resolve_target, target_dict
@@ -59,16 +59,16 @@ def compile(
     loaded = import_model(model, tokenizer, options.optimization.kv_cache, keep_torch=_needs_torch(options))
     windows = _calibration_windows(options, loaded.tokenizer)
     mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
-    params, report, plan, tuning = loaded.imported.params, None, None, None
+    weights, rewrite, plan, tuning = Weights(loaded.imported.params), None, None, None
     if options.quant.rewrite:
         knobs, tuning = _knob_source(kernel, options, db, tgt, loaded.imported)
         batches = calibration_batches(loaded.tokenizer, windows, options.calibration.length)
         plan = fit_weights(loaded, options, tgt, batches)
-        params = {**params, **plan.norms}
-        mod, params, report = rewrite_weights(
-            mod, params, options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized
-        )
-    mod, extra = with_decode_one(mod, loaded.extra)
+        weights.params = {**weights.params, **plan.norms}
+        rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
+    pipeline = Pipeline(tgt, rewrite=rewrite, weights=weights, decode_one=bool(loaded.extra))
+    mod = pipeline.run(mod, "rewrite", "decode")
+    params, report, extra = weights.params, weights.report, _functions(loaded.extra)
     logger.info(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
     ex = build(mod, tgt, db, share_kv=options.optimization.share_kv, attention=options.optimization.attention)
@@ -79,6 +79,29 @@ def compile(
         f"wrote {so} (+ .params, .json{', .tokenizer/' if loaded.tokenizer else ''}) in {time.time() - t0:.1f}s total"
     )
     return CompileResult(so, manifest, report)
+
+
+def _rewrite(options: CompileOptions, plan, kernel: str, knobs, also: tuple, keep_dequantized: bool) -> Rewrite:
+    """The rewrite phase's inputs: the fits of ``plan`` and the options' storage and switches."""
+    return Rewrite(
+        options.bcq(),
+        fitted=plan.fitted,
+        layer_bits=plan.layer_bits,
+        allocation=plan.allocation,
+        skip=tuple(options.quant.skip),
+        kernel=kernel,
+        knobs=knobs,
+        also=also,
+        stack_siblings=options.optimization.stack_siblings,
+        keep_dequantized=keep_dequantized,
+    )
+
+
+def _functions(extra: dict) -> dict:
+    """The functions beside ``main`` by name -> their import: ``decode`` and its ``decode_one``."""
+    from .relax_passes.specialize_decode import NAME
+
+    return {**extra, NAME: extra["decode"]} if extra else {}
 
 
 def _check_input(model: str, options: CompileOptions) -> None:
@@ -112,12 +135,11 @@ def _calibration_windows(options: CompileOptions, tokenizer) -> int:
 
 
 def _knob_source(kernel: str, options: CompileOptions, db, target, imported):
-    """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up).
-    With ``tune``, the kernel keys missing from the database are tuned here, at once: before
-    the fits, whose BLAS and torch threads would otherwise still be busy on the other core while a
-    kernel is timed (compile --tune then picked single-thread splits that were 1.4x slower in the
-    decode step). Keys the rewrite asks for beyond them are tuned when asked. ``int8_batch`` False
-    keeps M > 1 on the LUT path (TuningDB.knobs)."""
+    """(knobs callback for the rewrite, manifest summary dict filled in as kernels are looked up). With
+    ``tune``, the kernel keys missing from the database are tuned here, at once: before the fits,
+    whose BLAS and torch threads would otherwise still be busy on the other core while a kernel is
+    timed (docs/ENGINEERING.md). Keys the rewrite asks for beyond them are tuned when asked.
+    ``int8_batch`` False keeps M > 1 on the LUT path (TuningDB.knobs)."""
     tune, int8_batch = options.optimization.tune, options.optimization.int8_batch
     summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0, "int8_batch": int8_batch}
     if kernel != "avx2":

@@ -50,18 +50,9 @@ class QuantConfig:
                 raise ValueError(f"skip pattern {p!r} is not a regular expression: {e}") from None
 
     def bcq(self, refits: int) -> BCQConfig:
-        return BCQConfig(
-            bits=self.bits,
-            group=self.group,
-            apot_terms=self.apot_terms,
-            rounds=self.rounds,
-            offset=self.offset,
-            layout=self.layout,
-            block_rows=self.block_rows,
-            scale_format=self.scale_format,
-            refits=refits,
-            tied=self.tied,
-        )
+        """The fits' config: this one's shared fields and the calibration's ``refits``."""
+        shared = {f.name: getattr(self, f.name) for f in fields(BCQConfig) if f.name != "refits"}
+        return BCQConfig(**shared, refits=refits)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 per-layer bit allocation, and the fits themselves (the rewrite pass then only packs and emits).
 
     plan = plan_fit(imported, cfg, target=tgt, batches=feeds, mode="sequential", avg_bits=2.5)
-    rewrite_lut_matmul(mod, params, cfg, fitted=plan.fitted, layer_bits=plan.layer_bits)
+    Rewrite(cfg, fitted=plan.fitted, layer_bits=plan.layer_bits)  # relax_passes.pipeline: the rewrite phase
 """
 
 from __future__ import annotations
@@ -134,12 +134,12 @@ def allocate_bits(
 
     With ``hessians`` the prediction is the output error of the calibrated fit at that width (error
     feedback, at most ``ALLOCATION_REFITS`` scale refits, bounding the cost of fitting three widths);
-    the fits are stored in ``fits`` (weight name ->
-    {bits: BCQWeight}) when given, and serve as the final fits when ``cfg.refits`` is no more. Without
-    ``hessians``: the plain weight error of weight-only fits. ``fisher`` (weight name -> [N] loss
-    sensitivity per output, shiftadd/calibration/fisher.py) makes the prediction loss-aware: row errors weighted
-    by it. ``memo_key`` (the content of model, calibration and config) keeps the per-row errors in
-    this process, so further budgets of one model (bench/quality.py) skip the fits."""
+    the fits are stored in ``fits`` (weight name -> {bits: BCQWeight}) when given, and serve as the
+    final fits when ``cfg.refits`` is no more. Without ``hessians``: the plain weight error of
+    weight-only fits. ``fisher`` (weight name -> [N] loss sensitivity per output, calibration/fisher.py)
+    makes the prediction loss-aware: row errors weighted by it. ``memo_key`` (the content of model,
+    calibration and config) keeps the per-row errors in this process, so further budgets of one model
+    (bench/quality.py) skip the fits."""
     from tqdm import tqdm
 
     if allocator not in ALLOCATORS:
@@ -338,9 +338,9 @@ def _tune_scales(loaded, plan: FitPlan, batches, cfg: BCQConfig, steps: int) -> 
 
 
 def _tuning_windows(tokenizer, batches, max_len: int | None = None) -> np.ndarray:
-    """The calibration text's tokens (as many as the calibration windows hold) in windows of TUNE_LEN:
-    on SmolLM2 at 3 bits, 64 x 256 tokens tuned to 20.00 held-out perplexity, 128 x 128 to 20.43
-    (docs/QUALITY.md; later positions see longer contexts, as in use)."""
+    """The calibration text's tokens (as many as the calibration windows hold) re-cut into windows of
+    TUNE_LEN: later positions see longer contexts, as in use, and longer windows tuned better than the
+    calibration's own (docs/ENGINEERING.md, docs/QUALITY.md)."""
     from .text import token_windows, wiki_split
 
     length = min(TUNE_LEN, max_len or TUNE_LEN)

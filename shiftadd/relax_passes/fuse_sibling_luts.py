@@ -1,19 +1,18 @@
 """One LUT kernel call for sibling matmuls: Q/K/V, and gate/up, read the same activation.
 
 Why: each AVX2 LUT call builds its int8 tables from the activation and launches its tasks on the
-thread pool; at decode (M = 1) on SmolLM2's 576-wide layers that fixed cost is a large part of each
-call. Calls of the same kernel family (same K, bits, group, offsets, scale format and tying) on the same
-activation become one call over their rows stacked, since the packed layout keeps 32-row blocks
-outermost (schedules/lut_avx2.py ``pack_avx2``): the stacked arrays are the members' arrays
-concatenated on axis 0, and each member's output is a column slice of the stacked output. Same
-codes, same scales, same sums per row: the outputs are bit-identical to the separate calls.
-Members whose row count is not a multiple of 32 (padded blocks) or that share scales across rows
-are left alone.
+thread pool; at decode (M = 1) on narrow layers that fixed cost is a large part of each call
+(docs/ENGINEERING.md). Calls of the same kernel family (same K, bits, group, offsets, scale format
+and tying) on the same activation become one call over their rows stacked, since the packed layout
+keeps 32-row blocks outermost (schedules/lut_avx2.py ``pack_avx2``): the stacked arrays are the
+members' arrays concatenated on axis 0, and each member's output is a column slice of the stacked
+output. Same codes, same scales, same sums per row: the outputs are bit-identical to the separate
+calls. Members whose row count is not a multiple of 32 (padded blocks) or that share scales across
+rows are left alone.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import numpy as np
@@ -21,9 +20,8 @@ import tvm
 from tvm import relax
 
 from ..schedules import lut_avx2
+from ..schedules.backends import AVX2Backend, LUTSpec
 from .ir import drop_unused_params
-
-_NAME = re.compile(r"^shiftadd_lut8_k(\d+)_n(\d+)_q(\d)_g(\d+)(_z)?(_r\d+)?(_f8)?(_t)?$")
 
 
 def _source(x, bound):
@@ -45,27 +43,18 @@ def _member(value, params, bound):
     if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir"):
         return None
     gv, args = value.args[0], value.args[1]
-    m = _NAME.match(gv.name_hint) if isinstance(gv, tvm.ir.GlobalVar) else None
-    if m is None or m.group(6) or not isinstance(args, relax.Tuple) or len(args.fields) != 4:
+    spec = LUTSpec.parse(gv.name_hint) if isinstance(gv, tvm.ir.GlobalVar) else None
+    if spec is None or spec.rows != 1 or not isinstance(args, relax.Tuple) or len(args.fields) != 4:
         return None
     x, *packed = args.fields
-    n = int(m.group(2))
+    n = spec.n
     if (
         n % lut_avx2.ROWS
         or not isinstance(x, relax.Var)
         or any(not isinstance(v, relax.Var) or v.name not in params for v in packed)
     ):
         return None
-    key = (
-        _source(x, bound),
-        int(m.group(1)),
-        int(m.group(3)),
-        int(m.group(4)),
-        bool(m.group(5)),
-        bool(m.group(7)),
-        bool(m.group(8)),
-    )
-    return key, n, tuple(packed), x
+    return (_source(x, bound), spec._replace(n=0)), n, tuple(packed), x
 
 
 @relax.expr_functor.mutator
@@ -94,13 +83,13 @@ class _Fuser(relax.PyExprMutator):
 
     def _stacked(self, gid, value):
         key, members = self.specs[gid]
-        _, k, bits, group, offset, fp8, tied = key
+        spec = key[1]
         x = members[0][3]  # the first member's flattened input: defined before any member
         n_total = sum(n for _, n, _, _ in members)
         arrays = [np.concatenate([self.params[p[i].name] for _, _, p, _ in members], axis=0) for i in range(2)]
         zoff = (
             np.concatenate([self.params[p[2].name] for _, _, p, _ in members], axis=0)
-            if offset
+            if spec.offset
             else self.params[members[0][2][2].name]
         )
         label = (
@@ -115,14 +104,10 @@ class _Fuser(relax.PyExprMutator):
             v = relax.Var(label + suffix, relax.TensorType(a.shape, str(a.dtype)))
             self.new_params.append((v, a))
             vs.append(v)
-        name = lut_avx2.kernel_name(k, n_total, bits, group, offset, 1, fp8, tied)
+        stacked = spec._replace(n=n_total)
+        name = stacked.name()
         if name not in self.kernels:
-            kn = (
-                self.knobs(k, n_total, bits, group, offset, 1, fp8, tied)
-                if self.knobs
-                else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
-            )
-            f = lut_avx2.make_lut_avx2(k, n_total, bits, group, offset, 1, kn[0], kn[1], fp8, tied)
+            f = AVX2Backend().primfunc(stacked, self.knobs(*stacked) if self.knobs else None)
             self.kernels[name] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
         xv = self.visit_expr(x)
         m_expr = value.ty.shape.values[0]

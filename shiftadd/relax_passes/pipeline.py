@@ -1,128 +1,214 @@
-"""The compile pipeline after the rewrite: lowering (our decode-time passes, then TVM's legalize,
-fold and fuse), scheduling (tuned records, then our default rules) and the build into one VM
-executable; used by compile, calibration, the tuner and the benchmarks alike."""
+"""Every pass of a compile, in one ordered list: compile, calibration, the tuner and the benchmarks
+all run slices of :meth:`Pipeline.passes`, and nothing else lists passes.
+
+Phases, in order:
+  rewrite   constant-weight matmuls -> LUT kernel calls (the packed weights travel beside the
+            module in :class:`Weights`), then sibling calls on one activation stacked into one
+  decode    ``decode_one``: the cached decode step with static shapes but for the cache length
+  lower     our passes over the cache (same-dtype casts dropped, KV heads shared, attention on
+            our kernels), then TVM's legalize, fold and fuse
+  schedule  tuned MetaSchedule records, then our default rules for every unscheduled PrimFunc
+After them ``tvm.compile`` builds the VM executable and :func:`export` writes the one .so.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+
+import tvm
 
 logger = logging.getLogger(__name__)
 
+PHASES = ("rewrite", "decode", "lower", "schedule")
 
-# -- rewrite: weight matmuls -> LUT kernel calls, then sibling calls stacked ---------------------
-def rewrite_weights(mod, params, options, plan, kernel: str, knobs, also=(), keep_dequantized: bool = False):
-    """Every constant-weight matmul of ``main`` (and of the ``also`` functions, sharing the packed
-    weights) as a LUT kernel call with ``plan``'s fits (calibration.plan.FitPlan), then, on the AVX2
-    kernel with ``options.optimization.stack_siblings``, calls reading one activation stacked into
-    one. Returns (module, params, RewriteReport)."""
-    from .fuse_sibling_luts import fuse_sibling_luts
-    from .rewrite_lut_matmul import rewrite_lut_matmul
 
-    mod, params, report = rewrite_lut_matmul(
-        mod,
-        params,
-        options.bcq(),
-        skip=tuple(options.quant.skip),
-        keep_dequantized=keep_dequantized,
-        fitted=plan.fitted,
-        layer_bits=plan.layer_bits,
-        kernel=kernel,
-        knobs=knobs,
-        also=also,
-    )
-    report.allocation = plan.allocation
-    if kernel == "avx2" and options.optimization.stack_siblings:
-        mod, params, fewer = fuse_sibling_luts(mod, params, ("main", *also), knobs)
+@dataclass
+class Weights:
+    """The module's weight arrays beside it: the rewrite replaces float weights by packed ones."""
+
+    params: dict
+    report: object | None = None  # the rewrite's RewriteReport
+    attention: dict = field(default_factory=dict)  # AttentionKernel -> static query rows (lowering finds them)
+
+
+@dataclass
+class Rewrite:
+    """What the rewrite phase needs: the quantization config, finished fits (weight-only fits are
+    made for the rest), per-layer bits, the kernel back-end and its knobs, the functions sharing
+    the weights."""
+
+    cfg: object  # BCQConfig
+    fitted: dict = field(default_factory=dict)  # weight name -> BCQWeight
+    layer_bits: dict | None = None
+    allocation: object = None  # calibration.plan.Allocation, kept on the report
+    skip: tuple = ("lm_head",)
+    kernel: str = "f32"
+    knobs: object = None  # (*LUTSpec) -> (decode, batch) knobs, e.g. from the tuning database
+    also: tuple = ()
+    stack_siblings: bool = True
+    keep_dequantized: bool = False
+
+
+def _pass(name: str, fn):
+    """One of our rewrites ``fn(mod) -> (mod, count, ...)`` as a module pass; its count is logged."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def run(mod, _ctx):
+        out = fn(mod)
+        if isinstance(out, tuple):
+            mod, count = out[0], out[1]
+            logger.debug(f"{name}: {count}")
+            return mod
+        return out
+
+    return run
+
+
+@dataclass
+class Pipeline:
+    """The passes for one target and set of switches (config.OptimizationConfig's)."""
+
+    target: object
+    rewrite: Rewrite | None = None
+    weights: Weights | None = None
+    decode_one: bool = False
+    share_kv: bool = True
+    attention: bool = True
+    attention_knob: object = None  # AttentionKernel -> knob, e.g. TuningDB.attention_knob
+    db: object = None  # the tuning database whose MetaSchedule records apply
+    legalize: bool = True  # False stops the lower phase before TVM's legalize/fold/fuse
+
+    def passes(self, *phases: str) -> list:
+        """The ordered passes of ``phases`` (default: all)."""
+        want = set(phases or PHASES)
+        unknown = want - set(PHASES)
+        if unknown:
+            raise ValueError(f"unknown pipeline phases {sorted(unknown)}: expected some of {PHASES}")
+        seq = []
+        # -- rewrite ------------------------------------------------------------------------------
+        if "rewrite" in want and self.rewrite is not None:
+            seq.append(_pass("shiftadd.RewriteLUTMatmul", self._rewrite))
+            if self.rewrite.kernel == "avx2" and self.rewrite.stack_siblings:
+                seq.append(_pass("shiftadd.FuseSiblingLUTs", self._stack))
+        # -- decode-time --------------------------------------------------------------------------
+        if "decode" in want and self.decode_one:
+            from .specialize_decode import add_decode_one
+
+            seq.append(_pass("shiftadd.AddDecodeOne", add_decode_one))
+        # -- lowering -----------------------------------------------------------------------------
+        if "lower" in want:
+            from .drop_identity_casts import drop_identity_casts
+            from .scores_from_cache import scores_from_cache
+            from .share_kv_heads import share_kv_heads
+            from .softmax_with_mask import softmax_with_mask
+            from .values_from_cache import values_from_cache
+
+            seq.append(_pass("shiftadd.DropIdentityCasts", drop_identity_casts))
+            if self.share_kv:
+                seq.append(_pass("shiftadd.ShareKVHeads", share_kv_heads))
+            if self.attention:
+                for name, rewrite in (
+                    ("ScoresFromCache", scores_from_cache),
+                    ("ValuesFromCache", values_from_cache),
+                    ("SoftmaxWithMask", softmax_with_mask),
+                ):
+                    seq.append(_pass(f"shiftadd.{name}", lambda m, r=rewrite: self._attention(r, m)))
+            if self.legalize:
+                seq.append(_pass("relax.DefaultPipeline", self._default_pipeline))
+        # -- scheduling ---------------------------------------------------------------------------
+        if "schedule" in want:
+            seq.append(_pass("shiftadd.ApplyTunedRecords", self._tuned))
+            seq.append(_pass("shiftadd.DefaultSchedules", self._default_schedules))
+        return seq
+
+    def run(self, mod, *phases: str):
+        return tvm.transform.Sequential(self.passes(*phases))(mod)
+
+    # -- the passes that need more than the module ---------------------------------------------
+    def _rewrite(self, mod):
+        from .rewrite_lut_matmul import rewrite_lut_matmul
+
+        r, w = self.rewrite, self.weights
+        mod, w.params, w.report = rewrite_lut_matmul(
+            mod,
+            w.params,
+            r.cfg,
+            skip=tuple(r.skip),
+            keep_dequantized=r.keep_dequantized,
+            fitted=r.fitted,
+            layer_bits=r.layer_bits,
+            kernel=r.kernel,
+            knobs=r.knobs,
+            also=tuple(r.also),
+        )
+        w.report.allocation = r.allocation
+        return mod, len(w.report.rewritten)
+
+    def _stack(self, mod):
+        from .fuse_sibling_luts import fuse_sibling_luts
+
+        mod, self.weights.params, fewer = fuse_sibling_luts(
+            mod, self.weights.params, ("main", *self.rewrite.also), self.rewrite.knobs
+        )
         if fewer:
             logger.info(f"stacked sibling LUT calls (Q/K/V, gate/up): {fewer} kernel calls fewer over all functions")
-    return mod, params, report
+        return mod, fewer
+
+    def _attention(self, rewrite, mod):
+        mod, count, found = rewrite(mod, self.attention_knob)
+        if self.weights is not None:
+            self.weights.attention.update(found)
+        return mod, count
+
+    def _default_pipeline(self, mod):
+        from tvm import relax
+
+        with self.target:
+            return relax.get_default_pipeline(self.target)(mod)
+
+    def _tuned(self, mod):
+        from ..tuning.metaschedule import apply_float
+
+        return apply_float(mod, self.target, self.db)
+
+    def _default_schedules(self, mod):
+        from ..schedules.default_cpu import schedule_unscheduled
+
+        with self.target:
+            return schedule_unscheduled(mod, self.target)
 
 
-# -- decode-time: one sequence, one token --------------------------------------------------------
-def with_decode_one(mod, extra: dict):
-    """``mod`` with ``decode_one`` (static shapes for everything but the attention over the cache)
-    when it has a ``decode`` function, and the manifest's description of every function."""
-    from .specialize_decode import NAME, add_decode_one
-
-    imports = dict(extra)
-    if extra:
-        mod = add_decode_one(mod)
-        imports[NAME] = extra["decode"]
-    return mod, imports
-
-
-# -- lowering: our passes over the cache, then TVM's legalize, fold and fuse ---------------------
-
-
-def _attention(mod, knob_of=None):
-    """(module, {AttentionKernel: static query rows}) after the three attention-over-the-cache passes."""
-    from .scores_from_cache import scores_from_cache
-    from .softmax_with_mask import softmax_with_mask
-    from .values_from_cache import values_from_cache
-
-    specs = {}
-    for rewrite in (scores_from_cache, values_from_cache, softmax_with_mask):
-        mod, _, found = rewrite(mod, knob_of)
-        specs.update(found)
-    return mod, specs
-
-
-def lower(mod, target, share_kv: bool = True, attention: bool = True, attention_knob=None):
-    """The Relax module as :func:`build` schedules it: same-dtype casts dropped
-    (relax_passes/drop_identity_casts.py), grouped-query attention without per-head
-    copies of the cache (``share_kv``, relax_passes/share_kv_heads.py), attention over the cache on
-    our kernels (``attention``: scores_from_cache, values_from_cache, softmax_with_mask; knobs
-    from ``attention_knob(spec)``, e.g. TuningDB.attention_knob), legalized, folded and fused."""
-    from tvm import relax
-
-    from .drop_identity_casts import drop_identity_casts
-
-    mod, _ = drop_identity_casts(mod)
-    if share_kv:
-        from .share_kv_heads import share_kv_heads
-
-        mod, _ = share_kv_heads(mod)
-    if attention:
-        mod, _ = _attention(mod, attention_knob)
-    with target:
-        return relax.get_default_pipeline(target)(mod)
-
-
-def attention_kernels(mod) -> dict:
-    """The attention kernels ``lower`` gives ``mod`` (after the same casts and head sharing):
-    ``{AttentionKernel: static query rows of their calls}``, what ``shiftadd tune`` times."""
-    from .drop_identity_casts import drop_identity_casts
-    from .share_kv_heads import share_kv_heads
-
-    return _attention(share_kv_heads(drop_identity_casts(mod)[0])[0])[1]
+def uses_avx2_kernel(mod) -> bool:
+    return any(gv.name_hint.startswith("shiftadd_lut8") for gv, _ in mod.functions_items())
 
 
 def build(mod, target, db=None, share_kv: bool = True, attention: bool = True):
-    """Relax module -> VM executable, with the CPU pipeline (legalize, fold, fuse); operators the
-    MetaSchedule database beside the tuning database ``db`` holds get its schedules, the rest ours.
-    ``share_kv``: grouped-query attention reads each key/value head once (relax_passes/share_kv_heads);
-    ``attention``: attention over the KV cache runs our kernels (scores and values read the cache in
-    place, softmax with the mask fused in; :func:`lower`), with the knob the tuning database
-    ``db`` holds for each (``shiftadd tune``), else the default."""
-    import tvm
-
-    from ..schedules.default_cpu import schedule_unscheduled
+    """The lower and schedule phases, then ``tvm.compile``: Relax module -> VM executable. The
+    attention kernels' knobs and the float operators' MetaSchedule records come from the tuning
+    database ``db`` (``shiftadd tune``), else the defaults."""
     from ..tuning.database import TuningDB
-    from ..tuning.metaschedule import apply_float
 
     if uses_avx2_kernel(mod):  # in-memory runs resolve the micro-kernel from this process
         from ..schedules import lut_avx2
 
         lut_avx2.load_in_process()
-    knobs = TuningDB.open(db, target=target).attention_knob if attention else None
-    mod = apply_float(lower(mod, target, share_kv, attention, knobs), target, db)
-    with target:
-        mod = schedule_unscheduled(mod, target)
-    return tvm.compile(mod, target, relax_pipeline=None)
+    knob = TuningDB.open(db, target=target).attention_knob if attention else None
+    pl = Pipeline(target, share_kv=share_kv, attention=attention, attention_knob=knob, db=db)
+    return tvm.compile(pl.run(mod, "lower", "schedule"), target, relax_pipeline=None)
 
 
-def uses_avx2_kernel(mod) -> bool:
-    return any(gv.name_hint.startswith("shiftadd_lut8") for gv, _ in mod.functions_items())
+def lower(mod, target, share_kv: bool = True, attention: bool = True, attention_knob=None):
+    """The lower phase alone: the module whose float operators MetaSchedule tunes."""
+    return Pipeline(target, share_kv=share_kv, attention=attention, attention_knob=attention_knob).run(mod, "lower")
+
+
+def attention_kernels(mod) -> dict:
+    """``{AttentionKernel: static query rows of their calls}`` the lower phase gives ``mod``: what
+    ``shiftadd tune`` times."""
+    weights = Weights({})
+    Pipeline(None, weights=weights, legalize=False).run(mod, "lower")
+    return weights.attention
 
 
 def export(ex, path: str, mod) -> None:

@@ -23,10 +23,9 @@ from tvm.ir import GenericConst
 
 from ..quant import BCQConfig
 from ..quant.gptq import ColumnBCQWeight, fit_layer
-from ..quant.pack import column_as_one_bit, pack_bcq
-from ..schedules import lut_avx2
-from ..schedules.backends import KERNELS
-from ..schedules.lut_kernel import DEFAULT_VEC, build_lut_kernel, kernel_name
+from ..quant.pack import column_as_one_bit
+from ..schedules.backends import KERNELS, LUTSpec, backend_for
+from ..schedules.lut_kernel import DEFAULT_VEC
 from .ir import drop_unused_params, is_op, match_weight_operand, resolve_binding, shape_of
 
 logger = logging.getLogger(__name__)
@@ -184,27 +183,14 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         return name, np.ascontiguousarray(mat, dtype=np.float32), transposed
 
     # -- rewriting ------------------------------------------------------------------------------
-    def _kernel(self, k, n, bits, group, offset, alpha_rows=1):
-        key = (k, n, bits, group, self.vec, offset, alpha_rows)
-        if key not in self.kernels:
-            f = build_lut_kernel(k, n, bits, group, self.vec, offset, alpha_rows)
-            name = kernel_name(k, n, bits, group, offset, alpha_rows)
-            self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
-        return self.kernels[key]
-
-    def _kernel_avx2(self, k, n, bits, group, offset, alpha_rows, tied=False):
-        fp8 = self.cfg.scale_format == "e5m2"
-        key = ("avx2", k, n, bits, group, offset, alpha_rows, fp8, tied)
-        if key not in self.kernels:
-            kn = (
-                self.knobs(k, n, bits, group, offset, alpha_rows, fp8, tied)
-                if self.knobs
-                else (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)
-            )
-            f = lut_avx2.make_lut_avx2(k, n, bits, group, offset, alpha_rows, kn[0], kn[1], fp8, tied)
-            name = lut_avx2.kernel_name(k, n, bits, group, offset, alpha_rows, fp8, tied)
-            self.kernels[key] = self.builder_.add_func(f.with_attr("global_symbol", name), name)
-        return self.kernels[key]
+    def _kernel(self, backend, spec):
+        """The module's global for ``spec`` on ``backend``, built once (knobs from ``self.knobs``)."""
+        symbol = spec.name(backend.name)
+        if symbol not in self.kernels:
+            knobs = self.knobs(*spec) if self.knobs and backend.tunable else None
+            f = backend.primfunc(spec, knobs)
+            self.kernels[symbol] = self.builder_.add_func(f.with_attr("global_symbol", symbol), symbol)
+        return self.kernels[symbol]
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -250,12 +236,20 @@ class _LutMatmulRewriter(relax.PyExprMutator):
                 raise ValueError(f"'{name}': column scales are not exact in float16")
         else:
             kern_w = bw
-        rep.kernel = "avx2" if self.kernel == "avx2" and lut_avx2.supports(kern_w.group, kern_w.alpha_rows) else "f32"
-        codes, alpha, zoff = (
-            pack_bcq(kern_w, self.vec)
-            if rep.kernel == "f32"
-            else lut_avx2.pack_avx2(kern_w, fp8=self.cfg.scale_format == "e5m2")
+        kk = k * (colscale.shape[0] if colscale is not None else 1)
+        spec = LUTSpec(
+            kk,
+            n,
+            kern_w.bits,
+            kern_w.group,
+            kern_w.offset is not None,
+            kern_w.alpha_rows,
+            self.cfg.scale_format == "e5m2",
+            kern_w.tied,
         )
+        backend = backend_for(self.kernel, spec, self.vec)
+        rep.kernel = backend.name
+        codes, alpha, zoff = backend.pack(kern_w, spec)
         rep.status, rep.bits = "rewritten", bw.bits
         rep.group = getattr(bw, "group", 0) if cfg.layout == "row-group" else 0
         rep.layout = cfg.layout
@@ -274,21 +268,13 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         for d in lead[1:]:
             m_expr = m_expr * d
         x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m_expr, k])))
-        kk = k
         if colscale is not None:  # x [M, K] -> [M, P*K] = concat_p x ⊙ s_p (shifts: s_p are APoT)
             sv = relax.Var(name + ".colscale", relax.TensorType(colscale.shape, "float16"))
             self.new_params.append((sv, colscale))
-            p = colscale.shape[0]
             s32 = self.builder_.emit(relax.op.astype(sv, "float32"))
             xe = self.builder_.emit(relax.op.multiply(relax.op.expand_dims(x2, [1]), s32))
-            kk = p * k
             x2 = self.builder_.emit(relax.op.reshape(xe, relax.ShapeExpr([m_expr, kk])))
-        if rep.kernel == "f32":  # float tables: the q scales stored as they are (pack_bcq)
-            gv = self._kernel(kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows)
-        else:
-            gv = self._kernel_avx2(
-                kk, n, kern_w.bits, kern_w.group, kern_w.offset is not None, kern_w.alpha_rows, kern_w.tied
-            )
+        gv = self._kernel(backend, spec)
         y2 = relax.call_tir(gv, [x2, cv, av, zv], relax.TensorType([m_expr, n], "float32"))
         self.done += 1
         if self.progress is not None:

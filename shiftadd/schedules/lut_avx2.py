@@ -60,10 +60,9 @@ KNOB_SPACE = (
     + [Knobs(mt, 1, t, 1) for mt in (2, 4, 6) for t in (0, 1)]  # the int8 path's rows per pass
     + [Knobs(1, rbk, t, 2) for rbk in (1, 2, 4) for t in (0, 1)]
 )  # the 512-bit LUT path
-# untuned defaults, measured on 4096x4096 here: 4 row blocks per pass keep 4 weight streams in flight
-# (2-bit M=1: 0.39 ms with 1, 0.27 with 2, 0.23-0.26 with 4), on 512-bit registers where the CPU has
-# them (4-bit M=1: 0.33 -> 0.24 ms); for M > 1 the int8 path, 4 rows per pass (the LUT path's cost
-# grows with every activation row; the int8 path's does not grow with the planes)
+# untuned defaults: 4 row blocks per pass keep 4 weight streams in flight, on 512-bit registers where
+# the CPU has them; for M > 1 the int8 path, 4 rows per pass (the LUT path's cost grows with every
+# activation row; the int8 path's does not grow with the planes). Timings: docs/ENGINEERING.md
 DEFAULT_KNOBS = Knobs(1, 4, 0, 2)
 DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
 LUT_BATCH_KNOBS = Knobs(2, 1, 0)  # M > 1 kept on the LUT path (compile int8_batch=False), untuned
@@ -71,9 +70,8 @@ LUT_BATCH_KNOBS = Knobs(2, 1, 0)  # M > 1 kept on the LUT path (compile int8_bat
 
 def default_knobs(bits: int, vnni: bool = True) -> tuple[Knobs, Knobs]:
     """Untuned (decode, batch) knobs for a target with or without AVX-512 VNNI. The batch takes the
-    int8 path, except without VNNI at <= 3 bits: there its AVX2 version (~10 uops per 64 products
-    per activation row) lost to the LUT loop in every tuning at M = 32 (2-bit 1.3-1.5x, 3-bit
-    1.0-1.2x; 4-bit the int8 path won 1.1-1.2x; docs/BENCHMARKS.md)."""
+    int8 path, except without VNNI at <= 3 bits: there its AVX2 version lost to the LUT loop in every
+    tuning at M = 32 (docs/BENCHMARKS.md)."""
     return DEFAULT_KNOBS, (DEFAULT_BATCH_KNOBS if vnni or bits >= 4 else LUT_BATCH_KNOBS)
 
 
@@ -147,18 +145,6 @@ def dims(k: int, n: int, group: int, alpha_rows: int = 1) -> dict:
     }
 
 
-def kernel_name(
-    k: int, n: int, bits: int, group: int, offset: bool, alpha_rows: int, fp8: bool = False, tied: bool = False
-) -> str:
-    return (
-        f"shiftadd_lut8_k{k}_n{n}_q{bits}_g{group}"
-        + ("_z" if offset else "")
-        + (f"_r{alpha_rows}" if alpha_rows != 1 else "")
-        + ("_f8" if fp8 else "")
-        + ("_t" if tied else "")
-    )
-
-
 def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
     """float8 e5m2 storage (uint8) of values that are exactly e5m2 (quant.apot.e5m2_round): the high
     byte of their float16 pattern; anything else is refused rather than silently rounded."""
@@ -176,7 +162,7 @@ def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
 def row_interleaved(bits: int, tied: bool) -> bool:
     """Tied 4-bit codes are stored [NB, P, 32, 4] (a row's planes adjacent), not [NB, P, 4, 32]: the
     kernel then sums each row's planes by multiply-adds with (8, 4, 2, 1) instead of unpacking (fewer
-    ops per code byte; at M = 1 the plane-major loop's arithmetic cost ~10 % over the bytes' read time)."""
+    ops per code byte, so at M = 1 the arithmetic hides under the reads)."""
     return tied and bits == 4
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..runtime.artifact import atomic_path
 from ..schedules import lut_avx2 as L
+from ..schedules.backends import LUTSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ def default_path() -> Path:
 
 def context(target=None) -> dict:
     """What an entry is only valid for: the target's CPU model (LLVM ``mcpu``) and the kernel's
-    features on it, the TVM version, the micro-kernel source and knob grid, and threads. (The thread
-    pool's spin setting was part of it, but a SmolLM2 compile after a tuning job in one process saw a
-    different value and ignored the whole database; it changes which knobs win, never correctness.)
+    features on it, the TVM version, the micro-kernel source and knob grid, and threads. The thread
+    pool's spin setting is in each key instead (:func:`spin_regime`): it changes which knobs win, never
+    correctness, and in the context a process that saw another value ignored the whole database
+    (docs/ENGINEERING.md).
     ``target``: a TVM Target or spec ('cpu' = this machine, the default; for RPC tuning, the remote's)."""
     import tvm
     from tvm.target import codegen
@@ -69,26 +71,15 @@ def spin_regime() -> str:
     """The TVM thread pool's waiting regime this process runs in, as part of every key: with
     ``TVM_THREAD_POOL_SPIN_COUNT=0`` (bench/kernels.py, fair to the other runtimes' pools) an idle
     worker sleeps and a two-thread call pays its wake-up, so one thread wins for small kernels;
-    with the default spinning (the runtime, a decode step) two threads win (576x960 3-bit: 10.7
-    vs 17.6 us). Knobs from one regime were 1.5-2.8x slower in the other, so each keeps its own."""
+    with the default spinning (the runtime, a decode step) two threads win. Knobs from one regime
+    run slower in the other (docs/ENGINEERING.md), so each keeps its own."""
     v = os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "").strip()
     return "" if not v else f" spin{v}"
 
 
-def key_of(
-    k: int, n: int, bits: int, group: int, offset: bool, rows: int, fp8: bool = False, tied: bool = False
-) -> str:
-    """A kernel's database key. The scale storage is part of it (float16 keys keep their old form):
-    e5m2 bytes and tied scales run other loops (tied 4-bit reads row-interleaved codes), so each is
-    timed as itself."""
-    fmt = (" e5m2" if fp8 else "") + (" tied" if tied else "")
-    return f"lut8 k{k} n{n} q{bits} g{group} z{int(bool(offset))} r{rows}{fmt}{spin_regime()}"
-
-
-def kernel_args(kk: tuple) -> tuple:
-    """A key tuple (k, n, bits, group, offset, rows[, fp8[, tied]]) in full: the 8 arguments of
-    lut_avx2.make_lut_avx2 / random_packed that shape the kernel."""
-    return (*kk, False, False)[:8] if len(kk) < 8 else tuple(kk)
+def key_of(*spec) -> str:
+    """A kernel's database key: its spec's (schedules.backends.LUTSpec) and this process's spin regime."""
+    return LUTSpec(*spec).key() + spin_regime()
 
 
 def attention_key(spec) -> str:

@@ -49,10 +49,8 @@ def model_module(model: str, cfg: BCQConfig, skip, target):
     from dataclasses import replace
 
     from ..frontend import import_model, merge_functions
-    from ..relax_passes import rewrite_lut_matmul
-    from ..relax_passes.fuse_sibling_luts import fuse_sibling_luts
+    from ..relax_passes.pipeline import Pipeline, Rewrite, Weights
     from ..relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes
-    from ..relax_passes.specialize_decode import add_decode_one
     from ..schedules.backends import pick_kernel
 
     loaded = import_model(model)
@@ -60,13 +58,9 @@ def model_module(model: str, cfg: BCQConfig, skip, target):
     shapes = weight_matmul_shapes(imported.mod["main"], imported.params, ())
     siblings = sibling_groups(imported.mod["main"], imported.params, ())
     mod = merge_functions(imported, extra) if extra else imported.mod
-    kernel = pick_kernel("auto", target)
-    mod, params, _ = rewrite_lut_matmul(
-        mod, imported.params, replace(cfg, rounds=1), skip=tuple(skip), kernel=kernel, also=tuple(extra)
-    )
-    if kernel == "avx2":
-        mod, _, _ = fuse_sibling_luts(mod, params, ("main", *extra))
-    return shapes, siblings, (add_decode_one(mod) if extra else mod)
+    rewrite = Rewrite(replace(cfg, rounds=1), skip=tuple(skip), kernel=pick_kernel("auto", target), also=tuple(extra))
+    pipeline = Pipeline(target, rewrite=rewrite, weights=Weights(imported.params), decode_one=bool(extra))
+    return shapes, siblings, pipeline.run(mod, "rewrite", "decode")
 
 
 def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, siblings=()) -> list[tuple]:

@@ -28,7 +28,7 @@ def parse_hostport(spec: str) -> tuple[str, int]:
 
 
 class RPCMeasurer:
-    """``measure()`` like :class:`~shiftadd.schedules.tuning.LocalMeasurer`, on the tracker's servers."""
+    """``measure()`` like :class:`~shiftadd.tuning.search.LocalMeasurer`, on the tracker's servers."""
 
     def __init__(
         self,
@@ -111,9 +111,9 @@ class RPCMeasurer:
 
         # a name of this measurer's own: servers keep uploads by name, and replacing a loaded library's
         # file under a server that has it mapped would crash it
-        from .database import kernel_args
+        from ..schedules.backends import LUTSpec
 
-        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
+        k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
         path = os.path.join(
             self.workdir, f"lut-{os.path.basename(self.workdir)}-{'-'.join(map(str, kk))}-{kn.tag()}.so"
         )
@@ -124,10 +124,10 @@ class RPCMeasurer:
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
         libs = {kn.tag(): self._build(kk, kn) for kn in cands}  # compiled here, one at a time
-        from .database import kernel_args
+        from ..schedules.backends import LUTSpec
 
         rng = np.random.default_rng(0)
-        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
+        k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
         packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         x = rng.standard_normal((m, kk[0]), dtype=np.float32)
         share = [list(libs.items())[i :: len(self.sessions)] for i in range(len(self.sessions))]
@@ -151,7 +151,7 @@ class RPCMeasurer:
 
     def time_attention(self, spec, knobs, cases) -> dict:
         """``{knob: {"M,N": ms}}`` of an attention kernel (schedules/attention_cpu.py) on the
-        servers: the timer of ``attention_cpu.measure``; knobs split over the sessions, each timed
+        servers: the timer of ``tuning.search.measure``; knobs split over the sessions, each timed
         by ``time_evaluator`` (median of ``repeat``, caches flushed) at every case."""
         import tvm
 

@@ -13,8 +13,9 @@ import tvm
 from ..schedules import attention_cpu as A
 from ..schedules import lut_avx2 as L
 from ..schedules.attention_cpu import LENGTHS, AttentionKernel, arrays, kernel, timing_cases
+from ..schedules.backends import LUTSpec
 from ..schedules.targets import resolve_target
-from .database import PHASES, TuningDB, attention_key, kernel_args, key_of
+from .database import PHASES, TuningDB, attention_key, key_of
 from .timing import copies_for, interleaved, median_ms
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class LocalMeasurer:
 
         L.load_in_process()
         rng = np.random.default_rng(self.seed)
-        k, n, bits, group, offset, rows, fp8, tied = kernel_args(kk)
+        k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
         packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         nbytes = sum(a.nbytes for a in packed)
         ncopies = copies_for(nbytes, self.cold_mib * 2**20, 16)
@@ -75,8 +76,7 @@ class LocalMeasurer:
                 tvm.IRModule({"main": L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn, fp8, tied)}), target
             )["main"]
             # copies of its own per candidate, as bench/kernels.py does: shared copies stay in a large L3
-            # (260 MB here) between candidates, and knobs picked on cached weights ran ~10 % slower cold
-            # (4096x11008 4-bit M = 1: wm1r1t0 won on cached weights, wm1r2t0 is 11 % faster cold)
+            # between candidates, and knobs picked on cached weights ran slower cold (docs/ENGINEERING.md)
             copies = [[tvm.runtime.tensor(a) for a in packed] for _ in range(ncopies)]
             fns[kn.tag()] = [(lambda fn=fn, p=p: fn(x, *p, y)) for p in copies]
         try:
@@ -93,11 +93,10 @@ SPLIT_MARGIN = 0.15  # a single-thread pick must beat the best all-threads one b
 def pick(ms: dict[str, float], cands: list[L.Knobs]) -> str:
     """The tag of the fastest candidate, except that a single-thread split (tasks = 1) is kept only
     when it beats the fastest all-threads candidate by SPLIT_MARGIN. Why: on this shared 2-vCPU
-    machine the split's ranking flips with the other vCPU's load from one tuning to the next
-    (576x960 3-bit, three tunings in one process: 0.016 ms t1, 0.010 t0, 0.013 t0); a single-thread
-    kernel in a decode step, where both workers spin, gives away the second core; and without
-    spinning (bench/kernels.py), where one thread rightly wins small kernels by its saved wake-up,
-    an 11008x4096 GEMV picked one thread on a 5 % edge and then ran 1.7x slower than its neighbours."""
+    machine the split's ranking flips with the other vCPU's load from one tuning to the next; a
+    single-thread kernel in a decode step, where both workers spin, gives away the second core; and
+    without spinning, where one thread rightly wins small kernels by its saved wake-up, a large GEMV
+    won one thread on a small edge and then ran far slower (docs/ENGINEERING.md)."""
     best = min(ms, key=ms.get)
     tasks = {c.tag(): c.tasks for c in cands}
     if tasks.get(best) != 1:
