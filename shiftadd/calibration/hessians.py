@@ -132,7 +132,7 @@ def calibrate(
     if mode == "one-pass":
         stages = {"all": caps}
     cal = Calibration({}, 0, mode)
-    # progress per forward pass (a one-pass calibration of SmolLM2 is 128 of them, minutes in all)
+    # progress per forward pass: one per window and stage, minutes in all on a real model
     bar = tqdm(
         total=len(stages) * len(feeds),
         desc=f"calibration ({mode})",

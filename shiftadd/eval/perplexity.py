@@ -4,9 +4,9 @@ compare accumulated under a results folder: ``perplexity.json`` (one row per eva
 text setting), ``perplexity.md`` (the table), ``perplexity.png`` (perplexity vs average bits) and,
 for artifacts, ``<name>-layers.png`` (bits and weight error per layer).
 
-Windows are non-overlapping, taken from the held-out split of the text (``data.wiki_split('eval')``:
-every 10th article, never used for calibration); every position after the first of a window is
-scored, so all models are compared on exactly the same tokens.
+Windows are non-overlapping, taken from the held-out split of the text
+(``calibration.text.wiki_split('eval')``, never used for calibration); every position after the
+first of a window is scored, so all models are compared on exactly the same tokens.
 """
 
 from __future__ import annotations

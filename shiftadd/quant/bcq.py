@@ -5,15 +5,12 @@
 method.md §1, which a CPU LUT kernel consumes directly. The fit is method.md §2: an init, then
 rounds of least-squares α, APoT rounding, and the optimal B for the rounded α (nearest of the 2^q
 codewords ``Σ ±α_b``, by binary search over sorted midpoints). Everything is batched over all groups
-of a matrix in torch, so a 135M-parameter model quantizes in well under a minute.
+of a matrix in torch.
 
 With ``offset`` (default) a per-group offset z joins the fit (``W ≈ z + Σ α_b B_b``, LUT-GEMM's
 form) and the init is the uniform grid of asymmetric round-to-nearest with a level at exactly 0.
-Measured on SmolLM2-135M (bench/quality_weight_only.py, 6 held-out wiki windows, float perplexity
-17.7, group 64): the authors' symmetric BCQ with greedy init gives 1249 (3 bits) / 55.8 (4 bits);
-with offset and the zero-aligned grid init, 50.4 / 20.9, better than plain asymmetric RTN
-(66.3 / 23.7). The symmetric codebook without a level at 0 turns the
-many near-zero weights of outlier-heavy groups into ±step/2 noise.
+That is the default because the authors' symmetric codebook without a level at 0 turns the many
+near-zero weights of outlier-heavy groups into ±step/2 noise (perplexities: docs/ENGINEERING.md).
 """
 
 from __future__ import annotations

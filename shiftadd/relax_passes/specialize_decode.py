@@ -1,12 +1,12 @@
 """Add ``decode_one``: the KV-cached ``decode`` function specialised to one sequence and one new token.
 
 Why: with ``batch`` and ``seq`` symbolic, every intermediate tensor of a decode step has a symbolic
-shape, so the VM computes ~1500 shapes and makes ~850 allocations per step (about a third of a
-SmolLM2 step here). Bound to 1, everything but the attention over the cache is static: the memory
-planner allocates those buffers once, the shape work goes away, and the float operators become
-static PrimFuncs that MetaSchedule can tune (it keys workloads by exact shape). The general
-``decode`` stays for batches and several tokens per call; the session picks ``decode_one`` when the
-call fits it. Same parameters, same kernels, same weights.
+shape, so the VM computes shapes and allocates buffers at every step (docs/ENGINEERING.md). Bound to
+1, everything but the attention over the cache is static: the memory planner allocates those buffers
+once, the shape work goes away, and the float operators become static PrimFuncs that MetaSchedule
+can tune (it keys workloads by exact shape). The general ``decode`` stays for batches and several
+tokens per call; the session picks ``decode_one`` when the call fits it. Same parameters, same
+kernels, same weights.
 """
 
 from __future__ import annotations

@@ -243,12 +243,10 @@ class Session:
         stream=None,
         use_cache: bool = True,
     ) -> dict:
-        """Generate after ``prompt`` (text, needs the stored tokenizer, or token ids). ``temperature`` 0
-        is greedy; otherwise sampling from the softmax of logits/temperature restricted to the ``top_k``
-        most likely tokens (0: all) and to the smallest set whose probability reaches ``top_p``, drawn
-        with ``seed`` (same seed, same tokens). ``stream(text_piece)`` is called as tokens arrive.
-        ``use_cache=False`` reruns the whole sequence per token (the reference the cache must equal).
-        Returns prompt and new ids, text, and timings."""
+        """Generate after ``prompt`` (text, needs the stored tokenizer, or token ids), choosing tokens
+        as :class:`Sampler` does (``temperature`` 0: greedy; same ``seed``, same tokens).
+        ``stream(text_piece)`` is called as tokens arrive. ``use_cache=False`` reruns the whole
+        sequence per token (the reference the cache must equal). Returns ids, text and timings."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         sampler = Sampler(temperature, top_k, top_p, seed)

@@ -4,18 +4,18 @@ cache layout ``[B, H, N, D]`` in place, and a softmax with the attention mask's 
 Why: with the cache length N symbolic no schedule rule vectorises these operators, and MetaSchedule
 cannot tune them (it keys workloads by static shapes). Exported attention transposes the keys
 (``permute_dims(k, [0, 1, 3, 2])``) and multiplies by the copy, each score walking it at a stride of
-N floats (SmolLM2 decode, N = 129: transpose 7 us + matmul 41 us per layer). The scores kernel
-takes each score as a dot product over D contiguous floats of one key row (:func:`lanes_for`
-partial sums in one vector register, then a horizontal add), in tasks of ``block`` keys: 7 us. The
-values kernel accumulates whole value rows (D contiguous floats) per query row. The softmax kernel
-adds the mask, takes the row maximum, the exponentials and their sum in one pass over each row;
-legalized, the mask add and the softmax were two parallel operators (5.6 us at N = 64 against 3.1).
+N floats. The scores kernel takes each score as a dot product over D contiguous floats of one key
+row (:func:`lanes_for` partial sums in one vector register, then a horizontal add), in tasks of
+``block`` keys. The values kernel accumulates whole value rows (D contiguous floats) per query row.
+The softmax kernel adds the mask, takes the row maximum, the exponentials and their sum in one pass
+over each row; legalized, the mask add and the softmax were two parallel operators. Timings of
+both forms: docs/ENGINEERING.md.
 
 Each kernel has one knob (:data:`KINDS`): scores, keys per parallel task; values, value columns per
 task; softmax, rows per task (0: one serial loop, no thread-pool launch). ``shiftadd tune`` times
-every candidate at the query rows the model's calls use and at several cache lengths
-(:func:`measure`), since one compiled kernel serves every length; the best goes into the tuning
-database (key: kind, heads, head size, dtype, mask shape and this file's hash).
+every candidate at the query rows the model's calls use and at several cache lengths (tuning/search.py
+``measure``), since one compiled kernel serves every length; the best goes into the tuning database
+(key: kind, heads, head size, dtype, mask shape and this file's hash).
 """
 
 from __future__ import annotations
@@ -171,9 +171,9 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str 
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 
-# kind -> (knob name, default knob for head size d, candidates for d, builder(spec, knob)). Defaults
-# measured on SmolLM2's shapes (3 key/value heads, d 64; docs/BENCHMARKS.md): values, one task per
-# query row (whole rows); softmax, one row per task (serial was 1.1-1.7x slower from 64 keys on).
+# kind -> (knob name, default knob for head size d, candidates for d, builder(spec, knob)). The
+# defaults (values: one task per query row, whole rows; softmax: one row per task, not serial) are
+# what won on SmolLM2's shapes (docs/ENGINEERING.md, docs/BENCHMARKS.md).
 KINDS = {
     "scores": (
         "block",
@@ -212,7 +212,7 @@ def kernel(spec: AttentionKernel, knob: int | None = None) -> tvm.tirx.PrimFunc:
 
 
 def timing_cases(rows, lengths=LENGTHS) -> list[tuple[int, int]]:
-    """(query rows M, keys N) a kernel called with ``rows`` is timed at (see :func:`measure`)."""
+    """(query rows M, keys N) a kernel called with ``rows`` is timed at (see tuning/search.py ``measure``)."""
     return list(
         dict.fromkeys((m or n, n) for m in sorted(set(rows)) for n in lengths if m != PROMPT or n <= PROMPT_MAX)
     )

@@ -44,7 +44,7 @@ class SmallStatic(CPUScheduleRule):
     """Static PrimFuncs with little work (a one-token decode step's norms, RoPE, residual adds over
     576 values) stay serial: a parallel launch and barrier costs microseconds, the work less. It
     also keeps dlight's Reduction away from them: with every spatial extent 1 it recomputes a row's
-    mean inside the parallel loop over the row (150 µs per RMSNorm on SmolLM2 instead of ~1)."""
+    mean inside the parallel loop over the row (docs/ENGINEERING.md)."""
 
     def apply(self, func, target, _tunable):
         opened = _open(self, func, target)
@@ -77,7 +77,7 @@ class CPUMatmul(CPUScheduleRule):
     """Float matmuls (one reduction block ``C[m.., n] += A[m.., k] * B[k, n]``, constant N), fused
     epilogues included: a MATMUL_ROWS x MATMUL_COLS register tile, each vector of B reused by
     MATMUL_ROWS rows of A, tiles in parallel; epilogue blocks get a parallel loop of their own.
-    dlight's cpu.Reduction also matches these but leaves the fused ones serial (7x slower here)."""
+    dlight's cpu.Reduction also matches these but leaves the fused ones serial (docs/ENGINEERING.md)."""
 
     def apply(self, func, target, _tunable):
         opened = _open(self, func, target)
@@ -147,7 +147,7 @@ class CPUFallback(CPUScheduleRule):
         if r and inner is not None and inner >= VEC and inner % VEC == 0:
             # each reduction step streams a contiguous run of ``cols`` outputs' inputs (a row segment
             # of W in a GEMV): one 16-wide column panel per task read W at a stride of N floats per
-            # step (lm_head M = 1: 9.7 ms, bandwidth-starved)
+            # step, starved of bandwidth (docs/ENGINEERING.md)
             cols = _stream_cols(inner)
             so, sm, si = sch.split(s[-1], factors=[None, cols // VEC, VEC])
             sch.reorder(*s[:-1], so, *r, sm, si)
@@ -180,8 +180,8 @@ def _stream_cols(n: int, most: int = 512, tasks: int = 8) -> int:
 def _fusable_prefix(sch, loops):
     """The leading loops to fuse into one parallel loop: up to the first whose extent is a compound
     symbolic expression (``past + seq`` in a KV-cached decode step). Fusing across one makes every
-    index a chain of divisions by that expression, and LLVM then needs seconds per kernel (8.5 s for
-    one GQA reshape) for no run-time gain."""
+    index a chain of divisions by that expression, and LLVM then needs seconds per kernel for no
+    run-time gain (docs/ENGINEERING.md)."""
     lead = [loops[0]]
     for lp in loops[1:]:
         ext = sch.get(lp).extent

@@ -11,10 +11,11 @@ a parallel schedule only adds a thread-pool launch to them.
 Baseline: the default schedule of every task is measured by the same runner and stored as a record
 of its own, so applying the database picks MetaSchedule's result only where it measured faster.
 
-Where: ``<database folder>/<database stem>-metaschedule/<context>/`` holds MetaSchedule's JSON database (workloads
-and records, appended as they are measured: an interrupted job keeps them). ``<context>`` hashes
-the TVM version, the target (CPU model and features), the thread count and VERSION; a database of
-another context is in another folder and never read, so a stale entry is never applied.
+Where: ``<database folder>/<database stem>-metaschedule/<context>/`` holds MetaSchedule's JSON
+database (workloads and records, appended as they are measured: an interrupted job keeps them).
+``<context>`` hashes the TVM version, the target (CPU model and features), the thread count and
+VERSION; a database of another context is in another folder and never read, so a stale entry is
+never applied.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 VERSION = 1
-TRIALS = 32  # per task: what a 20-minute budget affords on 2 cores for a few tasks
-SECONDS_PER_TRIAL = 4.0  # first estimate (SmolLM2's lm_head: 33 records in 81-103 s here)
+TRIALS = 32  # per task: what a short budget affords on a small machine for a few tasks (docs/ENGINEERING.md)
+SECONDS_PER_TRIAL = 4.0  # first estimate, until a task has been timed (docs/ENGINEERING.md)
 
 
 def context(target) -> dict:
@@ -126,9 +127,9 @@ def _import_tensor_intrin() -> None:
     """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule's TuneContext does) without reading source.
 
     Its ~500 TVMScript intrinsics each call ``inspect.stack()``, which looks up every frame's source
-    file through ``inspect.getmodule`` over all loaded modules: 90 s here with torch loaded (270 s
-    under a profiler), 25 s even without source context. The parser needs the frames only, so the
-    import runs with frame records built straight from the frames (~3 s); restored after."""
+    file through ``inspect.getmodule`` over all loaded modules: slow with torch loaded, even without
+    source context (docs/ENGINEERING.md). The parser needs the frames only, so the import runs with
+    frame records built straight from the frames; restored after."""
     import inspect
     import sys
 
@@ -154,8 +155,8 @@ def _import_tensor_intrin() -> None:
 
 def _build(mod, target, _params):
     """MetaSchedule's default_build without its ``import tvm.s_tir.tensor_intrin``: that import parses
-    ~500 TVMScript intrinsics (CUDA, ARM, ...) and took 40-90 s in every builder process here, more
-    than the builds themselves; nothing of it is used on CPU."""
+    ~500 TVMScript intrinsics (CUDA, ARM, ...) in every builder process, which took longer than the
+    builds themselves (docs/ENGINEERING.md); nothing of it is used on CPU."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 

@@ -31,7 +31,7 @@ def interleaved(
 ) -> dict[str, np.ndarray]:
     """Seconds per call for each candidate: ``rounds`` x len(copies) samples, interleaved. With
     ``budget_s``, a candidate that has spent that long and has ``min_samples`` sits out later rounds
-    (a 70 ms fallback kernel need not be sampled as often as a 0.05 ms one). Past ``deadline``
+    (a slow fallback kernel need not be sampled as often as a fast one). Past ``deadline``
     (a ``time.perf_counter()`` value) no further round starts; the first always runs."""
     rng = random.Random(seed)
     for fns in cands.values():
