@@ -19,37 +19,30 @@ logging.getLogger("shiftadd").setLevel(logging.WARNING)  # progress lines off in
 VOCAB = 96
 
 
+def tiny_config(family: str, **overrides):
+    """The config of a tiny test model (2 layers, 4 heads, 64 positions, VOCAB tokens); ``overrides``
+    replace any of its fields."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    if family == "llama":  # K = 72 and 100: not multiples of 32; GQA
+        config, fields = LlamaConfig, dict(common, hidden_size=72, intermediate_size=100, num_key_value_heads=2)
+    elif family == "opt":  # Gemm(transB) fc1/fc2 with biases
+        config, fields = OPTConfig, dict(common, hidden_size=64, ffn_dim=96, word_embed_proj_dim=64)
+    elif family == "gpt2":  # Conv1D weights stored [K, N]; fused qkv
+        config, fields = GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    else:
+        raise ValueError(family)
+    return config(**{**fields, **overrides})
+
+
 def _tiny(family: str):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM
 
+    config = tiny_config(family)
     torch.manual_seed(0)
-    if family == "llama":  # K = 72 and 100: not multiples of 32; GQA
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(cfg).eval()
-    if family == "opt":  # Gemm(transB) fc1/fc2 with biases
-        cfg = OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=2,
-            ffn_dim=96,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            word_embed_proj_dim=64,
-        )
-        return OPTForCausalLM(cfg).eval()
-    if family == "gpt2":  # Conv1D weights stored [K, N]; fused qkv
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-        return GPT2LMHeadModel(cfg).eval()
-    raise ValueError(family)
+    return {"llama": LlamaForCausalLM, "opt": OPTForCausalLM, "gpt2": GPT2LMHeadModel}[family](config).eval()
 
 
 def tiny_llama_folder(folder, prepare=None):
@@ -57,7 +50,7 @@ def tiny_llama_folder(folder, prepare=None):
     that calibrate on text; ``prepare(model)`` may alter it first. Returns the model (skips the test
     when the packaged SmolLM2 is not installed)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from shiftadd.frontend import resolve_model
 
@@ -67,17 +60,7 @@ def tiny_llama_folder(folder, prepare=None):
         pytest.skip(str(e))
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=72,
-        intermediate_size=100,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(tiny_config("llama", vocab_size=len(tok), tie_word_embeddings=True)).eval()
     if prepare is not None:
         model = prepare(model)
     model.save_pretrained(folder)

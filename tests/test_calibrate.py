@@ -9,16 +9,21 @@ from shiftadd.calibration.hessians import collect_hessians
 from shiftadd.frontend import import_onnx
 from shiftadd.schedules.targets import resolve_target
 
-from .conftest import _tiny, tiny_llama_folder
+from .conftest import VOCAB, _tiny, tiny_llama_folder
+
+
+def random_batches(seed, count, shape):
+    """``count`` calibration inputs: random token ids of ``shape`` [batch, seq], attention masks all ones."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"input_ids": rng.integers(0, VOCAB, shape).astype(np.int64), "attention_mask": np.ones(shape, np.int64)}
+        for _ in range(count)
+    ]
 
 
 def test_hessians_match_torch_hooks(tiny_onnx):
     model = _tiny("llama")  # same seed, so the same weights as the exported file
-    rng = np.random.default_rng(0)
-    batches = [
-        {"input_ids": rng.integers(0, 96, (1, 9)).astype(np.int64), "attention_mask": np.ones((1, 9), np.int64)}
-        for _ in range(3)
-    ]
+    batches = random_batches(0, 3, (1, 9))
     hs, tokens = collect_hessians(import_onnx(tiny_onnx("llama")), batches, resolve_target("cpu"), skip=())
     assert tokens == 27
     ref, seen = {}, {}
@@ -47,11 +52,7 @@ def test_one_pass_hessians_are_reused_only_for_the_same_content(tiny_onnx):
     from shiftadd.calibration.hessians import calibrate
 
     imported = import_onnx(tiny_onnx("llama"))
-    rng = np.random.default_rng(1)
-    batches = [
-        {"input_ids": rng.integers(0, 96, (1, 7)).astype(np.int64), "attention_mask": np.ones((1, 7), np.int64)}
-        for _ in range(2)
-    ]
+    batches = random_batches(1, 2, (1, 7))
     tgt = resolve_target("cpu")
     first = calibrate(imported, batches, tgt, mode="one-pass")
     assert calibrate(imported, batches, tgt, mode="one-pass") is first
@@ -109,11 +110,7 @@ def test_calibrated_rewrite_is_exact_against_onnxruntime(tiny_onnx):
 
     path = tiny_onnx("opt")
     imported = import_onnx(path)
-    rng = np.random.default_rng(1)
-    batches = [
-        {"input_ids": rng.integers(0, 96, (2, 8)).astype(np.int64), "attention_mask": np.ones((2, 8), np.int64)}
-        for _ in range(2)
-    ]
+    batches = random_batches(1, 2, (2, 8))
     hs, _ = collect_hessians(imported, batches, resolve_target("cpu"))
     mod, params, rep = rewrite_lut_matmul(
         imported.mod, imported.params, BCQConfig(bits=3, group=32), keep_dequantized=True, hessians=hs
@@ -143,11 +140,7 @@ def test_sequential_hessians_see_the_quantized_earlier_blocks(tiny_onnx):
     from shiftadd.quant.gptq import quantize_matrix_gptq
 
     model = _tiny("llama")
-    rng = np.random.default_rng(2)
-    batches = [
-        {"input_ids": rng.integers(0, 96, (1, 10)).astype(np.int64), "attention_mask": np.ones((1, 10), np.int64)}
-        for _ in range(2)
-    ]
+    batches = random_batches(2, 2, (1, 10))
     cfg = BCQConfig(bits=2, group=36)
     cal = calibrate(
         import_onnx(tiny_onnx("llama")),
@@ -223,11 +216,7 @@ def test_mixed_bits_follow_the_allocation(tiny_onnx):
     from shiftadd.relax_passes import rewrite_lut_matmul
 
     imported = import_onnx(tiny_onnx("llama"))
-    rng = np.random.default_rng(4)
-    batches = [
-        {"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64), "attention_mask": np.ones((1, 12), np.int64)}
-        for _ in range(2)
-    ]
+    batches = random_batches(4, 2, (1, 12))
     cfg = BCQConfig(bits=3, group=36)
     plan = plan_fit(imported, cfg, resolve_target("cpu"), batches=batches, mode="one-pass", avg_bits=2.5)
     a = plan.allocation
@@ -246,11 +235,7 @@ def test_loss_aware_allocation_follows_the_fisher_weights(tiny_onnx):
     from shiftadd.quant.allocate import output_error
 
     imported = import_onnx(tiny_onnx("llama"))
-    rng = np.random.default_rng(5)
-    batches = [
-        {"input_ids": rng.integers(0, 96, (1, 12)).astype(np.int64), "attention_mask": np.ones((1, 12), np.int64)}
-        for _ in range(2)
-    ]
+    batches = random_batches(5, 2, (1, 12))
     layers = dict(_layers(imported, ("lm_head",)))
     hot = "model.layers.0.self_attn.v_proj.weight"
     fisher = {n: np.full(w.shape[0], 1e6 if n == hot else 1e-6) for n, w in layers.items()}

@@ -8,6 +8,8 @@ import pytest
 from shiftadd.schedules import lut_avx2
 from shiftadd.schedules.targets import resolve_target
 
+from .conftest import tiny_config
+
 pytestmark = pytest.mark.skipif(
     not lut_avx2.target_supported(resolve_target("cpu")), reason="the AVX2 kernel needs an AVX2/FMA/F16C host"
 )
@@ -17,18 +19,10 @@ pytestmark = pytest.mark.skipif(
 def folder(tmp_path_factory):
     """A tiny Llama whose projections are all multiples of 32 rows (q/o 64, k/v 32, gate/up 96)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_config("llama", hidden_size=64, intermediate_size=96)
     path = tmp_path_factory.mktemp("sib") / "llama"
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
     return path

@@ -16,6 +16,29 @@ from shiftadd.schedules.targets import resolve_target
 
 TARGET = resolve_target("cpu")
 DEV = tvm.cpu(0)
+FLAG, BITS = st.booleans(), st.sampled_from([2, 3, 4])  # a switch; 2-4 planes (what the fits take)
+
+
+def sizes(m, k, n, **more):
+    """@given strategies of a kernel test: m in the range ``m``, k in 1..``k``, n in 1..``n``, the test's
+    own ``more`` (a None there draws nothing under that name), a seed."""
+    shape = {"m": st.integers(*m), "k": st.integers(1, k), "n": st.integers(1, n)}
+    return {name: s for name, s in {**shape, **more, "seed": st.integers(0, 2**16)}.items() if s is not None}
+
+
+def lut_cases(m, k, n, pairs=(1, 2, 3, 8, 16, 40, 130), **more):
+    """sizes() of a random_bcq weight on the AVX2 kernel: 1-4 planes, groups of 8 * ``pairs`` inputs (130:
+    past the int16 bound), offsets or none, scales stored as float16 or e5m2, per row or per 32/64-row
+    block, per plane or tied; then the test's own ``more`` (None: that one not drawn)."""
+    weight = {
+        "bits": st.sampled_from([1, 2, 3, 4]),
+        "pairs": st.sampled_from(pairs),
+        "offset": FLAG,
+        "fp8": FLAG,
+        "rows": st.sampled_from([1, 32, 64]),
+        "tied": FLAG,
+    }
+    return sizes(m, k, n, **{**weight, **more})
 
 
 def run_kernel(x, bw, vec):
@@ -30,16 +53,7 @@ def run_kernel(x, bw, vec):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    m=st.integers(1, 6),
-    k=st.integers(1, 70),
-    n=st.integers(1, 40),
-    bits=st.sampled_from([2, 3, 4]),
-    group_tables=st.integers(1, 20),
-    offset=st.booleans(),
-    vec=st.sampled_from([8, 16]),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes((1, 6), 70, 40, bits=BITS, group_tables=st.integers(1, 20), offset=FLAG, vec=st.sampled_from([8, 16])))
 def test_kernel_matches_reference(m, k, n, bits, group_tables, offset, vec, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -76,15 +90,7 @@ def block_fit(m, k, n, bits, rows, offset, seed):
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    m=st.integers(1, 4),
-    k=st.integers(1, 60),
-    n=st.integers(1, 40),
-    bits=st.sampled_from([2, 3, 4]),
-    rows=st.sampled_from([1, 3, 8, 16, 64]),
-    offset=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes((1, 4), 60, 40, bits=BITS, rows=st.sampled_from([1, 3, 8, 16, 64]), offset=FLAG))
 def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
     """Scales shared by ``rows`` consecutive rows and 8 inputs (the block layout), stored once."""
     x, bw = block_fit(m, k, n, bits, rows, offset, seed)
@@ -97,14 +103,7 @@ def test_block_layout_kernel(m, k, n, bits, rows, offset, seed):
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    m=st.integers(1, 4),
-    k=st.integers(1, 50),
-    n=st.integers(1, 30),
-    bits=st.sampled_from([2, 3, 4]),
-    offset=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes((1, 4), 50, 30, bits=BITS, offset=FLAG))
 def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
     """Column-wise scales: the one-bit kernel over the pre-scaled, concatenated activations."""
     from shiftadd.quant.gptq import quantize_matrix_gptq
@@ -176,6 +175,33 @@ def tie(alpha):
     return (alpha[:1] * (2.0 ** -np.arange(len(alpha)))[:, None, None]).astype(np.float32)
 
 
+def random_bcq(rng, m, k, n, bits, pairs, offset, tied, rows=1, scales=(0.5, 0.375, -0.25, 2.0**-7, 3.0), zeros=False):
+    """(x [m, k], columns of mixed magnitude (``zeros``: a tenth of its entries 0), a random BCQWeight
+    [n, k]: ``bits`` sign planes, groups of 8 * ``pairs`` inputs, scales drawn from ``scales`` per
+    ``rows`` rows and group (``tied``: plane b's = plane 0's * 2^-b), offsets drawn from -0.25, 0.125
+    and 0 where ``offset``)."""
+    from shiftadd.quant.bcq import BCQWeight
+
+    group = 8 * pairs
+    ng, na = -(-k // group), -(-n // rows)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
+    if zeros:
+        x[rng.random((m, k)) < 0.1] = 0.0
+    alpha = rng.choice(scales, size=(bits, na, ng)).astype(np.float32)
+    alpha = tie(alpha) if tied else alpha
+    bw = BCQWeight(
+        signs=rng.random((bits, n, k)) < 0.5,
+        group=group,
+        alpha_rows=rows,
+        tied=tied,
+        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
+        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
+        if offset
+        else None,
+    )
+    return x, bw
+
+
 def check_avx2(x, bw, y, knobs=None, knobs_batch=None):
     """Equal to the int8-table reference to float rounding, and to the float-table reference within
     the table-rounding bound (each entry off by at most half its unit's scale). A call whose knobs
@@ -215,36 +241,15 @@ pytestmark_avx2 = pytest.mark.skipif(
 
 @pytestmark_avx2
 @settings(max_examples=40, deadline=None)
-@given(
-    m=st.integers(1, 7),
-    k=st.integers(1, 300),
-    n=st.integers(1, 100),
-    bits=st.sampled_from([1, 2, 3, 4]),
-    pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]),
-    offset=st.booleans(),
-    knob=st.integers(0, 1000),
-    fp8=st.booleans(),
-    tied=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**lut_cases((1, 7), 300, 100, rows=None, knob=st.integers(0, 1000)))
 def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, tied, seed):
     """Odd shapes (K not a multiple of 8, N not of 32), M > 1, every tuning-knob kind, 1-4 planes,
     groups beyond the int16 bound (130 pairs: the kernel splits them into units), scales stored
     as float16 or as float8 e5m2 bytes (all the values drawn here are e5m2 values), per plane or tied."""
-    from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import KNOB_SPACE
 
-    rng = np.random.default_rng(seed)
-    group = 8 * pairs
-    ng = -(-k // group)
-    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    alpha = rng.choice([0.5, 0.375, 2.0**-7, 3.0], size=(bits, n, ng)).astype(np.float32)
-    bw = BCQWeight(
-        signs=rng.random((bits, n, k)) < 0.5,
-        group=group,
-        alpha=tie(alpha) if tied else alpha,
-        tied=tied,
-        offset=rng.choice([-0.25, 0.125, 0.0], size=(n, ng)).astype(np.float32) if offset else None,
+    x, bw = random_bcq(
+        np.random.default_rng(seed), m, k, n, bits, pairs, offset, tied, scales=[0.5, 0.375, 2.0**-7, 3.0]
     )
     kn = KNOB_SPACE[knob % len(KNOB_SPACE)]
     kb = KNOB_SPACE[(knob // 7) % len(KNOB_SPACE)]
@@ -253,15 +258,7 @@ def test_avx2_kernel_matches_reference(m, k, n, bits, pairs, offset, knob, fp8, 
 
 @pytestmark_avx2
 @settings(max_examples=10, deadline=None)
-@given(
-    m=st.integers(1, 3),
-    k=st.integers(1, 80),
-    n=st.integers(1, 100),
-    bits=st.sampled_from([2, 3, 4]),
-    rows=st.sampled_from([32, 64, 96]),
-    offset=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes((1, 3), 80, 100, bits=BITS, rows=st.sampled_from([32, 64, 96]), offset=FLAG))
 def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
     """The block layout (scales per 8 inputs x ``rows`` rows, rows a multiple of 32) on the AVX2 kernel."""
     x, bw = block_fit(m, k, n, bits, rows, offset, seed)
@@ -270,21 +267,7 @@ def test_avx2_kernel_block_scales(m, k, n, bits, rows, offset, seed):
 
 @pytestmark_avx2
 @settings(max_examples=40, deadline=None)
-@given(
-    m=st.integers(2, 15),
-    k=st.integers(1, 300),
-    n=st.integers(1, 100),
-    bits=st.sampled_from([1, 2, 3, 4]),
-    pairs=st.sampled_from([1, 2, 3, 8, 16, 40, 130]),
-    offset=st.booleans(),
-    mt=st.sampled_from([1, 2, 4, 6]),
-    tasks=st.sampled_from([0, 1]),
-    fp8=st.booleans(),
-    rows=st.sampled_from([1, 32, 64]),
-    avx2=st.booleans(),
-    tied=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**lut_cases((2, 15), 300, 100, mt=st.sampled_from([1, 2, 4, 6]), tasks=st.sampled_from([0, 1]), avx2=FLAG))
 def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp8, rows, avx2, tied, seed):
     """The dequantise-to-int8 path (M > 1) over odd shapes (K not a multiple of the group or of 4, N
     not of 8, 16 or 32, M not of the rows per pass), every rows-per-pass knob and thread split, 1-4
@@ -292,26 +275,10 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
     storage, per-plane or tied scales, negative and zero scales (a zero-scale row group must
     dequantise to zero), on AVX-512 VNNI where the CPU has it and on AVX2 (``avx2``:
     SHIFTADD_NO_AVX512, what Zen 3 runs)."""
-    from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import Knobs
 
-    rng = np.random.default_rng(seed)
-    group = 8 * pairs
-    ng, na = -(-k // group), -(-n // rows)
-    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    x[rng.random((m, k)) < 0.1] = 0.0
-    alpha = rng.choice([0.5, 0.375, -0.25, 2.0**-7, 3.0, 0.0], size=(bits, na, ng)).astype(np.float32)
-    alpha = tie(alpha) if tied else alpha
-    bw = BCQWeight(
-        signs=rng.random((bits, n, k)) < 0.5,
-        group=group,
-        alpha_rows=rows,
-        tied=tied,
-        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
-        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
-        if offset
-        else None,
-    )
+    scales = [0.5, 0.375, -0.25, 2.0**-7, 3.0, 0.0]  # negative and zero scales too
+    x, bw = random_bcq(np.random.default_rng(seed), m, k, n, bits, pairs, offset, tied, rows, scales, zeros=True)
     kb = Knobs(mt, 1, tasks, 1)
     with kernel_switches(SHIFTADD_NO_AVX512="1" if avx2 else None):
         check_avx2(x, bw, run_avx2(x, bw, knobs_batch=kb, fp8=fp8), knobs_batch=kb)
@@ -319,43 +286,15 @@ def test_int8_path_matches_reference(m, k, n, bits, pairs, offset, mt, tasks, fp
 
 @pytestmark_avx2
 @settings(max_examples=30, deadline=None)
-@given(
-    m=st.integers(1, 3),
-    k=st.integers(1, 300),
-    n=st.integers(1, 200),
-    bits=st.sampled_from([1, 2, 3, 4]),
-    pairs=st.sampled_from([1, 2, 3, 8, 130]),
-    offset=st.booleans(),
-    rbk=st.sampled_from([1, 2, 4]),
-    fp8=st.booleans(),
-    rows=st.sampled_from([1, 32, 64]),
-    tied=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**lut_cases((1, 3), 300, 200, [1, 2, 3, 8, 130], rbk=st.sampled_from([1, 2, 4])))
 def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8, rows, tied, seed):
     """The 512-bit LUT path (two planes per load; an odd last plane on 256-bit registers) equals the
     LUT reference over odd shapes (N not a multiple of 16, 32 or the row blocks per pass), 1-4
     planes, per-row and block scales, per-plane or tied, float16 and e5m2 storage; M > 1 rows run it
     one at a time."""
-    from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import Knobs
 
-    rng = np.random.default_rng(seed)
-    group = 8 * pairs
-    ng, na = -(-k // group), -(-n // rows)
-    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    alpha = rng.choice([0.5, 0.375, -0.25, 2.0**-7, 3.0], size=(bits, na, ng)).astype(np.float32)
-    alpha = tie(alpha) if tied else alpha
-    bw = BCQWeight(
-        signs=rng.random((bits, n, k)) < 0.5,
-        group=group,
-        alpha_rows=rows,
-        tied=tied,
-        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
-        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
-        if offset
-        else None,
-    )
+    x, bw = random_bcq(np.random.default_rng(seed), m, k, n, bits, pairs, offset, tied, rows)
     kn = Knobs(1, rbk, 0, 2)
     check_avx2(x, bw, run_avx2(x, bw, kn, kn, fp8), kn, kn)
 
@@ -363,16 +302,7 @@ def test_wide_lut_path_matches_reference(m, k, n, bits, pairs, offset, rbk, fp8,
 @pytestmark_avx2
 @settings(max_examples=30, deadline=None)
 @given(
-    m=st.integers(1, 7),
-    k=st.integers(1, 1200),
-    n=st.integers(1, 140),
-    pairs=st.sampled_from([1, 2, 3, 16, 40, 130]),
-    offset=st.booleans(),
-    knob=st.integers(0, 1000),
-    fp8=st.booleans(),
-    rows=st.sampled_from([1, 32, 64]),
-    avx2=st.booleans(),
-    seed=st.integers(0, 2**16),
+    **lut_cases((1, 7), 1200, 140, [1, 2, 3, 16, 40, 130], bits=None, tied=None, knob=st.integers(0, 1000), avx2=FLAG)
 )
 def test_row_interleaved_tied_4bit_matches_reference(m, k, n, pairs, offset, knob, fp8, rows, avx2, seed):
     """Tied 4-bit codes are stored row-interleaved ([NB, P, 32, 4]: the same bytes as the plane-major
@@ -382,26 +312,11 @@ def test_row_interleaved_tied_4bit_matches_reference(m, k, n, pairs, offset, kno
     and block scales, float16 and e5m2 storage."""
     from dataclasses import replace
 
-    from shiftadd.quant.bcq import BCQWeight
     from shiftadd.schedules.lut_avx2 import KNOB_SPACE, dims, pack_avx2
 
-    rng = np.random.default_rng(seed)
-    group = 8 * pairs
-    ng, na = -(-k // group), -(-n // rows)
-    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1, 30], size=(1, k))).astype(np.float32)
-    alpha = tie(rng.choice([0.5, 0.375, -0.25, 2.0**-7, 3.0], size=(4, na, ng)).astype(np.float32))
-    bw = BCQWeight(
-        signs=rng.random((4, n, k)) < 0.5,
-        group=group,
-        alpha_rows=rows,
-        tied=True,
-        alpha=np.repeat(alpha, rows, axis=1)[:, :n],
-        offset=np.repeat(rng.choice([-0.25, 0.125, 0.0], size=(na, ng)), rows, axis=0)[:n].astype(np.float32)
-        if offset
-        else None,
-    )
+    x, bw = random_bcq(np.random.default_rng(seed), m, k, n, 4, pairs, offset, True, rows)
     codes = pack_avx2(bw, fp8)[0]
-    d = dims(k, n, group, rows)
+    d = dims(k, n, bw.group, rows)
     assert codes.shape == (d["nb"], d["pairs"], 32, 4)
     assert np.array_equal(codes.transpose(0, 1, 3, 2), pack_avx2(replace(bw, tied=False))[0])
     kn = KNOB_SPACE[knob % len(KNOB_SPACE)]

@@ -174,6 +174,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _loopback(module: str, port: int, *args: str) -> subprocess.Popen:
+    """``python -m tvm.exec.<module> *args`` on 127.0.0.1, on ``port`` alone, its output discarded."""
+    where = ["--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+    return subprocess.Popen(
+        [sys.executable, "-m", f"tvm.exec.{module}", *args, *where],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 @pytest.fixture
 def rpc_tracker():
     """A TVM RPC tracker and two servers under key 'shiftadd-test' on 127.0.0.1 (each takes a few
@@ -181,23 +191,7 @@ def rpc_tracker():
     from tvm import rpc
 
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_tracker",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--port-end",
-                str(port + 1),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+    procs = [_loopback("rpc_tracker", port)]
     try:
         t0 = time.time()
         while True:
@@ -208,27 +202,8 @@ def rpc_tracker():
                 assert time.time() - t0 < 90, "the RPC tracker did not start"
                 time.sleep(0.5)
         for _ in range(2):
-            sp = _free_port()
             procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tvm.exec.rpc_server",
-                        "--tracker",
-                        f"127.0.0.1:{port}",
-                        "--key",
-                        "shiftadd-test",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(sp),
-                        "--port-end",
-                        str(sp + 1),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+                _loopback("rpc_server", _free_port(), "--tracker", f"127.0.0.1:{port}", "--key", "shiftadd-test")
             )
         while tracker.summary()["queue_info"].get("shiftadd-test", {}).get("free", 0) < 2:
             assert time.time() - t0 < 120, f"RPC servers did not register: {tracker.summary()}"

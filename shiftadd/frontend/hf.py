@@ -103,8 +103,8 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
     *present)`` (``cache=True``), or with ``past=True`` ``(input_ids, attention_mask, *past) -> (logits,
     *present)``; past and present are each layer's keys and values, [batch, kv_heads, seq, head_dim],
     in the order key 0, value 0, key 1, ...: the tensors attention itself concatenates and reads, so
-    returning them costs no copy (one stacked cache tensor cost a 60-input concatenation per step, 15 ms
-    of a 28 ms SmolLM2 step)."""
+    returning them costs no copy (one stacked cache tensor cost a concatenation per step:
+    docs/ENGINEERING.md)."""
     import torch
     from transformers import DynamicCache
 
@@ -142,27 +142,14 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
                 position_ids = (
                     (attention_mask.sum(-1, keepdim=True) - n_new) + torch.cumsum(torch.ones_like(input_ids), -1) - 1
                 ).clamp(min=0)
+            inputs = {"input_ids": input_ids, "attention_mask": mask4, "position_ids": position_ids}
             if not cache:
-                out = self.m(
-                    input_ids=input_ids,
-                    attention_mask=mask4,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    return_dict=False,
-                )
-                return out[0]
+                return self.m(**inputs, use_cache=False, return_dict=False)[0]
             kv = DynamicCache()
             if past_key_values is not None:
                 for i in range(len(past_key_values) // 2):
                     kv.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
-            out = self.m(
-                input_ids=input_ids,
-                attention_mask=mask4,
-                position_ids=position_ids,
-                use_cache=True,
-                return_dict=True,
-                **{kwarg: kv},
-            )
+            out = self.m(**inputs, use_cache=True, return_dict=True, **{kwarg: kv})
             return (out.logits, *[t for layer in _cache_layers(kv) for t in layer])
 
     return CausalLMWrapper(model).eval()  # eval(): export restores the wrapper's training flag after

@@ -34,14 +34,6 @@ def lut_dims(k: int, n: int, group: int, vec: int = DEFAULT_VEC) -> dict:
     return {"t4p": t4p, "t8": -(-t4p // NIBBLES), "g4": g4, "ng": ng, "np": -(-n // vec) * vec}
 
 
-def kernel_name(k: int, n: int, bits: int, group: int, offset: bool = True, alpha_rows: int = 1) -> str:
-    return (
-        f"shiftadd_lut_k{k}_n{n}_q{bits}_g{group}"
-        + ("_z" if offset else "")
-        + (f"_r{alpha_rows}" if alpha_rows != 1 else "")
-    )
-
-
 def make_lut_matmul(
     k: int, n: int, bits: int, group: int, vec: int = DEFAULT_VEC, offset: bool = True, alpha_rows: int = 1
 ) -> tvm.tirx.PrimFunc:
@@ -64,6 +56,16 @@ def make_lut_matmul(
     ar = int(alpha_rows)
     na = -(-npad // ar)
 
+    def signed(X, it, p, j):
+        """Entry ``p`` of table ``it`` (int64): the term of its activation ``j``, +x where bit ``j`` of ``p``
+        is set, else -x, and 0 past K. Called inside the prim_func; T.LT as the parser writes ``<``
+        (Python's ``<`` would fold a constant column, with one table, earlier than the parser does)."""
+        col = it % t4p * 4 + j if j else it % t4p * 4
+        bit = p // (1 << j) % 2 if j else p % 2
+        return T.if_then_else(
+            T.LT(col, T.int64(k)), T.Select(bit == 1, X[it // t4p, col], T.float32(0) - X[it // t4p, col]), T.float32(0)
+        )
+
     @T.prim_func
     def lut_matmul(
         x_h: T.handle,
@@ -80,40 +82,7 @@ def make_lut_matmul(
         gs = T.decl_buffer((m_dim * ng,), "float32")
         for it in T.parallel(m_dim * t4p):
             for p in T.vectorized(16):
-                lut[it * 16 + p] = (
-                    T.if_then_else(
-                        it % t4p * 4 < k,
-                        T.Select(p % 2 == 1, X[it // t4p, it % t4p * 4], T.float32(0) - X[it // t4p, it % t4p * 4]),
-                        T.float32(0),
-                    )
-                    + T.if_then_else(
-                        it % t4p * 4 + 1 < k,
-                        T.Select(
-                            p // 2 % 2 == 1,
-                            X[it // t4p, it % t4p * 4 + 1],
-                            T.float32(0) - X[it // t4p, it % t4p * 4 + 1],
-                        ),
-                        T.float32(0),
-                    )
-                    + T.if_then_else(
-                        it % t4p * 4 + 2 < k,
-                        T.Select(
-                            p // 4 % 2 == 1,
-                            X[it // t4p, it % t4p * 4 + 2],
-                            T.float32(0) - X[it // t4p, it % t4p * 4 + 2],
-                        ),
-                        T.float32(0),
-                    )
-                    + T.if_then_else(
-                        it % t4p * 4 + 3 < k,
-                        T.Select(
-                            p // 8 % 2 == 1,
-                            X[it // t4p, it % t4p * 4 + 3],
-                            T.float32(0) - X[it // t4p, it % t4p * 4 + 3],
-                        ),
-                        T.float32(0),
-                    )
-                )
+                lut[it * 16 + p] = signed(X, it, p, 0) + signed(X, it, p, 1) + signed(X, it, p, 2) + signed(X, it, p, 3)
         if use_z == 1:
             for ig in T.parallel(m_dim * ng):
                 gs[ig] = T.float32(0)
