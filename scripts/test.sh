@@ -6,8 +6,8 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps -r requirements-data.txt
 export TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}"
 # lint and format first: one line length (pyproject [tool.ruff]), seconds
-python -m ruff check shiftadd tests bench
-python -m ruff format --check shiftadd tests bench
+python -m ruff check shiftadd tests bench scripts
+python -m ruff format --check shiftadd tests bench scripts
 set +e
 python -m pytest -q "$@"
 rc=$?
