@@ -263,14 +263,19 @@ def test_loss_aware_allocation_follows_the_fisher_weights(tiny_onnx):
         )
 
 
-def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path):
+def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path, monkeypatch):
     """End to end: a Hugging Face folder (tiny Llama with SmolLM2's tokenizer) compiled with a budget
-    computes the Fisher from its gradients, allocates on it, and records it; --output-error-allocation
-    and an ONNX input fall back to the plain output error."""
+    computes the Fisher from its gradients, allocates on it, and records it, loading the model once;
+    --output-error-allocation and an ONNX input fall back to the plain output error."""
+    import shiftadd.frontend.load as load
+
     folder = tmp_path / "tiny-hf"
     tiny_llama_folder(folder)
+    loads = []
+    monkeypatch.setattr(load, "load_hf_model", lambda spec, real=load.load_hf_model: loads.append(spec) or real(spec))
     kw = dict(group=36, windows=2, length=16, avg_bits=2.5, refits=1, kv_cache=False)
     res = shiftadd.compile(str(folder), tmp_path / "la.so", **kw)
+    assert loads == [str(folder)]  # export, Fisher and the manifest from one load of the model
     assert res.manifest["allocation"]["predicted_error"] == "loss-aware (Fisher-weighted output error)"
     assert res.report.allocation is not None and res.manifest["avg_bits"] > 2.5  # scales come on top
     res2 = shiftadd.compile(str(folder), tmp_path / "oe.so", loss_aware=False, **kw)

@@ -109,14 +109,19 @@ def test_bad_arguments_are_named():
         tune_scales(model, {"nope.weight": next(iter(fitted.values()))}, ok, cfg.rounder(), steps=1)
 
 
-def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path):
+def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path, monkeypatch):
     """A Hugging Face folder compiled with --tune-scales: the .so's logits equal torch's with the
-    tuned dequantized weights and norm gains substituted (float-table kernel: exact to rounding)."""
+    tuned dequantized weights and norm gains substituted (float-table kernel: exact to rounding);
+    the model is loaded once for the export and the tuning."""
     import tvm
+
+    import shiftadd.frontend.load as load
 
     folder = tmp_path / "tiny-hf"
     model = tiny_llama_folder(folder, _distinct_norms)
     vocab = model.config.vocab_size
+    loads = []
+    monkeypatch.setattr(load, "load_hf_model", lambda spec, real=load.load_hf_model: loads.append(spec) or real(spec))
     res = shiftadd.compile(
         str(folder),
         tmp_path / "t.so",
@@ -130,6 +135,7 @@ def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path):
         keep_dequantized=True,
         tune_scales=6,
     )
+    assert loads == [str(folder)]
     st = res.manifest["scale_tuning"]
     assert st["steps"] == 6 and st["norm_gains"] == 5 and st["kl_after"] < st["kl_before"]
     params = tvm.runtime.load_param_dict(res.so.with_suffix(".params").read_bytes())
