@@ -169,7 +169,7 @@ def read_probe():
 
     import tvm  # noqa: F401  (the probe calls TVM's thread pool: libtvm_runtime must be loaded first)
 
-    from shiftadd.schedules.lut_avx2 import compile_once
+    from shiftadd.schedules.native import compile_once
 
     src = Path(__file__).with_name("read_probe.c")
     cmd = [os.environ.get("CC", "cc"), "-O2", "-mavx2", "-fPIC"]
@@ -184,18 +184,20 @@ def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP, tied=False):
     import tvm
 
     from shiftadd.schedules import lut_avx2 as L
+    from shiftadd.schedules import lut_avx2_pack as P
+    from shiftadd.schedules import native as N
     from shiftadd.schedules.targets import resolve_target
 
-    L.load_in_process()
+    N.load_in_process()
     knobs = (
         db.knobs(k, n, bits, group, True, 1, fp8, tied)
         if db is not None  # else what an untuned compile gets
-        else L.default_knobs(bits, L.int8_isa() == "avx512-vnni")
+        else L.default_knobs(bits, N.int8_isa() == "avx512-vnni")
     )
     f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8, tied=tied)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
     packs = [
-        [tvm.runtime.tensor(a) for a in L.random_packed(k, n, bits, group, fp8=fp8, rng=rng, tied=tied)]
+        [tvm.runtime.tensor(a) for a in P.random_packed(k, n, bits, group, fp8=fp8, rng=rng, tied=tied)]
         for _ in range(copies)
     ]
     nbytes = sum(a.numpy().nbytes for a in packs[0])

@@ -127,7 +127,7 @@ def test_column_layout_as_one_bit_kernel(m, k, n, bits, offset, seed):
 def kernel_switches(**env):
     """Set (value) or unset (None) the micro-kernel's switches (SHIFTADD_NO_AVX512, SHIFTADD_NO_INT8)
     for the block; the kernel reads them again on entry and on exit (it caches them per process)."""
-    from shiftadd.schedules.lut_avx2 import active_paths
+    from shiftadd.schedules.native import active_paths
 
     old = {k: os.environ.get(k) for k in env}
 
@@ -148,9 +148,11 @@ def kernel_switches(**env):
 
 def run_avx2(x, bw, knobs=None, knobs_batch=None, fp8=False):
     from shiftadd.schedules import lut_avx2 as L
+    from shiftadd.schedules import lut_avx2_pack as P
+    from shiftadd.schedules import native as N
 
-    L.load_in_process()
-    codes, alpha, zoff = L.pack_avx2(bw, fp8)
+    N.load_in_process()
+    codes, alpha, zoff = P.pack_avx2(bw, fp8)
     n, k = bw.shape
     f = L.make_lut_avx2(
         k,
@@ -208,13 +210,15 @@ def check_avx2(x, bw, y, knobs=None, knobs_batch=None):
     (``knobs`` at M = 1, else the batch knobs, resolved as make_lut_avx2 does) take the int8 path is
     checked against that path's reference instead."""
     from shiftadd.schedules import lut_avx2 as L
+    from shiftadd.schedules import lut_avx2_reference as R
+    from shiftadd.schedules import native as N
 
     kn = knobs or L.DEFAULT_KNOBS
     used = kn if x.shape[0] == 1 else knobs_batch or (L.DEFAULT_BATCH_KNOBS if kn == L.DEFAULT_KNOBS else kn)
-    if used.path == 1 and 1 in L.active_paths():
+    if used.path == 1 and 1 in N.active_paths():
         return check_int8(x, bw, y)
-    ref = L.lut_avx2_reference(x, bw)
-    table_error_bound = L.table_error_bound
+    ref = R.lut_avx2_reference(x, bw)
+    table_error_bound = R.table_error_bound
     scale = max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(y, ref, atol=1e-5 * scale * np.sqrt(x.shape[1] / 64 + 1))
     exact = lut_matmul_reference(x, bw)
@@ -224,7 +228,7 @@ def check_avx2(x, bw, y, knobs=None, knobs_batch=None):
 def check_int8(x, bw, y):
     """The int8 path: equal to its numpy reference (exact integer dots) to float rounding, and to the
     float reference within the weight and activation rounding bound."""
-    from shiftadd.schedules.lut_avx2 import int8_error_bound, int8_reference
+    from shiftadd.schedules.lut_avx2_reference import int8_error_bound, int8_reference
 
     ref = int8_reference(x, bw)
     scale = max(1.0, float(np.abs(ref).max()))
@@ -312,7 +316,8 @@ def test_row_interleaved_tied_4bit_matches_reference(m, k, n, pairs, offset, kno
     and block scales, float16 and e5m2 storage."""
     from dataclasses import replace
 
-    from shiftadd.schedules.lut_avx2 import KNOB_SPACE, dims, pack_avx2
+    from shiftadd.schedules.lut_avx2 import KNOB_SPACE, dims
+    from shiftadd.schedules.lut_avx2_pack import pack_avx2
 
     x, bw = random_bcq(np.random.default_rng(seed), m, k, n, 4, pairs, offset, True, rows)
     codes = pack_avx2(bw, fp8)[0]
@@ -352,7 +357,9 @@ def test_kernel_switches_pick_the_path():
     The same compiled function equals the matching reference each time; the int8 path gives the same
     bits on AVX2 as on VNNI (the same integers, the same float ops per lane)."""
     from shiftadd.quant.bcq import BCQWeight
-    from shiftadd.schedules.lut_avx2 import Knobs, active_paths, int8_isa, int8_reference, lut_avx2_reference
+    from shiftadd.schedules.lut_avx2 import Knobs
+    from shiftadd.schedules.lut_avx2_reference import int8_reference, lut_avx2_reference
+    from shiftadd.schedules.native import active_paths, int8_isa
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((7, 130)).astype(np.float32)
@@ -380,7 +387,8 @@ def test_kernel_switches_pick_the_path():
 @pytestmark_avx2
 def test_avx2_kernel_rejects_layouts_it_cannot_read():
     from shiftadd.quant.bcq import BCQWeight
-    from shiftadd.schedules.lut_avx2 import make_lut_avx2, pack_avx2
+    from shiftadd.schedules.lut_avx2 import make_lut_avx2
+    from shiftadd.schedules.lut_avx2_pack import pack_avx2
 
     bw = BCQWeight(signs=np.zeros((2, 5, 12), bool), alpha=np.ones((2, 5, 1), np.float32), group=12)
     with pytest.raises(ValueError, match="group 12"):
@@ -405,7 +413,8 @@ def test_tied_scales_store_one_plane_and_compute_the_same():
     from dataclasses import replace
 
     from shiftadd.quant.bcq import BCQWeight
-    from shiftadd.schedules.lut_avx2 import Knobs, pack_avx2
+    from shiftadd.schedules.lut_avx2 import Knobs
+    from shiftadd.schedules.lut_avx2_pack import pack_avx2
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, 200)).astype(np.float32)

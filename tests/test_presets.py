@@ -121,7 +121,7 @@ def test_each_preset_compiles_to_an_independent_fit(preset, tiny_onnx, tmp_path)
     the kernel the compile used; the float preset keeps every weight as it is."""
     from shiftadd.quant.gptq import fit_layer
     from shiftadd.quant.pack import pack_bcq
-    from shiftadd.schedules import lut_avx2
+    from shiftadd.schedules import lut_avx2_pack as P
 
     path = tiny_onnx("opt")
     res = shiftadd.compile(path, tmp_path / "m.so", preset, group=32, windows=0, stack_siblings=False)
@@ -141,7 +141,7 @@ def test_each_preset_compiles_to_an_independent_fit(preset, tiny_onnx, tmp_path)
         w = np.ascontiguousarray(w if r.transposed else w.T, np.float32)  # [N, K]
         cfg = replace(opts.bcq(), bits=r.bits)
         bw = fit_layer(w, cfg)
-        packed = lut_avx2.pack_avx2(bw, fp8=cfg.scale_format == "e5m2") if r.kernel == "avx2" else pack_bcq(bw, 16)
+        packed = P.pack_avx2(bw, fp8=cfg.scale_format == "e5m2") if r.kernel == "avx2" else pack_bcq(bw, 16)
         for suffix, ref in zip((".codes", ".alpha", ".offset"), packed):
             np.testing.assert_array_equal(params[r.name + suffix], ref, err_msg=r.name + suffix)
     if opts.quant.avg_bits is not None:

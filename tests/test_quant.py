@@ -116,7 +116,7 @@ def test_e5m2_scales_are_nearest_and_one_byte():
     import torch
 
     from shiftadd.quant.apot import e5m2_round
-    from shiftadd.schedules.lut_avx2 import e5m2_bytes
+    from shiftadd.schedules.lut_avx2_pack import e5m2_bytes
 
     rng = np.random.default_rng(0)
     a = (rng.standard_normal(5000) * np.exp2(rng.integers(-14, 8, 5000))).astype(np.float32)

@@ -8,7 +8,7 @@ import pytest
 import shiftadd
 from shiftadd.calibration.text import token_windows, wiki_split
 from shiftadd.eval.agreement import agreement
-from shiftadd.schedules import lut_avx2
+from shiftadd.schedules import native as N
 
 WINDOWS, WINDOW = 4, 128
 
@@ -56,9 +56,9 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
     # the KV cache: same tokens as rerunning the sequence, and every decode step's logits equal main's.
     # Exactly so on one kernel path: M > 1 kept on the LUT tables like decode's M = 1 (the int8 path
     # for M > 1 rounds otherwise; checked loosely below)
-    paths = lut_avx2.active_paths()
+    paths = N.active_paths()
     monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
-    lut_avx2.active_paths()  # the micro-kernel reads the variable again
+    N.active_paths()  # the micro-kernel reads the variable again
     try:
         gen = sess.generate("The capital of France is", max_new_tokens=8)
         assert gen["new_ids"] == sess.generate("The capital of France is", max_new_tokens=8, use_cache=False)["new_ids"]
@@ -67,7 +67,7 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
         worst, top = cache_vs_rerun()
     finally:
         monkeypatch.delenv("SHIFTADD_NO_INT8")
-        lut_avx2.active_paths()
+        N.active_paths()
     print(
         f"\nSmolLM2 {bits}-bit: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} "
         f"(logits up to {top:.1f})"

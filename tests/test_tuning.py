@@ -8,6 +8,7 @@ import pytest
 
 import shiftadd
 from shiftadd.schedules import lut_avx2
+from shiftadd.schedules import native as N
 from shiftadd.schedules.targets import resolve_target
 from shiftadd.tuning.database import TuningDB, key_of
 
@@ -45,7 +46,7 @@ def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
     a = shiftadd.load(second.so).run(None, feed)[0]
     b = shiftadd.load(untuned.so).run(None, feed)[0]
     one = {"input_ids": ids[:1, :1], "attention_mask": mask[:1, :1]}
-    int8 = 1 in lut_avx2.active_paths()
+    int8 = 1 in N.active_paths()
     batch_paths = {lut_avx2.Knobs(**e["batch"]).path == 1 and int8 for e in data["entries"].values()}
     if batch_paths == {lut_avx2.DEFAULT_BATCH_KNOBS.path == 1 and int8}:
         assert np.array_equal(a, b)
@@ -105,18 +106,18 @@ def test_compile_without_int8_batch_computes_the_lut_tables(tiny_onnx, tmp_path,
     ids, mask = ragged_batch(2, 3, 9)
     feed = {"input_ids": ids, "attention_mask": mask}
     a = shiftadd.load(lut.so).run(None, feed)[0]
-    if 1 in lut_avx2.active_paths():  # here the default compile's batch took the int8 path: other roundings
+    if 1 in N.active_paths():  # here the default compile's batch took the int8 path: other roundings
         b = shiftadd.load(default.so).run(None, feed)[0]
         assert not np.array_equal(a, b)
         np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05 * float(np.abs(a).max()))
     monkeypatch.setenv("SHIFTADD_NO_INT8", "1")
-    assert 1 not in lut_avx2.active_paths()  # the micro-kernel reads the variable again here
+    assert 1 not in N.active_paths()  # the micro-kernel reads the variable again here
     try:
         assert np.array_equal(a, shiftadd.load(default.so).run(None, feed)[0])
         assert np.array_equal(a, shiftadd.load(lut.so).run(None, feed)[0])
     finally:
         monkeypatch.delenv("SHIFTADD_NO_INT8")
-        lut_avx2.active_paths()
+        N.active_paths()
 
 
 def test_unreadable_database_names_the_file(tmp_path):

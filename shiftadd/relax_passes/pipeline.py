@@ -190,9 +190,9 @@ def build(mod, target, db=None, share_kv: bool = True, attention: bool = True):
     from ..tuning.database import TuningDB
 
     if uses_avx2_kernel(mod):  # in-memory runs resolve the micro-kernel from this process
-        from ..schedules import lut_avx2
+        from ..schedules import native as N
 
-        lut_avx2.load_in_process()
+        N.load_in_process()
     knob = TuningDB.open(db, target=target).attention_knob if attention else None
     pl = Pipeline(target, share_kv=share_kv, attention=attention, attention_knob=knob, db=db)
     return tvm.compile(pl.run(mod, "lower", "schedule"), target, relax_pipeline=None)
@@ -214,8 +214,8 @@ def attention_kernels(mod) -> dict:
 def export(ex, path: str, mod) -> None:
     """Write the executable as one .so, with the AVX2 micro-kernel linked in when ``mod`` calls it."""
     if uses_avx2_kernel(mod):
-        from ..schedules import lut_avx2
+        from ..schedules import native as N
 
-        lut_avx2.export(ex, path)
+        N.export(ex, path)
     else:
         ex.export_library(path)

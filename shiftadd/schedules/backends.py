@@ -12,6 +12,7 @@ import re
 from typing import NamedTuple
 
 from . import lut_avx2
+from . import lut_avx2_pack as P
 from .lut_kernel import DEFAULT_VEC, build_lut_kernel
 
 
@@ -88,7 +89,7 @@ class AVX2Backend:
         return (target is None or lut_avx2.target_supported(target)) and lut_avx2.supports(spec.group, spec.rows)
 
     def pack(self, w, spec: LUTSpec):
-        return lut_avx2.pack_avx2(w, fp8=spec.fp8)
+        return P.pack_avx2(w, fp8=spec.fp8)
 
     def primfunc(self, spec: LUTSpec, knobs=None):
         dec, bat = knobs or (lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)

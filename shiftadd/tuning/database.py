@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..runtime.artifact import atomic_path
 from ..schedules import lut_avx2 as L
+from ..schedules import native as N
 from ..schedules.backends import LUTSpec
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def context(target=None) -> dict:
     except Exception:  # noqa: BLE001 - not an x86 target
         feats = ""
     src = hashlib.sha256(
-        b"".join(f.read_bytes() for f in L.kernel_sources()) + repr(L.KNOB_SPACE).encode()
+        b"".join(f.read_bytes() for f in N.kernel_sources()) + repr(L.KNOB_SPACE).encode()
     ).hexdigest()[:16]
     # this process's kernel switches change which path runs (for an RPC target: the tuning job's own)
     feats += "".join(f"; {v}" for v in L.SWITCHES if L.switch_on(v))

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..schedules import lut_avx2 as L
+from ..schedules import lut_avx2_pack as P
+from ..schedules import native as N
 
 
 def parse_hostport(spec: str) -> tuple[str, int]:
@@ -119,7 +121,7 @@ class RPCMeasurer:
         )
         if not os.path.exists(path):
             f = L.make_lut_avx2(k, n, bits, group, offset, rows, kn, kn, fp8, tied)
-            L.export(tvm.compile(tvm.IRModule({"main": f}), self.target), path)
+            N.export(tvm.compile(tvm.IRModule({"main": f}), self.target), path)
         return path
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
@@ -128,7 +130,7 @@ class RPCMeasurer:
 
         rng = np.random.default_rng(0)
         k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
-        packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
+        packed = P.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         x = rng.standard_normal((m, kk[0]), dtype=np.float32)
         share = [list(libs.items())[i :: len(self.sessions)] for i in range(len(self.sessions))]
 

@@ -12,6 +12,8 @@ import tvm
 
 from ..schedules import attention_cpu as A
 from ..schedules import lut_avx2 as L
+from ..schedules import lut_avx2_pack as P
+from ..schedules import native as N
 from ..schedules.attention_cpu import LENGTHS, AttentionKernel, arrays, kernel, timing_cases
 from ..schedules.backends import LUTSpec
 from ..schedules.targets import resolve_target
@@ -54,17 +56,17 @@ class LocalMeasurer:
     @property
     def paths(self) -> frozenset[int]:
         """The kernel paths this machine takes (a candidate only where it runs)."""
-        return L.active_paths()
+        return N.active_paths()
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
         import tvm
 
         from ..schedules.targets import resolve_target
 
-        L.load_in_process()
+        N.load_in_process()
         rng = np.random.default_rng(self.seed)
         k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
-        packed = L.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
+        packed = P.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
         nbytes = sum(a.nbytes for a in packed)
         ncopies = copies_for(nbytes, self.cold_mib * 2**20, 16)
         target = resolve_target("cpu")
