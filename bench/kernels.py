@@ -186,6 +186,7 @@ def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP, tied=False):
     from shiftadd.schedules import lut_avx2 as L
     from shiftadd.schedules import lut_avx2_pack as P
     from shiftadd.schedules import native as N
+    from shiftadd.schedules.lut_spec import LUTSpec
     from shiftadd.schedules.targets import resolve_target
 
     N.load_in_process()
@@ -197,7 +198,7 @@ def ours(k, n, bits, copies, rng, db, fp8=False, group=GROUP, tied=False):
     f = L.make_lut_avx2(k, n, bits, group, True, 1, *knobs, fp8=fp8, tied=tied)
     lib = tvm.compile(tvm.IRModule({"main": f}), resolve_target("cpu"))
     packs = [
-        [tvm.runtime.tensor(a) for a in P.random_packed(k, n, bits, group, fp8=fp8, rng=rng, tied=tied)]
+        [tvm.runtime.tensor(a) for a in P.random_packed(LUTSpec(k, n, bits, group, True, 1, fp8, tied), rng)]
         for _ in range(copies)
     ]
     nbytes = sum(a.numpy().nbytes for a in packs[0])

@@ -114,21 +114,10 @@ def _run_native(a) -> int:
 def _cmd_tune(a) -> int:
     from .tuning.jobs import tune
 
-    r = tune(
-        a.model,
-        a.quant,
-        a.opt,
-        db=a.db,
-        target=a.target,
-        budget=a.budget,
-        rpc=a.rpc,
-        key=a.key,
-        parallel=a.parallel,
-        float_ops=not a.no_float,
-        float_trials=a.float_trials,
-        float_min_work=a.float_min_work,
-        **parse_sets(a.set),
-    )
+    job = {
+        k: getattr(a, k) for k in ("db", "target", "budget", "rpc", "key", "parallel", "float_trials", "float_min_work")
+    }
+    r = tune(a.model, a.quant, a.opt, float_ops=not a.no_float, **job, **parse_sets(a.set))
     print(
         f"{r['complete']}/{r['kernels']} kernels tuned in {r['db']} ({r['phases_done']} phases measured now by "
         f"{r['measured_by']}, {r['phases_left']} left"

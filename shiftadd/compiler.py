@@ -17,7 +17,7 @@ from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileO
 from .frontend import import_model, is_onnx, merge_functions
 from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export
 from .runtime.artifact import ArtifactWriter, paths
-from .schedules.backends import pick_kernel
+from .schedules.backends import BACKENDS, pick_kernel
 from .schedules.targets import resolve_target, target_dict
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _knob_source(kernel: str, options: CompileOptions, db, target, imported):
     ``int8_batch`` False keeps M > 1 on the LUT path (TuningDB.knobs)."""
     tune, int8_batch = options.optimization.tune, options.optimization.int8_batch
     summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0, "int8_batch": int8_batch}
-    if kernel != "avx2":
+    if not BACKENDS[kernel].tunable:
         return None, summary
     from .tuning.database import TuningDB
     from .tuning.search import tune_missing
@@ -165,7 +165,7 @@ def _knob_source(kernel: str, options: CompileOptions, db, target, imported):
 def _kernel_keys(imported, cfg, skip, avg_bits, kernel: str, tune: bool) -> list[tuple]:
     """The AVX2 kernel keys the rewrite of ``imported`` will look up (every width a mixed-bit
     allocation may pick), for tuning them up front; empty unless tuning the AVX2 kernel."""
-    if kernel != "avx2" or not tune or cfg.layout == "column":
+    if not BACKENDS[kernel].tunable or not tune or cfg.layout == "column":
         return []
     from .quant.allocate import CHOICES
     from .relax_passes.rewrite_lut_matmul import sibling_groups, weight_matmul_shapes

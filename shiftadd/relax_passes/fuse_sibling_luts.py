@@ -20,7 +20,8 @@ import tvm
 from tvm import relax
 
 from ..schedules import lut_avx2
-from ..schedules.backends import AVX2Backend, LUTSpec
+from ..schedules.backends import AVX2Backend
+from ..schedules.lut_spec import LUTSpec
 from .ir import drop_unused_params
 
 

@@ -89,7 +89,9 @@ class Pipeline:
         # -- rewrite ------------------------------------------------------------------------------
         if "rewrite" in want and self.rewrite is not None:
             seq.append(_pass("shiftadd.RewriteLUTMatmul", self._rewrite))
-            if self.rewrite.kernel == "avx2" and self.rewrite.stack_siblings:
+            from ..schedules.backends import BACKENDS
+
+            if BACKENDS[self.rewrite.kernel].stackable and self.rewrite.stack_siblings:
                 seq.append(_pass("shiftadd.FuseSiblingLUTs", self._stack))
         # -- decode-time --------------------------------------------------------------------------
         if "decode" in want and self.decode_one:

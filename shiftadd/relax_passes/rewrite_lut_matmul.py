@@ -24,8 +24,9 @@ from tvm.ir import GenericConst
 from ..quant import BCQConfig
 from ..quant.gptq import ColumnBCQWeight, fit_layer
 from ..quant.pack import column_as_one_bit
-from ..schedules.backends import KERNELS, LUTSpec, backend_for
+from ..schedules.backends import KERNELS, backend_for
 from ..schedules.lut_kernel import DEFAULT_VEC
+from ..schedules.lut_spec import LUTSpec
 from .ir import drop_unused_params, is_op, match_weight_operand, resolve_binding, shape_of
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ import numpy as np
 from ..quant.bcq import MU, BCQWeight, plane_weights
 from ..quant.pack import _exact_f16, _shared_rows
 from .lut_avx2 import ROWS, dims, row_interleaved, supports
+from .lut_spec import LUTSpec
 
 
 def e5m2_bytes(a: np.ndarray, what: str) -> np.ndarray:
@@ -36,20 +37,11 @@ def pack_avx2(w: BCQWeight, fp8: bool = False) -> tuple[np.ndarray, np.ndarray, 
     return codes, alpha, zoff
 
 
-def random_packed(
-    k: int,
-    n: int,
-    bits: int,
-    group: int,
-    offset: bool = True,
-    rows: int = 1,
-    fp8: bool = False,
-    rng=None,
-    tied: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_packed(spec: LUTSpec, rng=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Packed random weights of a shape (random signs; scales 2^-6 (tied: 2^-6 2^-b) and offsets 2^-8,
     exact in every scale format): what timing needs, for the tuner and the benchmarks alike."""
     rng = rng if rng is not None else np.random.default_rng(0)
+    k, n, bits, group, offset, rows, fp8, tied = spec
     ng, na = -(-k // group), -(-n // rows)
     a = np.full((bits, na, ng), 2.0**-6, np.float32)
     if tied:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..runtime.artifact import atomic_path
 from ..schedules import lut_avx2 as L
 from ..schedules import native as N
-from ..schedules.backends import LUTSpec
+from ..schedules.lut_spec import LUTSpec
 
 logger = logging.getLogger(__name__)
 

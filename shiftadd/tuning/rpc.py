@@ -113,7 +113,7 @@ class RPCMeasurer:
 
         # a name of this measurer's own: servers keep uploads by name, and replacing a loaded library's
         # file under a server that has it mapped would crash it
-        from ..schedules.backends import LUTSpec
+        from ..schedules.lut_spec import LUTSpec
 
         k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
         path = os.path.join(
@@ -126,11 +126,11 @@ class RPCMeasurer:
 
     def measure(self, kk: tuple, m: int, cands: list[L.Knobs], deadline: float | None = None) -> dict[str, float]:
         libs = {kn.tag(): self._build(kk, kn) for kn in cands}  # compiled here, one at a time
-        from ..schedules.backends import LUTSpec
+        from ..schedules.lut_spec import LUTSpec
 
         rng = np.random.default_rng(0)
         k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
-        packed = P.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
+        packed = P.random_packed(LUTSpec(*kk), rng)
         x = rng.standard_normal((m, kk[0]), dtype=np.float32)
         share = [list(libs.items())[i :: len(self.sessions)] for i in range(len(self.sessions))]
 

@@ -15,7 +15,7 @@ from ..schedules import lut_avx2 as L
 from ..schedules import lut_avx2_pack as P
 from ..schedules import native as N
 from ..schedules.attention_cpu import LENGTHS, AttentionKernel, arrays, kernel, timing_cases
-from ..schedules.backends import LUTSpec
+from ..schedules.lut_spec import LUTSpec
 from ..schedules.targets import resolve_target
 from .database import PHASES, TuningDB, attention_key, key_of
 from .timing import copies_for, interleaved, median_ms
@@ -66,7 +66,7 @@ class LocalMeasurer:
         N.load_in_process()
         rng = np.random.default_rng(self.seed)
         k, n, bits, group, offset, rows, fp8, tied = LUTSpec(*kk)
-        packed = P.random_packed(k, n, bits, group, offset, rows, fp8, rng=rng, tied=tied)
+        packed = P.random_packed(LUTSpec(*kk), rng)
         nbytes = sum(a.nbytes for a in packed)
         ncopies = copies_for(nbytes, self.cold_mib * 2**20, 16)
         target = resolve_target("cpu")
