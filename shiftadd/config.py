@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 import re
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
-from .quant.allocate import CHOICES, check_budget
-from .quant.bcq import BCQConfig
+if typing.TYPE_CHECKING:
+    from .quant.bcq import BCQConfig
 
 CALIBRATION_MODES = ("one-pass", "sequential")
 ALLOCATORS = ("budget", "ratio")
@@ -38,6 +38,8 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self):
+        from .quant.allocate import CHOICES, check_budget  # torch: imported when a config is made, not by the CLI
+
         self.bcq(refits=0)  # BCQConfig checks bits, group, layout, formats, terms and rounds
         if self.avg_bits is not None:
             check_budget(self.avg_bits, CHOICES)
@@ -51,6 +53,8 @@ class QuantConfig:
 
     def bcq(self, refits: int) -> BCQConfig:
         """The fits' config: this one's shared fields and the calibration's ``refits``."""
+        from .quant.bcq import BCQConfig
+
         shared = {f.name: getattr(self, f.name) for f in fields(BCQConfig) if f.name != "refits"}
         return BCQConfig(**shared, refits=refits)
 
@@ -129,39 +133,40 @@ class CompileOptions:
 
 
 # -- named presets and levels -------------------------------------------------------------------
-QUANT_PRESETS: dict[str, tuple[str, QuantConfig]] = {
-    "q3": ("3-bit BCQ, group 64, float16 APoT scales and offsets", QuantConfig(bits=3)),
-    "q2": ("2-bit BCQ, group 64, float16 APoT scales and offsets", QuantConfig(bits=2)),
-    "q4": ("4-bit BCQ, group 64, float16 APoT scales and offsets", QuantConfig(bits=4)),
+# name -> (what it is, the fields it sets; the rest are the dataclass defaults)
+QUANT_PRESETS: dict[str, tuple[str, dict]] = {
+    "q3": ("3-bit BCQ, group 64, float16 APoT scales and offsets", dict(bits=3)),
+    "q2": ("2-bit BCQ, group 64, float16 APoT scales and offsets", dict(bits=2)),
+    "q4": ("4-bit BCQ, group 64, float16 APoT scales and offsets", dict(bits=4)),
     "q4-tied": (
         "4-bit, one tied e5m2 scale per row and group of 128 (the uniform grid as sign planes)",
-        QuantConfig(bits=4, group=128, scale_format="e5m2", tied=True),
+        dict(bits=4, group=128, scale_format="e5m2", tied=True),
     ),
     "q2-tied": (
         "2-bit, one tied e5m2 scale per row and group of 128",
-        QuantConfig(bits=2, group=128, scale_format="e5m2", tied=True),
+        dict(bits=2, group=128, scale_format="e5m2", tied=True),
     ),
-    "mix2.5": ("2/3/4 bits per layer under an average of 2.5 (loss-aware knapsack)", QuantConfig(avg_bits=2.5)),
-    "mix3.0": ("2/3/4 bits per layer under an average of 3.0 (loss-aware knapsack)", QuantConfig(avg_bits=3.0)),
-    "none": ("no rewrite: the float model (the exactness baseline)", QuantConfig(rewrite=False)),
+    "mix2.5": ("2/3/4 bits per layer under an average of 2.5 (loss-aware knapsack)", dict(avg_bits=2.5)),
+    "mix3.0": ("2/3/4 bits per layer under an average of 3.0 (loss-aware knapsack)", dict(avg_bits=3.0)),
+    "none": ("no rewrite: the float model (the exactness baseline)", dict(rewrite=False)),
 }
 
-OPT_LEVELS: dict[str, tuple[str, OptimizationConfig]] = {
+OPT_LEVELS: dict[str, tuple[str, dict]] = {
     "O0": (
         "portable float-table kernel, nothing fused (the exactness reference)",
-        OptimizationConfig(kernel="f32", int8_batch=False, stack_siblings=False, share_kv=False, attention=False),
+        dict(kernel="f32", int8_batch=False, stack_siblings=False, share_kv=False, attention=False),
     ),
     "O1": (
         "the AVX2/AVX-512 micro-kernel on LUT tables at every batch size, nothing fused",
-        OptimizationConfig(int8_batch=False, stack_siblings=False, share_kv=False, attention=False),
+        dict(int8_batch=False, stack_siblings=False, share_kv=False, attention=False),
     ),
     "O2": (
         "O1 + int8 prefill path, sibling stacking, shared KV heads, attention kernels over the cache",
-        OptimizationConfig(),
+        dict(),
     ),
     "O3": (
         "O2 + tune the kernels missing from the tuning database on this machine during the compile",
-        OptimizationConfig(tune=True),
+        dict(tune=True),
     ),
 }
 DEFAULT_PRESET, DEFAULT_OPT = "q3", "O2"
@@ -223,8 +228,11 @@ def resolve(preset: str = DEFAULT_PRESET, opt: str = DEFAULT_OPT, overrides: dic
         raise ValueError(f"unknown quantization preset {preset!r}: expected one of {', '.join(QUANT_PRESETS)}")
     if opt not in OPT_LEVELS:
         raise ValueError(f"unknown optimization level {opt!r}: expected one of {', '.join(OPT_LEVELS)}")
-    parts = {"quant": QUANT_PRESETS[preset][1], "calibration": CalibrationConfig(), "optimization": OPT_LEVELS[opt][1]}
-    changes: dict[str, dict] = {s: {} for s in SECTIONS}
+    changes: dict[str, dict] = {
+        "quant": dict(QUANT_PRESETS[preset][1]),
+        "calibration": {},
+        "optimization": dict(OPT_LEVELS[opt][1]),
+    }
     for key, value in (overrides or {}).items():
         section, _, name = key.rpartition(".")
         if not section:
@@ -235,19 +243,19 @@ def resolve(preset: str = DEFAULT_PRESET, opt: str = DEFAULT_OPT, overrides: dic
                 "(or section.field with section quant, calibration or optimization)"
             )
         changes[section][name] = _parse(SECTIONS[section], name, value)
-    parts = {s: replace(parts[s], **changes[s]) if changes[s] else parts[s] for s in SECTIONS}
+    parts = {s: cls(**changes[s]) for s, cls in SECTIONS.items()}
     return CompileOptions(parts["quant"], parts["calibration"], parts["optimization"], preset, opt)
 
 
 def describe() -> str:
     """The presets and levels with every field, for ``shiftadd presets``."""
     lines = ["quantization presets (--quant):"]
-    for name, (doc, cfg) in QUANT_PRESETS.items():
+    for name, (doc, sets) in QUANT_PRESETS.items():
         lines.append(f"  {name:8s} {doc}")
-        lines.append("           " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+        lines.append("           " + ", ".join(f"{k}={v}" for k, v in asdict(QuantConfig(**sets)).items()))
     lines.append("optimization levels (--opt):")
-    for name, (doc, cfg) in OPT_LEVELS.items():
+    for name, (doc, sets) in OPT_LEVELS.items():
         lines.append(f"  {name:8s} {doc}")
-        lines.append("           " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+        lines.append("           " + ", ".join(f"{k}={v}" for k, v in asdict(OptimizationConfig(**sets)).items()))
     lines.append("calibration (--set): " + ", ".join(f"{k}={v}" for k, v in asdict(CalibrationConfig()).items()))
     return "\n".join(lines)

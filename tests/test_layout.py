@@ -116,3 +116,14 @@ def test_runtime_stays_apart_from_the_compiler():
     for m in g:
         if m.startswith("shiftadd.runtime"):
             assert all(w.startswith("shiftadd.runtime") for w in _reaches(g, m)), (m, _reaches(g, m))
+
+
+def test_the_command_line_starts_without_torch_or_tvm():
+    """``shiftadd run``/``--help`` parse their arguments before any heavy import (the compile side
+    imports torch and TVM when it runs)."""
+    import subprocess
+    import sys
+
+    code = "import sys, shiftadd.cli; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
