@@ -145,6 +145,7 @@ def tvm_fp32(k, n, copies, rng):
 
     from shiftadd.relax_passes.pipeline import build
     from shiftadd.schedules.targets import resolve_target
+    from shiftadd.tuning.records import records
 
     @tvm.script.ir_module
     class Mod:
@@ -152,7 +153,8 @@ def tvm_fp32(k, n, copies, rng):
         def main(x: R.Tensor(("m", k), "float32"), w: R.Tensor((k, n), "float32")) -> R.Tensor(("m", n), "float32"):
             return R.matmul(x, w)
 
-    vm = relax.VirtualMachine(build(Mod, resolve_target("cpu")), tvm.cpu())
+    tgt = resolve_target("cpu")
+    vm = relax.VirtualMachine(build(Mod, tgt, records(None, tgt)), tvm.cpu())  # as compile builds
     ws = [tvm.runtime.tensor(rng.standard_normal((k, n), dtype=np.float32) * 0.02) for _ in range(copies)]
     return vm, ws
 

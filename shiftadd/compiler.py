@@ -19,6 +19,7 @@ from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export
 from .runtime.artifact import ArtifactWriter, paths
 from .schedules.backends import BACKENDS, pick_kernel
 from .schedules.targets import resolve_target, target_dict
+from .tuning.records import records
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def compile(
     params, report, extra = weights.params, weights.report, _functions(loaded.extra)
     logger.info(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
-    ex = build(mod, tgt, db, share_kv=options.optimization.share_kv, attention=options.optimization.attention)
+    ex = build(mod, tgt, records(db, tgt), options.optimization.share_kv, options.optimization.attention)
     logger.info(f"built in {time.time() - tb:.1f}s")
     manifest = _manifest(loaded, options, tgt, kernel, mod, params, extra, report, plan, tuning, windows)
     so, manifest = _write(output, ex, mod, params, loaded.tokenizer, manifest)

@@ -104,6 +104,16 @@ def test_kernels_never_import_passes():
     assert {m: w for m, w in bad.items() if w} == {}
 
 
+def test_passes_never_import_tuning():
+    """The pipeline takes tuned records from its caller (tuning.records), so tuning may build on it."""
+    g = import_graph()
+    assert {
+        m: sorted(w for w in g[m] if w.startswith("shiftadd.tuning"))
+        for m in g
+        if m.startswith("shiftadd.relax_passes") and any(w.startswith("shiftadd.tuning") for w in g[m])
+    } == {}
+
+
 def test_quant_is_pure_math():
     g = import_graph()
     for m in g:

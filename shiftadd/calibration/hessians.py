@@ -101,6 +101,7 @@ def calibrate(
 
     from ..relax_passes.capture_matmul_inputs import capture_matmul_inputs
     from ..relax_passes.pipeline import build
+    from ..tuning.records import records
 
     if mode not in MODES:
         raise ValueError(f"calibration mode must be one of {MODES}, got '{mode}'")
@@ -116,7 +117,7 @@ def calibrate(
         return _MEMO[memo]
     mod, caps = capture_matmul_inputs(imported.mod, imported.params, tuple(skip))
     t0 = time.time()
-    ex = build(mod, target)
+    ex = build(mod, target, records(None, target))  # as the compile builds: the user's tuned records
     dev = tvm.cpu(0)
     vm = relax.VirtualMachine(ex, dev)
     weights = {k: tvm.runtime.tensor(v, dev) for k, v in imported.params.items()}

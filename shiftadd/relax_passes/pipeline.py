@@ -75,8 +75,8 @@ class Pipeline:
     decode_one: bool = False
     share_kv: bool = True
     attention: bool = True
-    attention_knob: object = None  # AttentionKernel -> knob, e.g. TuningDB.attention_knob
-    db: object = None  # the tuning database whose MetaSchedule records apply
+    attention_knob: object = None  # AttentionKernel -> knob (tuning.records.Records.attention_knob)
+    records: object = None  # lowered module -> with tuned schedules (tuning.records.Records.apply)
     legalize: bool = True  # False stops the lower phase before TVM's legalize/fold/fuse
 
     def passes(self, *phases: str) -> list:
@@ -170,9 +170,7 @@ class Pipeline:
             return relax.get_default_pipeline(self.target)(mod)
 
     def _tuned(self, mod):
-        from ..tuning.metaschedule import apply_float
-
-        return apply_float(mod, self.target, self.db)
+        return self.records(mod) if self.records is not None else mod
 
     def _default_schedules(self, mod):
         from ..schedules.default_cpu import schedule_unscheduled
@@ -185,18 +183,17 @@ def uses_avx2_kernel(mod) -> bool:
     return any(gv.name_hint.startswith("shiftadd_lut8") for gv, _ in mod.functions_items())
 
 
-def build(mod, target, db=None, share_kv: bool = True, attention: bool = True):
-    """The lower and schedule phases, then ``tvm.compile``: Relax module -> VM executable. The
-    attention kernels' knobs and the float operators' MetaSchedule records come from the tuning
-    database ``db`` (``shiftadd tune``), else the defaults."""
-    from ..tuning.database import TuningDB
-
+def build(mod, target, tuned=None, share_kv: bool = True, attention: bool = True):
+    """The lower and schedule phases, then ``tvm.compile``: Relax module -> VM executable. ``tuned``
+    (tuning.records.Records: what ``shiftadd tune`` stored for this target) gives the attention
+    kernels' knobs and the float operators' schedules; without it the defaults serve."""
     if uses_avx2_kernel(mod):  # in-memory runs resolve the micro-kernel from this process
         from ..schedules import native as N
 
         N.load_in_process()
-    knob = TuningDB.open(db, target=target).attention_knob if attention else None
-    pl = Pipeline(target, share_kv=share_kv, attention=attention, attention_knob=knob, db=db)
+    knob = tuned.attention_knob if tuned is not None and attention else None
+    records = tuned.apply if tuned is not None else None
+    pl = Pipeline(target, share_kv=share_kv, attention=attention, attention_knob=knob, records=records)
     return tvm.compile(pl.run(mod, "lower", "schedule"), target, relax_pipeline=None)
 
 
