@@ -98,6 +98,36 @@ def cache_names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
+def _sliding_window(model) -> tuple[int | None, str]:
+    """(the sliding window of the model's local layers or None, how its forward takes masks): "by_type"
+    when it builds ``{"full_attention": ..., "sliding_attention": ...}`` (it takes the mapping
+    ready-made, each layer picking its own: Gemma 2/3, Qwen 2/3), "sliding" when every layer uses
+    one sliding-window mask (Mistral, Phi-3 with a window), else "full". Passing a plain causal mask
+    would silently give sliding-window layers every key."""
+    import inspect
+
+    base = getattr(model, "base_model", model)
+    try:
+        src = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        src = ""
+    window = getattr(model.config, "sliding_window", None)
+    window = int(window) if window else None
+    if "sliding_attention" in src:
+        return window, "by_type"
+    return window, ("sliding" if window and "sliding_window" in src else "full")
+
+
+def check_supported(model) -> None:
+    """Refuse, before any export, the model features this compiler cannot export (named)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", "") in ("bloom", "mpt") or getattr(cfg, "alibi", False):
+        raise ValueError(
+            f"{type(model).__name__}: ALiBi position biases (built by the model from the 2-D attention "
+            "mask) are not supported yet: the export passes a 4-D mask"
+        )
+
+
 def _export_wrapper(model, cache: bool = False, past: bool = False):
     """Around ``model``: ``(input_ids, attention_mask) -> logits`` (``cache=False``), ``-> (logits,
     *present)`` (``cache=True``), or with ``past=True`` ``(input_ids, attention_mask, *past) -> (logits,
@@ -109,6 +139,7 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
     from transformers import DynamicCache
 
     kwarg = _cache_kwarg(model)
+    window, masks = _sliding_window(model)
 
     class CausalLMWrapper(torch.nn.Module):
         """Builds the 4-D additive mask and position ids from shape-preserving ops (cumsum, compare,
@@ -136,6 +167,10 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
             causal = (pos_k[None, :] <= pos_q[:, None]).to(torch.float32)
             keep = causal[None, None, :, :] * (attention_mask[:, None, None, :] > 0).to(torch.float32)
             mask4 = (1.0 - keep) * torch.finfo(torch.float32).min
+            if masks != "full":  # sliding-window layers see the last `window` keys only
+                near = keep if window is None else keep * ((pos_q[:, None] - pos_k[None, :]) < window).to(torch.float32)
+                local = (1.0 - near) * torch.finfo(torch.float32).min
+                mask4 = {"full_attention": mask4, "sliding_attention": local} if masks == "by_type" else local
             if past_key_values is None:
                 position_ids = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)
             else:  # left padding only: the new tokens follow the last kept position
@@ -205,6 +240,7 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
 
     import torch
 
+    check_supported(model)
     path = Path(path)
     wrapper = _export_wrapper(model)
     ids, mask = _trace_batch(model, 8)
@@ -239,6 +275,7 @@ def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) ->
 
     import torch
 
+    check_supported(model)
     folder = Path(folder)
     ids, mask = _trace_batch(model, 5)
     t0 = time.time()

@@ -7,6 +7,8 @@ baking hundreds of MB into the shared library.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -147,12 +149,14 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> ImportedModel:
     import warnings
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _importer_patches(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             mod = from_onnx(model, keep_params_in_input=True)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ONNXImportError(f"{where}: TVM's ONNX importer failed: {msg[:400]}") from None
+        node = getattr(e, "shiftadd_node", None)
+        at = f" at ONNX node '{node[1]}' (op {node[0]})" if node else ""
+        raise ONNXImportError(f"{where}: TVM's ONNX importer failed{at}: {msg[:400]}") from None
     mod, detached = relax.frontend.detach_params(mod)
     func = mod["main"]
     n_in = int(func.attrs["num_input"])
@@ -166,22 +170,33 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> ImportedModel:
 
 def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
     """``base.mod`` plus each other import's ``main`` as a function of its own name (e.g. ``decode``),
-    all reading the same weight parameters: an other import must use weights of the same names and
-    values (it is an export of the same model), so one params file serves every function. Helper
-    functions the importer made (e.g. a ``maximum`` PrimFunc for shape arithmetic) come along: one
-    equal to the base's of that name is shared, a different one is renamed."""
+    all reading one set of weight parameters, so one params file serves every function. Weights are
+    matched by what they are, not by the exporter's names: an other import's weight shares the
+    base's of the same name and value, else a base weight of the same value (the exporter folds
+    constants such as an embedding scale under other node names in each graph); a weight only the
+    other graph has is added to ``base.params`` under a name of its own. Helper functions the
+    importer made (e.g. a ``maximum`` PrimFunc for shape arithmetic) come along: one equal to the
+    base's of that name is shared, a different one is renamed."""
     import tvm
     import tvm_ffi
 
     funcs = {gv.name_hint: (gv, f) for gv, f in base.mod.functions_items()}
+    by_value = {}
+    for w, v in base.params.items():
+        by_value.setdefault(_value_key(v), w)
     for name, other in others.items():
+        renamed = {}
         for w, v in other.params.items():
             mine = base.params.get(w)
-            if mine is None or mine.shape != v.shape or not np.array_equal(mine, v):
-                raise ONNXImportError(
-                    f"function '{name}': weight '{w}' is not a weight of 'main' with the same "
-                    f"value (the graphs must be exports of one model)"
-                )
+            if mine is not None and mine.shape == v.shape and mine.dtype == v.dtype and np.array_equal(mine, v):
+                continue
+            same = by_value.get(_value_key(v))
+            if same is None:  # only this graph has it: a parameter of its own
+                same = w if w not in base.params else f"{w}.{name}"
+                base.params[same] = v
+                by_value[_value_key(v)] = same
+            renamed[w] = same
+        main = _rename_params(other.mod["main"], renamed) if renamed else other.mod["main"]
         mapping = {}
         for gv, f in other.mod.functions_items():
             if gv.name_hint == "main":
@@ -196,9 +211,74 @@ def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
                 mapping[gv.name_hint],
                 f.with_attr("global_symbol", new_name) if f.attrs and "global_symbol" in f.attrs else f,
             )
-        main = _RenameGlobals(mapping).visit_expr(other.mod["main"]) if mapping else other.mod["main"]
+        main = _RenameGlobals(mapping).visit_expr(main) if mapping else main
         funcs[name] = (tvm.ir.GlobalVar(name), main.with_attr("global_symbol", name))
     return tvm.IRModule({gv: f for gv, f in funcs.values()}, attrs=base.mod.attrs)
+
+
+@contextlib.contextmanager
+def _importer_patches():
+    """Limitations of TVM 0.27's ONNX importer, patched for the import's duration only:
+
+    * ``Gather`` from a shape computed at run time (``Shape`` of a tensor whose dimensions the
+      importer does not know is a Shape-typed call, not a ShapeExpr literal): the converter turns
+      only literals into tensors, then fails in ``shape_of`` (partial rotary in GPT-NeoX, Phi-3).
+      Such a shape is made a tensor first, as the converter does for literals.
+    * A converter's failure carries the ONNX node and op it was converting (``shiftadd_node``).
+    """
+    import tvm.relax.frontend.onnx.onnx_frontend as F
+    from tvm import relax
+
+    gather, convert = F.Gather, F.ONNXGraphImporter._convert_operator
+
+    class Gather(gather):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            data = inputs[0]
+            if not isinstance(data, relax.ShapeExpr) and isinstance(getattr(data, "ty", None), relax.ShapeType):
+                inputs = F.onnx_input([bb.normalize(relax.op.shape_to_tensor(data)), *list(inputs)[1:]])
+            return gather._impl_v13(bb, inputs, attr, params)
+
+    def convert_operator(self, op_name, inputs, attrs, opset):
+        try:
+            return convert(self, op_name, inputs, attrs, opset)
+        except Exception as e:
+            if not hasattr(e, "shiftadd_node"):
+                e.shiftadd_node = (op_name, attrs.get("tvm_custom", {}).get("name", "?"))
+            raise
+
+    F.Gather, F.ONNXGraphImporter._convert_operator = Gather, convert_operator
+    try:
+        yield
+    finally:
+        F.Gather, F.ONNXGraphImporter._convert_operator = gather, convert
+
+
+def _value_key(v: np.ndarray) -> tuple:
+    import hashlib
+
+    v = np.ascontiguousarray(v)
+    return str(v.dtype), v.shape, hashlib.sha1(v.view(np.uint8).reshape(-1)).hexdigest()
+
+
+def _rename_params(func, renamed: dict[str, str]):
+    """``func`` with its weight parameters named as ``renamed`` says (inputs keep their names)."""
+    from tvm import relax
+
+    n_in = int(func.attrs["num_input"])
+    new = {p: relax.Var(renamed[p.name], p.ty) for p in func.params[n_in:] if p.name in renamed}
+
+    @relax.expr_functor.mutator
+    class Rename(relax.PyExprMutator):
+        def visit_var_def_(self, var):
+            return new.get(var, var)
+
+        def visit_var_(self, var):
+            return new.get(var, var)
+
+    params = [new.get(p, p) for p in func.params]
+    body = Rename().visit_expr(func.body)
+    return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
 
 
 def _rename_globals_class():
