@@ -93,7 +93,7 @@ def static_shape_arithmetic(model: onnx.ModelProto) -> int:
 
     g = model.graph
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True).graph
+        inferred = shape_inference.infer_shapes(_without_weight_data(model), data_prop=True).graph
     except Exception:  # noqa: BLE001 - a graph shape inference cannot take: nothing to fold
         return 0
     dims = {}
@@ -108,19 +108,41 @@ def static_shape_arithmetic(model: onnx.ModelProto) -> int:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     shape_of = {}  # output of a Shape node -> (its input, start)
     folded = 0
-    for n in list(g.node):
+    for idx, n in enumerate(list(g.node)):  # replaced in place: the node count and order stay
         value = _static_value(n, dims, consts, shape_of, opset)
         if value is None:
             continue
         consts[n.output[0]] = value
-        node = helper.make_node(
-            "Constant", [], [n.output[0]], name=n.name + "/folded", value=numpy_helper.from_array(value)
+        g.node[idx].CopyFrom(
+            helper.make_node(
+                "Constant", [], [n.output[0]], name=n.name + "/folded", value=numpy_helper.from_array(value)
+            )
         )
-        idx = list(g.node).index(n)
-        g.node.remove(n)
-        g.node.insert(idx, node)
         folded += 1
     return folded
+
+
+def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for shape inference: the graph with every large initializer declared as a typed graph
+    input instead of carrying its bytes (shapes are all inference needs from weights; copying hundreds
+    of MB of them through the inferer cost seconds per graph)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    graph = onnx.GraphProto()
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= 64 or init.name in declared:
+            graph.initializer.append(init)
+        else:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light.graph.CopyFrom(graph)
+    light.functions.extend(model.functions)
+    return light
 
 
 def _static_value(n, dims, consts, shape_of, opset) -> np.ndarray | None:
