@@ -1,6 +1,7 @@
 """The decoder families ``transformers`` offers that people deploy, as tiny random models: exported with
 the KV cache, imported, the float compile equal to torch and the 3-bit compile's cached decode equal
-to a full rerun, on a ragged left-padded batch longer than the sliding windows; a family that cannot
+to a full rerun and its prefill equal to ONNX Runtime on the model with the dequantized weights put back,
+on a ragged left-padded batch longer than the sliding windows; a family that cannot
 be exported fails at once with the feature it lacks named. docs/MODELS.md lists the results."""
 
 from __future__ import annotations
@@ -110,7 +111,13 @@ def test_family_compiles_equal_to_torch_and_decodes_with_cache(family, folder, t
             want = model(**kw).logits.numpy()
     assert _close(got[0], want[0]) and _close(got[1, 3:], want[1, 3:]), np.abs(got - want)[:, 3:].max()
 
-    sess = shiftadd.load(shiftadd.compile(path, tmp_path / "q.so", "q3", windows=0, group=32).so)
+    res = shiftadd.compile(path, tmp_path / "q.so", "q3", windows=0, group=32, keep_dequantized=True)
+    sess = shiftadd.load(res.so)
+    got = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    want = _onnxruntime_on(_dequantized(model, res.report.dequantized), ids, mask, tmp_path / "deq.onnx")
+    err = np.abs(got - want)[:, 3:].max()  # the AVX2 kernel's int8 tables: tests/test_pipeline.py
+    assert err <= 2e-2 * max(1.0, np.abs(want).max()), err
+    assert len(res.report.rewritten) >= 2 * 4 and [r.name for r in res.report.kept] == ["lm_head.weight"]
     new = np.random.default_rng(1).integers(3, VOCAB, (2, 3)).astype(np.int64)
     logits, *past = sess.run(None, {"input_ids": ids, "attention_mask": mask})
     m, steps = mask, []
@@ -121,6 +128,41 @@ def test_family_compiles_equal_to_torch_and_decodes_with_cache(family, folder, t
         steps.append(lg[:, -1])
     full = sess.run(["logits"], {"input_ids": np.concatenate([ids, new], 1), "attention_mask": m})[0]
     assert _close(np.stack(steps, 1), full[:, SEQ:])
+
+
+def _dequantized(model, values: dict):
+    """A copy of ``model`` with each rewritten weight replaced by its dequantized value. Report names are
+    the module paths (``model.layers.0.mlp.up_proj.weight``); values are in the ONNX initializer's
+    orientation, [K, N] for a MatMul of a Linear's transpose: the orientation nearer the original wins
+    (square matrices included). The exporter may drop a leading ``model.`` (OPT)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    state = dict(model.named_parameters())
+    for name, value in values.items():
+        (param,) = [state[name]] if name in state else [p for k, p in state.items() if k.endswith("." + name)]
+        old = param.detach().numpy()
+        new = (
+            value
+            if value.shape == old.shape
+            and (value.shape != value.T.shape or np.abs(value - old).sum() <= np.abs(value.T - old).sum())
+            else value.T
+        )
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(np.ascontiguousarray(new)))
+    return model
+
+
+def _onnxruntime_on(model, ids, mask, path):
+    import onnxruntime as ort
+
+    from shiftadd.frontend import export_onnx
+
+    export_onnx(model, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
 
 @pytest.mark.parametrize("family", sorted(UNSUPPORTED))
