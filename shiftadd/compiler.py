@@ -15,7 +15,9 @@ from .calibration.plan import fit_weights
 from .calibration.text import calibration_batches
 from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileOptions, resolve
 from .frontend import import_model, is_onnx, merge_functions
-from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export
+from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export, preflight
+from .relax_passes.ir import embedding_rows
+from .relax_passes.rewrite_lut_matmul import check_group
 from .runtime.artifact import ArtifactWriter, paths
 from .schedules.backends import BACKENDS, pick_kernel
 from .schedules.targets import resolve_target, target_dict
@@ -61,7 +63,9 @@ def compile(
     windows = _calibration_windows(options, loaded.tokenizer)
     mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
     weights, rewrite, plan, tuning = Weights(loaded.imported.params), None, None, None
-    if options.quant.rewrite:
+    if options.quant.rewrite:  # what can fail fails now, not after calibration and fitting
+        check_group(options.bcq(), loaded.imported.mod["main"], loaded.imported.params, tuple(options.quant.skip))
+        preflight(mod, tgt, options.optimization.share_kv, options.optimization.attention)
         knobs, tuning = _knob_source(kernel, options, db, tgt, loaded.imported)
         batches = calibration_batches(loaded.tokenizer, windows, options.calibration.length)
         plan = fit_weights(loaded, options, tgt, batches)
@@ -260,7 +264,8 @@ def _write(output, ex, mod, params, tokenizer, manifest) -> tuple[Path, dict]:
 
     with ArtifactWriter(output) as w:
         export(ex, str(w.staged("so")), mod)
-        blob = tvm.runtime.save_param_dict({k: tvm.runtime.tensor(np.ascontiguousarray(v)) for k, v in params.items()})
+        # np.asarray, not np.ascontiguousarray: that makes a 0-d weight (a scalar initializer) 1-d
+        blob = tvm.runtime.save_param_dict({k: tvm.runtime.tensor(np.asarray(v, order="C")) for k, v in params.items()})
         w.staged("params").write_bytes(blob)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(w.staged("tokenizer")))
@@ -285,13 +290,13 @@ def _input_specs(func, names: list[str] | None = None) -> list[dict]:
 
 
 def _vocab_and_eos(imported, tokenizer):
-    """Vocabulary size (rows of the embedding table feeding ``input_ids``) and end-of-text ids."""
+    """Vocabulary size (rows of the embedding table ``input_ids`` index) and end-of-text ids."""
     vocab = None
     if tokenizer is not None:
         vocab = len(tokenizer)
-    emb = [v.shape[0] for k, v in imported.params.items() if "embed" in k or k.endswith("wte.weight")]
-    if emb:
-        vocab = int(emb[0])
+    rows = embedding_rows(imported.mod["main"], imported.input_names)
+    if rows is not None:
+        vocab = rows
     eos = []
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos = [int(tokenizer.eos_token_id)]

@@ -164,3 +164,23 @@ def test_eval_bad_arguments_are_one_cli_line(tmp_path):
         code, err = _cli("eval", *args, "--out", str(tmp_path / "res"))
         assert code == 2 and err.count("\n") == 0 and msg in err, err
     assert not (tmp_path / "res").exists()
+
+
+def test_graph_tvm_cannot_lower_fails_before_fitting(tiny_onnx, tmp_path, monkeypatch):
+    """A TVM failure in any pass is one error naming the pass and TVM's reason, raised by the float
+    preflight before the fits (which take minutes on a real model), leaving no artifact."""
+    import shiftadd.compiler
+    import shiftadd.relax_passes.convolutions_as_matmuls as C
+    from shiftadd.relax_passes.pipeline import BuildError
+
+    def broken(_mod):
+        raise RuntimeError("Traceback ...\n  File renew_defs.cc\nCheck failed: (VarRemapGet(src) == nullptr) is false")
+
+    def fits(*_a, **_k):
+        raise AssertionError("the fits started")
+
+    monkeypatch.setattr(C, "convolutions_as_matmuls", broken)
+    monkeypatch.setattr(shiftadd.compiler, "fit_weights", fits)
+    with pytest.raises(BuildError, match=r"pass 'shiftadd.ConvolutionsAsMatmuls' failed .*VarRemapGet"):
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "x.so")
+    assert not list(tmp_path.iterdir())

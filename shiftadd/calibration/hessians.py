@@ -78,12 +78,12 @@ def _memo_key(imported, batches, target, skip) -> str:
     h.update(str(tvm_ffi.structural_hash(imported.mod)).encode())
     h.update(repr((sorted(skip), str(target))).encode())
     for name in sorted(imported.params):
-        v = np.ascontiguousarray(imported.params[name])
+        v = np.asarray(imported.params[name], order="C")
         h.update(f"{name}{v.dtype}{v.shape}".encode())
         h.update(v.reshape(-1).view(np.uint8))
     for feed in batches:
         for name in sorted(feed):
-            v = np.ascontiguousarray(feed[name])
+            v = np.asarray(feed[name], order="C")
             h.update(f"{name}{v.dtype}{v.shape}".encode())
             h.update(v.reshape(-1).view(np.uint8))
     return h.hexdigest()
@@ -122,7 +122,7 @@ def calibrate(
     vm = relax.VirtualMachine(ex, dev)
     weights = {k: tvm.runtime.tensor(v, dev) for k, v in imported.params.items()}
     feeds = [
-        [tvm.runtime.tensor(np.ascontiguousarray(f[v.name]), dev) for v in func.params[: len(imported.input_names)]]
+        [tvm.runtime.tensor(np.asarray(f[v.name], order="C"), dev) for v in func.params[: len(imported.input_names)]]
         for f in batches
     ]
 

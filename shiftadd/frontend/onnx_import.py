@@ -320,7 +320,7 @@ def _range_dtype(start) -> str:
 def _value_key(v: np.ndarray) -> tuple:
     import hashlib
 
-    v = np.ascontiguousarray(v)
+    v = np.asarray(v, order="C")
     return str(v.dtype), v.shape, hashlib.sha1(v.view(np.uint8).reshape(-1)).hexdigest()
 
 

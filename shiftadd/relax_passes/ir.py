@@ -67,3 +67,26 @@ def drop_unused_params(mod, func_name, values):
     mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     mod[func_name] = new
     return mod, {v.name: values[v.name] for v in keep[n_in:]}
+
+
+def embedding_rows(func, input_names: list[str], name: str = "input_ids") -> int | None:
+    """Rows of the weight table that input ``name`` indexes (``take(W, f(input_ids))``, with ``f``
+    the importer's index normalisation), or None: the vocabulary, found by what the graph does
+    rather than by weight names (a BERT has three embedding tables)."""
+    n_in = int(func.attrs["num_input"])
+    found = [p for p, n in zip(func.params[:n_in], input_names) if n == name]
+    if not found or not isinstance(func.body, relax.SeqExpr):
+        return None
+    derived, weights = {found[0]}, set(func.params[n_in:])
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if not isinstance(v, relax.Call):
+                continue
+            args = [a for a in v.args if isinstance(a, relax.Var)]
+            if is_op(v, "relax.take") and len(v.args) == 2 and v.args[0] in weights and v.args[1] in derived:
+                shape = shape_of(v.args[0])
+                return int(shape[0]) if shape and isinstance(shape[0], tvm.tirx.IntImm) else None
+            if not is_op(v, "relax.take") and any(a in derived for a in args):
+                derived.add(b.var)
+    return None

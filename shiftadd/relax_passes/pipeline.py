@@ -13,6 +13,7 @@ After them ``tvm.compile`` builds the VM executable and :func:`export` writes th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -196,7 +197,58 @@ def build(mod, target, tuned=None, share_kv: bool = True, attention: bool = True
     knob = tuned.attention_knob if tuned is not None and attention else None
     records = tuned.apply if tuned is not None else None
     pl = Pipeline(target, share_kv=share_kv, attention=attention, attention_knob=knob, records=records)
-    return tvm.compile(pl.run(mod, "lower", "schedule"), target, relax_pipeline=None)
+    with _naming_failures() as last:
+        lowered = pl.run(mod, "lower", "schedule")
+        last.current = "code generation (tvm.compile)"
+        return tvm.compile(lowered, target, relax_pipeline=None)
+
+
+def preflight(mod, target, share_kv: bool = True, attention: bool = True) -> None:
+    """Lower and schedule the float module, so that a graph TVM cannot lower fails in seconds, before
+    calibration and fitting; raises :class:`BuildError`."""
+    with _naming_failures():
+        Pipeline(target, share_kv=share_kv, attention=attention).run(mod, "lower", "schedule")
+
+
+class BuildError(RuntimeError):
+    """TVM could not lower or build the module: names the pass and TVM's own reason."""
+
+
+@contextlib.contextmanager
+def _naming_failures():
+    """Run passes with the name of the one running kept; a failure becomes a :class:`BuildError`
+    naming it (TVM's own check messages say neither the pass nor that the model is at fault)."""
+
+    @tvm.instrument.pass_instrument
+    class LastPass:
+        def __init__(self):
+            self.current = None
+
+        def run_before_pass(self, _mod, info):
+            self.current = info.name
+
+    last, cur = LastPass(), tvm.transform.PassContext.current()
+    ctx = tvm.transform.PassContext(
+        opt_level=cur.opt_level,
+        required_pass=list(cur.required_pass),
+        disabled_pass=list(cur.disabled_pass),
+        instruments=[*cur.instruments, last],
+        config=dict(cur.config),
+    )
+    try:
+        with ctx:
+            yield last
+    except BuildError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TVM raises its own error types from C++
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        reason = lines[-1] if lines else type(e).__name__
+        reason = reason if len(reason) > 20 or len(lines) < 2 else f"{lines[-2]} {reason}"
+        raise BuildError(
+            f"TVM {tvm.__version__} could not lower the imported graph: pass '{last.current}' failed "
+            f"({type(e).__name__}: {reason[:300]}). This is a limit of TVM's compiler on this graph, "
+            "not a fault of the file; docs/MODELS.md lists the graphs known to fail and why"
+        ) from None
 
 
 def lower(mod, target, share_kv: bool = True, attention: bool = True, attention_knob=None):

@@ -350,6 +350,11 @@ def _weight_matmul_ks(func, params, skip) -> list[int]:
     return [k for _, k, _ in weight_matmul_shapes(func, params, skip)]
 
 
+def check_group(cfg: BCQConfig, func, params, skip) -> None:
+    """Raise if ``cfg.group`` divides none of ``func``'s rewritten matmuls' input sizes (before any fit)."""
+    _check_group(cfg, _weight_matmul_ks(func, params, skip))
+
+
 def _check_group(cfg: BCQConfig, ks: list[int]) -> None:
     """A group size must divide the input size of at least one rewritten matmul (others get a shorter
     last group); one that divides none is almost certainly a mistake."""

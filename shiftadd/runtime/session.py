@@ -144,7 +144,7 @@ class Session:
             raise ValueError(
                 f"input 'attention_mask': {seq} positions exceed the model's context of {self.max_context}"
             )
-        return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
+        return [tvm.runtime.tensor(np.asarray(a, order="C"), self.device) for a in arrays]
 
     def _check_ids(self, ids) -> None:
         vocab = self.manifest.get("vocab_size")
