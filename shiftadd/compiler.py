@@ -15,8 +15,8 @@ from .calibration.plan import fit_weights
 from .calibration.text import calibration_batches
 from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileOptions, resolve
 from .frontend import import_model, is_onnx, merge_functions
-from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export, preflight
 from .relax_passes.ir import embedding_rows
+from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export, preflight
 from .relax_passes.rewrite_lut_matmul import check_group
 from .runtime.artifact import ArtifactWriter, paths
 from .schedules.backends import BACKENDS, pick_kernel
