@@ -48,8 +48,8 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise ONNXImportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
     if not model.graph.node and not model.graph.output:
         raise ONNXImportError(f"{path}: not an ONNX model (no graph; is the file truncated or of another format?)")
-    try:
-        onnx.checker.check_model(model)
+    try:  # by path: the checker then reads external data itself and takes models beyond protobuf's 2 GB
+        onnx.checker.check_model(path)
     except Exception as e:
         raise ONNXImportError(f"{path}: invalid ONNX model: {str(e).splitlines()[0][:300]}") from None
     return model
