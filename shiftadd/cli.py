@@ -42,6 +42,8 @@ def _cmd_compile(a) -> int:
 def _cmd_run(a) -> int:
     if a.native:
         return _run_native(a)
+    if a.input or a.text:
+        return _run_tensors(a)
     from .runtime import load
 
     sess = load(a.artifact)
@@ -76,6 +78,46 @@ def _cmd_run(a) -> int:
         f"new ids: {' '.join(map(str, res['new_ids']))}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _run_tensors(a) -> int:
+    """Run ``main`` once on arrays (``--input NAME=FILE.npy``) or tokenized texts (``--text``): the
+    encoder and vision case. Prints each output's shape and value range; ``--output`` saves them."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from .runtime import load
+    from .runtime.artifact import atomic_path
+
+    sess = load(a.artifact)
+    if a.text:
+        feed = sess.text_feed(a.text)
+    else:
+        feed = {}
+        for item in a.input:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--input {item!r}: expected NAME=FILE.npy")
+            try:
+                feed[name] = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--input {name}: cannot read {path} as a .npy array ({e})") from None
+    t0 = time.time()
+    outs = sess.run(None, feed)
+    dt = time.time() - t0
+    names = [o.name for o in sess.get_outputs()]
+    for name, out in zip(names, outs):
+        print(f"{name}: {out.dtype} {list(out.shape)}  min {out.min():.6g}  mean {out.mean():.6g}  max {out.max():.6g}")
+    print(f"[main in {dt * 1e3:.1f} ms]", file=sys.stderr)
+    if a.output:
+        out_path = Path(a.output)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **dict(zip(names, outs)))
+        print(f"outputs: {out_path}")
     return 0
 
 
@@ -202,11 +244,23 @@ def main(argv=None) -> int:
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)
 
-    r = sub.add_parser("run", help="generate text with a compiled artifact (greedy unless --temperature > 0)")
+    r = sub.add_parser(
+        "run",
+        help="run a compiled artifact: generate text (--prompt/--ids; greedy unless --temperature > 0), "
+        "or run main once on arrays (--input) or texts (--text)",
+    )
     r.add_argument("artifact")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
     g.add_argument("--ids", help="prompt as token ids, e.g. '1 2 3'")
+    g.add_argument(
+        "--input",
+        action="append",
+        metavar="NAME=FILE.npy",
+        help="an input of main as a .npy array (repeat for each input): encoders, vision models, any ONNX file",
+    )
+    g.add_argument("--text", action="append", help="a text for an encoder, tokenized by the stored tokenizer (repeat)")
+    r.add_argument("--output", help="with --input/--text: save the outputs here (.npz)")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")

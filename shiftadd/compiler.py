@@ -67,7 +67,9 @@ def compile(
         check_group(options.bcq(), loaded.imported.mod["main"], loaded.imported.params, tuple(options.quant.skip))
         preflight(mod, tgt, options.optimization.share_kv, options.optimization.attention)
         knobs, tuning = _knob_source(kernel, options, db, tgt, loaded.imported)
-        batches = calibration_batches(loaded.tokenizer, windows, options.calibration.length)
+        batches = calibration_batches(
+            loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
+        )
         plan = fit_weights(loaded, options, tgt, batches)
         weights.params = {**weights.params, **plan.norms}
         rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)

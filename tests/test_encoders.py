@@ -146,3 +146,58 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(kind, kernel, exporte
     tol = {"f32": 1e-4, "avx2": 2e-2}[kernel]  # the AVX2 kernel's int8 tables: docs/ENGINEERING.md
     assert err <= tol * max(1.0, np.abs(want).max()), err
     assert np.abs(got - _ort(path, feed)).max() > 1e-3  # the rewrite changed the model
+
+
+def test_cli_runs_an_encoder_on_texts_and_a_vision_model_on_arrays(tmp_path):
+    """``shiftadd run --text`` tokenizes with the stored tokenizer into the inputs the graph declares
+    (``token_type_ids`` included); ``--input NAME=FILE.npy`` feeds arrays; ``--output`` saves them."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from shiftadd.frontend import resolve_model
+
+    try:
+        src = resolve_model("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = transformers.AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    names = MODELS["bert_token_types"][3]
+    torch.manual_seed(0)
+    net = transformers.BertModel(transformers.BertConfig(**dict(TEXT, vocab_size=len(tok)))).eval()
+
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, *xs):
+            return self.net(**dict(zip(names, xs))).last_hidden_state
+
+    path = tmp_path / "enc.onnx"
+    ids = torch.ones((1, 4), dtype=torch.int64)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    torch.onnx.export(Outputs(), (ids, ids, ids * 0), str(path), input_names=names, dynamic_axes=axes, dynamo=False)
+    so = shiftadd.compile(str(path), tmp_path / "enc.so", "q4", tokenizer="smollm2").so
+    texts = ["The capital of France is", "Hi"]
+    cmd = [sys.executable, "-m", "shiftadd.cli", "run", str(so), "--output", str(tmp_path / "o.npz")]
+    r = subprocess.run(cmd + ["--text", texts[0], "--text", texts[1]], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "float32 [2, " in r.stdout
+    got = np.load(tmp_path / "o.npz")
+    feed = shiftadd.load(so).text_feed(texts)
+    assert set(feed) == set(names) and feed["attention_mask"][1].sum() < feed["attention_mask"][0].sum()
+    (want,) = shiftadd.load(so).run(None, feed)
+    np.testing.assert_array_equal(got[got.files[0]], want)
+
+    vit = _export("vit", tmp_path / "vit.onnx")
+    vso = shiftadd.compile(vit, tmp_path / "vit.so", "none").so
+    pixels = _feed("vit", 2, 0)["pixel_values"]
+    np.save(tmp_path / "px.npy", pixels)
+    cmd = [sys.executable, "-m", "shiftadd.cli", "run", str(vso), "--input", f"pixel_values={tmp_path / 'px.npy'}"]
+    r = subprocess.run(cmd + ["--output", str(tmp_path / "v.npz")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "v.npz")
+    np.testing.assert_allclose(got[got.files[0]], _ort(vit, {"pixel_values": pixels}), rtol=1e-4, atol=1e-4)

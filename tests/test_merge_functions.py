@@ -55,3 +55,21 @@ def test_decode_weights_are_matched_by_value_and_kept_when_only_decode_has_them(
     args += [tvm.runtime.tensor(params[n]) for n in names]
     got = vm["decode"](*args)[0].numpy()
     assert layers > 0 and np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_prefill_and_decode_tensors_never_share_a_folder(tmp_path):
+    """Beyond 2 GB the exporter writes each tensor to a file named after it beside its graph, and the
+    two graphs give different tensors one anonymous name: in one folder the decode export overwrote
+    the prefill's weights (a 582M-parameter Llama compiled to wrong logits). Each graph has its own."""
+    from shiftadd.frontend import export_onnx_with_cache
+
+    ex = export_onnx_with_cache(_tiny("llama"), tmp_path)
+    assert ex.prefill.parent != ex.decode.parent
+    graphs = {
+        g: {i.name: numpy_helper.to_array(i) for i in onnx.load(g).graph.initializer} for g in (ex.prefill, ex.decode)
+    }
+    for g in graphs:  # what the exporter does beyond 2 GB
+        onnx.save_model(onnx.load(g), g, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    for g, before in graphs.items():
+        after = {i.name: numpy_helper.to_array(i) for i in onnx.load(g).graph.initializer}
+        assert after.keys() == before.keys() and all(np.array_equal(after[n], before[n]) for n in before)

@@ -49,11 +49,26 @@ def token_windows(tokenizer, texts: list[str], window: int, count: int) -> np.nd
     return np.asarray(ids[:need], dtype=np.int64).reshape(count, window)
 
 
-def calibration_batches(tokenizer, windows: int, length: int) -> list[dict] | None:
-    """``windows`` x ``length`` tokens of the calibration split as model feeds, or None for none."""
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def calibration_batches(tokenizer, windows: int, length: int, input_names=TEXT_INPUTS[:2]) -> list[dict] | None:
+    """``windows`` x ``length`` tokens of the calibration split as feeds of a model with inputs
+    ``input_names`` (token types all 0), or None for none. A model with other inputs (images) is
+    refused here, before any text is read."""
     if windows <= 0:
         return None
     if tokenizer is None:
         raise ValueError("calibration on text needs a tokenizer (pass tokenizer= for an ONNX input)")
+    other = [n for n in input_names if n not in TEXT_INPUTS]
+    if other or "input_ids" not in input_names:
+        raise ValueError(
+            f"calibration on text feeds input_ids, attention_mask and token_type_ids; the model takes "
+            f"{list(input_names)} ({', '.join(other) or 'no input_ids'} cannot come from text): "
+            "compile with windows=0 (--set windows=0) for a weight-only fit"
+        )
     ids = token_windows(tokenizer, wiki_split("calib"), length, windows)
-    return [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
+    feeds = [{"input_ids": row[None], "attention_mask": np.ones_like(row[None])} for row in ids]
+    for feed in feeds:
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    return [{k: v for k, v in feed.items() if k in input_names} for feed in feeds]

@@ -277,10 +277,14 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17) -> Path:
 
 
 def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) -> CacheExport:
-    """Export the prefill graph (``prefill.onnx``) and the one-step-or-more decode graph with a past
-    (``decode.onnx``) into ``folder``. Both share the weights' names, so one params file serves both.
-    The decode graph is traced with 2 new tokens over a past of 3, so that no dimension is traced at 1
-    (a size-1 trace can be specialised into broadcasts that reject other sizes)."""
+    """Export the prefill graph (``prefill/prefill.onnx``) and the one-step-or-more decode graph with a
+    past (``decode/decode.onnx``) under ``folder``. Both share the weights' names, so one params file
+    serves both. The decode graph is traced with 2 new tokens over a past of 3, so that no dimension
+    is traced at 1 (a size-1 trace can be specialised into broadcasts that reject other sizes).
+
+    Each graph has a folder of its own: beyond 2 GB the exporter writes every tensor to a file named
+    after it beside the graph, and the two graphs give different tensors the same anonymous names
+    (``onnx__MatMul_2975``): in one folder the decode export overwrote the prefill's weights."""
     import warnings
 
     import torch
@@ -298,7 +302,8 @@ def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) ->
     seq_axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        prefill = folder / "prefill.onnx"
+        prefill = folder / "prefill" / "prefill.onnx"
+        prefill.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(prefill) as tmp:
             torch.onnx.export(
                 _export_wrapper(model, cache=True),
@@ -314,7 +319,8 @@ def export_onnx_with_cache(model, folder: str | os.PathLike, opset: int = 17) ->
                     **{n: {0: "batch", 2: "seq"} for n in present_names},
                 },
             )
-        decode = folder / "decode.onnx"
+        decode = folder / "decode" / "decode.onnx"
+        decode.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(decode) as tmp:
             torch.onnx.export(
                 _export_wrapper(model, cache=True, past=True),

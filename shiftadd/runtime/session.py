@@ -172,6 +172,31 @@ class Session:
             raise ValueError(f"unknown output(s) {missing}; '{function}' has {names}")
         return [outs[names.index(n)].numpy() for n in output_names]
 
+    def text_feed(self, texts) -> dict:
+        """The feed of ``main`` for ``texts`` (one text or a list, padded to the longest) from the stored
+        tokenizer: ``input_ids`` and whichever of ``attention_mask`` / ``token_type_ids`` the graph
+        declares (an encoder's inputs in Optimum's conventions)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: has no tokenizer (compile with --tokenizer), feed arrays instead")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ValueError("texts: expected one or more non-empty strings")
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        enc = tok(texts, padding=True, return_tensors="np")
+        feed = {}
+        for spec in self.inputs:
+            if spec.name in enc:
+                feed[spec.name] = np.asarray(enc[spec.name], dtype=spec.type)
+            elif spec.name == "token_type_ids":
+                feed[spec.name] = np.zeros(enc["input_ids"].shape, dtype=spec.type)
+            else:
+                raise ValueError(
+                    f"input '{spec.name}' ({spec.type}, shape {spec.shape}) cannot be made from text: feed arrays"
+                )
+        return feed
+
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
