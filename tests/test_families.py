@@ -43,6 +43,7 @@ FAMILIES = {  # family -> (config class, model class, fields beyond 2 layers / V
     ),  # parallel attention + MLP
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", ATTN),  # partial rotary, LayerNorm
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", ATTN),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_head=4)),  # ALiBi
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_head=4, n_layer=2, n_positions=64)),
     "opt": (
         "OPTConfig",
@@ -50,7 +51,14 @@ FAMILIES = {  # family -> (config class, model class, fields beyond 2 layers / V
         dict(hidden_size=64, ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64),
     ),
 }
-UNSUPPORTED = {"bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_head=4), "ALiBi position biases")}
+UNSUPPORTED = {
+    "mpt": (
+        "MptConfig",
+        "MptForCausalLM",
+        dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2),
+        "loses the shape of its attention scores",
+    )
+}
 
 
 def _model(cls_names, fields):

@@ -3,6 +3,7 @@ export it to ONNX with dynamic batch and sequence axes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -128,14 +129,47 @@ def _sliding_window(model) -> tuple[int | None, str]:
     return window, ("sliding" if window and "sliding_window" in src else "full")
 
 
+# model types refused before the export, with what fails (docs/MODELS.md)
+UNSUPPORTED = {
+    "mpt": "TVM 0.27's ONNX importer loses the shape of its attention scores (its masked fill of the scores "
+    "by the 4-D mask), and the import then fails at the first Reshape of the attention output",
+}
+
+
 def check_supported(model) -> None:
     """Refuse, before any export, the model features this compiler cannot export (named)."""
     cfg = model.config
-    if getattr(cfg, "model_type", "") in ("bloom", "mpt") or getattr(cfg, "alibi", False):
+    reason = UNSUPPORTED.get(getattr(cfg, "model_type", ""))
+    if reason:
+        raise ValueError(f"{type(model).__name__} (model_type '{cfg.model_type}') is not supported yet: {reason}")
+    if getattr(cfg, "alibi", False) and _alibi_builder(model) is None:
         raise ValueError(
-            f"{type(model).__name__}: ALiBi position biases (built by the model from the 2-D attention "
-            "mask) are not supported yet: the export passes a 4-D mask"
+            f"{type(model).__name__}: ALiBi position biases built inside the model are not supported yet "
+            "(Bloom's are: its builder takes the 2-D mask)"
         )
+
+
+@contextlib.contextmanager
+def _alibi_from(module, mask_2d):
+    """While exporting: ``module`` (None: nothing to do) builds its ALiBi biases from ``mask_2d``, the
+    key positions, whatever mask the model passes it (ours is 4-D); restored afterwards."""
+    if module is None:
+        yield
+        return
+    build = type(module).build_alibi_tensor
+    module.build_alibi_tensor = lambda _mask, heads, dtype: build(module, mask_2d, heads, dtype)
+    try:
+        yield
+    finally:
+        del module.build_alibi_tensor
+
+
+def _alibi_builder(model):
+    """The module whose ``build_alibi_tensor(mask_2d, heads, dtype)`` makes ALiBi biases (Bloom), or None."""
+    for m in model.modules():
+        if callable(getattr(m, "build_alibi_tensor", None)):
+            return m
+    return None
 
 
 def _export_wrapper(model, cache: bool = False, past: bool = False):
@@ -150,6 +184,7 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
 
     kwarg = _cache_kwarg(model)
     window, masks = _sliding_window(model)
+    alibi = _alibi_builder(model)
 
     class CausalLMWrapper(torch.nn.Module):
         """Builds the 4-D additive mask and position ids from shape-preserving ops (cumsum, compare,
@@ -188,14 +223,15 @@ def _export_wrapper(model, cache: bool = False, past: bool = False):
                     (attention_mask.sum(-1, keepdim=True) - n_new) + torch.cumsum(torch.ones_like(input_ids), -1) - 1
                 ).clamp(min=0)
             inputs = {"input_ids": input_ids, "attention_mask": mask4, "position_ids": position_ids}
-            if not cache:
-                return self.m(**inputs, use_cache=False, return_dict=False)[0]
-            kv = DynamicCache()
-            if past_key_values is not None:
-                for i in range(len(past_key_values) // 2):
-                    kv.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
-            out = self.m(**inputs, use_cache=True, return_dict=True, **{kwarg: kv})
-            return (out.logits, *[t for layer in _cache_layers(kv) for t in layer])
+            with _alibi_from(alibi, attention_mask):
+                if not cache:
+                    return self.m(**inputs, use_cache=False, return_dict=False)[0]
+                kv = DynamicCache()
+                if past_key_values is not None:
+                    for i in range(len(past_key_values) // 2):
+                        kv.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+                out = self.m(**inputs, use_cache=True, return_dict=True, **{kwarg: kv})
+                return (out.logits, *[t for layer in _cache_layers(kv) for t in layer])
 
     return CausalLMWrapper(model).eval()  # eval(): export restores the wrapper's training flag after
 
