@@ -5,6 +5,9 @@ import sys
 import time
 
 from ._version import __version__
+from .runtime.threads import prepare as _prepare_threads
+
+_prepare_threads()  # TVM's thread pool: every physical core unless $TVM_NUM_THREADS says otherwise
 
 __all__ = ["__version__", "compile", "load"]
 

@@ -9,6 +9,15 @@ import sys
 from .config import parse_sets
 
 
+def _threads(parser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="worker threads of TVM's runtime (default: every physical core, or $TVM_NUM_THREADS)",
+    )
+
+
 def _cmd_compile(a) -> int:
     from .compiler import compile as do_compile
 
@@ -46,7 +55,7 @@ def _cmd_run(a) -> int:
         return _run_tensors(a)
     from .runtime import load
 
-    sess = load(a.artifact)
+    sess = load(a.artifact, threads=a.threads)
     if a.ids is not None:
         prompt = [int(t) for t in a.ids.replace(",", " ").split()]
     else:
@@ -92,7 +101,7 @@ def _run_tensors(a) -> int:
     from .runtime import load
     from .runtime.artifact import atomic_path
 
-    sess = load(a.artifact)
+    sess = load(a.artifact, threads=a.threads)
     if a.text:
         feed = sess.text_feed(a.text)
     else:
@@ -127,6 +136,7 @@ def _run_native(a) -> int:
 
     from .runtime.artifact import paths, read_manifest
     from .runtime.native import build_runner, run_runner
+    from .runtime.threads import default_threads
 
     if a.temperature or a.top_k or a.top_p != 1.0 or a.no_cache:
         raise ValueError("--native decodes greedily with the cache: drop --temperature/--top-k/--top-p/--no-cache")
@@ -142,7 +152,7 @@ def _run_native(a) -> int:
         a.artifact,
         ids,
         a.max_new_tokens,
-        threads=int(os.environ.get("TVM_NUM_THREADS", 0)) or None,
+        threads=a.threads or default_threads(),
         binary=build_runner(),
     )
     print((a.prompt or "") + (tok.decode(out["ids"], skip_special_tokens=True) if tok else ""))
@@ -261,6 +271,7 @@ def main(argv=None) -> int:
     )
     g.add_argument("--text", action="append", help="a text for an encoder, tokenized by the stored tokenizer (repeat)")
     r.add_argument("--output", help="with --input/--text: save the outputs here (.npz)")
+    _threads(r)
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -289,6 +300,7 @@ def main(argv=None) -> int:
     e.add_argument("--agreement", action="store_true", help="also top-1 agreement of the .so with its float model")
     e.add_argument("--reference", default=None, help="float model for --agreement (default: the artifact's model)")
     e.add_argument("--out", default="results", help="results folder: perplexity.md/.json/.png (default results/)")
+    _threads(e)
     e.set_defaults(fn=_cmd_eval)
 
     t = sub.add_parser(
@@ -318,6 +330,7 @@ def main(argv=None) -> int:
         help="tune float operators with more loop iterations than this (default 16384; smaller "
         "ones run serially untuned)",
     )
+    _threads(t)
     t.set_defaults(fn=_cmd_tune)
 
     for name, issue in (("bench", "benchmarks: see bench/"),):
@@ -329,6 +342,10 @@ def main(argv=None) -> int:
     pr.set_defaults(fn=_cmd_presets)
 
     a = p.parse_args(argv)
+    if getattr(a, "threads", None) is not None:  # this process's TVM thread pool, before it exists
+        if a.threads < 1:
+            p.error(f"--threads: expected a positive integer, got {a.threads}")
+        os.environ["TVM_NUM_THREADS"] = str(a.threads)
     try:
         return a.fn(a)
     except KeyboardInterrupt:

@@ -40,8 +40,11 @@ def _function_specs(manifest: dict) -> dict[str, dict]:
 class Session:
     """A loaded artifact. ``run(output_names, feed)`` like ONNX Runtime; ``generate()`` for LLMs."""
 
-    def __init__(self, so_path: str | os.PathLike, verify: bool = True):
+    def __init__(self, so_path: str | os.PathLike, verify: bool = True, threads: int | None = None):
+        """``threads``: TVM's worker threads (default every physical core, or ``$TVM_NUM_THREADS``)."""
         import tvm
+
+        from .threads import use_threads
 
         self.path = Path(so_path)
         self.manifest = read_manifest(self.path, verify=verify)
@@ -52,6 +55,7 @@ class Session:
             self._lib = tvm.runtime.load_module(str(p["so"]))
         except Exception as e:  # noqa: BLE001
             raise ArtifactError(f"{p['so']}: cannot be loaded by the TVM runtime: {str(e).splitlines()[0]}") from None
+        self.threads = use_threads(threads)
         self._local = threading.local()
         self._vm()  # fail now, not on the first run, if the library is no VM executable
         try:
@@ -296,6 +300,7 @@ class Session:
         }
 
 
-def load(so_path: str | os.PathLike, verify: bool = True) -> Session:
-    """Load an artifact written by :func:`shiftadd.compile` (checks its manifest and file hashes)."""
-    return Session(so_path, verify=verify)
+def load(so_path: str | os.PathLike, verify: bool = True, threads: int | None = None) -> Session:
+    """Load an artifact written by :func:`shiftadd.compile` (checks its manifest and file hashes);
+    ``threads``: TVM's worker threads (default every physical core)."""
+    return Session(so_path, verify=verify, threads=threads)

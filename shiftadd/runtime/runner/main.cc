@@ -2,9 +2,12 @@
 //
 //   shiftadd-run ARTIFACT.so --ids "504 3575 282" [--max-new-tokens N] [--threads T]
 //
+// Threads: --threads, else $TVM_NUM_THREADS, else every physical core (TVM alone takes half the
+// logical CPUs: one of the two cores of a 2-core VM without SMT).
 // stdout: "ids: <new ids>" then "timing: {json}". Errors: "shiftadd-run: ..." on stderr,
 // exit 2 for usage errors (arguments), 1 for everything else.
 #include <dlpack/dlpack.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -28,6 +31,7 @@
 #include <iterator>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -48,10 +52,27 @@ struct Options {
   std::string so_path;
   std::vector<int64_t> ids;
   int64_t max_new_tokens = 16;
-  int threads = 0;  // 0: leave TVM_NUM_THREADS as it is
+  int threads = 0;  // 0: $TVM_NUM_THREADS, else every physical core
 };
 
 [[noreturn]] void Usage(const std::string& msg) { throw RunnerError(msg, 2); }
+
+// Cores (not SMT siblings) among the CPUs this process may run on; 0 if unknown.
+int PhysicalCores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 0;
+  std::set<std::pair<std::string, std::string>> cores;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &set)) continue;
+    std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(topo + "physical_package_id"), core(topo + "core_id");
+    std::string p, c;
+    if (!(pkg >> p) || !(core >> c)) return CPU_COUNT(&set);  // no topology: logical CPUs
+    cores.insert({p, c});
+  }
+  return static_cast<int>(cores.size());
+}
 
 int64_t ParseInt(const std::string& s, const std::string& what) {
   if (s.empty()) Usage(what + ": expected an integer, got an empty string");
@@ -385,7 +406,11 @@ std::string Num(double v, int digits = 3) {
 int Run(int argc, char** argv) {
   auto t_start = Clock::now();
   Options opt = ParseArgs(argc, argv);
-  if (opt.threads > 0) setenv("TVM_NUM_THREADS", std::to_string(opt.threads).c_str(), 1);
+  if (opt.threads > 0) {
+    setenv("TVM_NUM_THREADS", std::to_string(opt.threads).c_str(), 1);
+  } else if (const char* env = std::getenv("TVM_NUM_THREADS"); env == nullptr || std::atoi(env) < 1) {
+    if (int cores = PhysicalCores(); cores > 0) setenv("TVM_NUM_THREADS", std::to_string(cores).c_str(), 1);
+  }
 
   Manifest m = ReadManifest(opt.so_path);  // checks the manifest and every file's SHA-256
   if (m.vocab_size) {
