@@ -9,7 +9,7 @@ export TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}"
 python -m ruff check shiftadd tests bench scripts
 python -m ruff format --check shiftadd tests bench scripts
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"
 rc=$?
 set -e
 # pytest exits 5 when no test was collected (e.g. a -k filter matching nothing): not a failure of ours
