@@ -73,15 +73,26 @@ def _col2im(taps, cout, kh, kw, strides, pad, in_h, in_w, oh, ow):
     return te.compute((n, cout, oh, ow), value, name="col2im")
 
 
-def _conv2d(bb, call):
+def _operands(call, kernel_layout: str):
+    """(x, w, x's shape, w's static shape) of a float NCHW convolution with one group and
+    ``kernel_layout``, else None."""
     a = call.attrs
-    if (a.data_layout, a.kernel_layout) != ("NCHW", "OIHW") or (a.out_layout or "NCHW") != "NCHW" or int(a.groups) != 1:
+    layouts = (a.data_layout, a.kernel_layout, a.out_layout or "NCHW")
+    if layouts != ("NCHW", kernel_layout, "NCHW") or int(a.groups) != 1 or _float_conv(call) is None:
         return None
     x, w = call.args
-    xs, ws, dtype = shape_of(x), _ints(shape_of(w) or []), _float_conv(call)
-    if xs is None or len(xs) != 4 or ws is None or len(ws) != 4 or dtype is None:
+    xs, ws = shape_of(x), _ints(shape_of(w) or [])
+    if xs is None or len(xs) != 4 or ws is None or len(ws) != 4:
         return None
-    o, c, kh, kw = ws
+    return x, w, xs, ws
+
+
+def _conv2d(bb, call):
+    found = _operands(call, "OIHW")
+    if found is None:
+        return None
+    x, w, xs, (o, c, kh, kw) = found
+    a = call.attrs
     strides, dilation, pad = [int(v) for v in a.strides], [int(v) for v in a.dilation], _padding(a.padding)
     oh = (xs[2] + pad[0] + pad[2] - dilation[0] * (kh - 1) - 1) // strides[0] + 1
     ow = (xs[3] + pad[1] + pad[3] - dilation[1] * (kw - 1) - 1) // strides[1] + 1
@@ -91,16 +102,11 @@ def _conv2d(bb, call):
 
 
 def _conv2d_transpose(bb, call):
+    found = _operands(call, "IOHW")
+    if found is None or [int(v) for v in call.attrs.dilation] != [1, 1]:
+        return None
+    x, w, xs, (c, o, kh, kw) = found
     a = call.attrs
-    if (a.data_layout, a.kernel_layout) != ("NCHW", "IOHW") or (a.out_layout or "NCHW") != "NCHW" or int(a.groups) != 1:
-        return None
-    x, w = call.args
-    xs, ws, dtype = shape_of(x), _ints(shape_of(w) or []), _float_conv(call)
-    if xs is None or len(xs) != 4 or ws is None or len(ws) != 4 or dtype is None:
-        return None
-    if [int(v) for v in a.dilation] != [1, 1]:
-        return None
-    c, o, kh, kw = ws
     strides, pad, extra = [int(v) for v in a.strides], _padding(a.padding), [int(v) for v in a.output_padding]
     oh = (xs[2] - 1) * strides[0] - pad[0] - pad[2] + kh + extra[0]
     ow = (xs[3] - 1) * strides[1] - pad[1] - pad[3] + kw + extra[1]
