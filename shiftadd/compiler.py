@@ -73,9 +73,10 @@ def compile(
         plan = fit_weights(loaded, options, tgt, batches)
         weights.params = {**weights.params, **plan.norms}
         rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
-    pipeline = Pipeline(tgt, rewrite=rewrite, weights=weights, decode_one=bool(loaded.extra))
+    cached = bool(loaded.extra)
+    pipeline = Pipeline(tgt, rewrite=rewrite, weights=weights, decode_one=cached, prefill_last=cached)
     mod = pipeline.run(mod, "rewrite", "decode")
-    params, report, extra = weights.params, weights.report, _functions(loaded.extra)
+    params, report, extra = weights.params, weights.report, _functions(loaded, mod)
     logger.info(f"building for {tgt.export().get('mcpu', '')} ...")
     tb = time.time()
     ex = build(mod, tgt, records(db, tgt), options.optimization.share_kv, options.optimization.attention)
@@ -104,11 +105,16 @@ def _rewrite(options: CompileOptions, plan, kernel: str, knobs, also: tuple, kee
     )
 
 
-def _functions(extra: dict) -> dict:
-    """The functions beside ``main`` by name -> their import: ``decode`` and its ``decode_one``."""
+def _functions(loaded, mod) -> dict:
+    """The functions beside ``main`` by name -> the import whose inputs and outputs they have:
+    ``decode`` and its ``decode_one``, and ``prefill_last`` (``main``'s)."""
+    from .relax_passes.last_position_logits import NAME as LAST
     from .relax_passes.specialize_decode import NAME
 
-    return {**extra, NAME: extra["decode"]} if extra else {}
+    if not loaded.extra:
+        return {}
+    have = {gv.name_hint for gv, _ in mod.functions_items()}
+    return {**loaded.extra, NAME: loaded.extra["decode"], **({LAST: loaded.imported} if LAST in have else {})}
 
 
 def _check_input(model: str, options: CompileOptions) -> None:

@@ -125,8 +125,8 @@ def test_functions_share_the_weights(compiled):
 
     sess = shiftadd.load(compiled("llama", 3))
     f = sess.functions
-    assert set(f) == {"main", "decode", "decode_one"}
-    assert f["main"]["params"] == f["decode"]["params"] == f["decode_one"]["params"]
+    assert set(f) == {"main", "prefill_last", "decode", "decode_one"}
+    assert f["main"]["params"] == f["prefill_last"]["params"] == f["decode"]["params"] == f["decode_one"]["params"]
     assert any(n.endswith(".codes") for n in f["decode"]["params"])
     assert not any(n.endswith("proj.weight") for n in f["decode"]["params"])  # every projection rewritten
     spec = sess.kv_cache
@@ -144,8 +144,30 @@ def test_functions_share_the_weights(compiled):
     for i in f["decode_one"]["inputs"][2:]:
         assert i["shape"] == ["1", str(spec["kv_heads"]), "past", str(spec["head_dim"])]
     assert f["decode_one"]["outputs"] == f["decode"]["outputs"]
-    for a, b, c in zip(sess._args["main"], sess._args["decode"], sess._args["decode_one"]):  # one copy
-        assert a is b is c
+    assert f["prefill_last"]["inputs"] == f["main"]["inputs"] and f["prefill_last"]["outputs"] == f["main"]["outputs"]
+    for a, b, c, d in zip(*(sess._args[n] for n in ("main", "decode", "decode_one", "prefill_last"))):  # one copy
+        assert a is b is c is d
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("bits", [0, 3])
+def test_prefill_last_equals_main_at_the_last_position(compiled, family, bits):
+    """``prefill_last`` gives ``main``'s logits of the last position (1e-5) and the same cache, on a
+    left-padded ragged batch; generation prefills with it (same tokens as without the cache)."""
+    import shiftadd
+
+    from .conftest import ragged_batch
+
+    sess = shiftadd.load(compiled(family, bits))
+    ids, mask = ragged_batch(3, batch=2, seq=9)
+    want = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    got = sess.run(None, {"input_ids": ids, "attention_mask": mask}, function="prefill_last")
+    assert got[0].shape == (2, 1, want[0].shape[2])
+    assert np.abs(got[0][:, 0] - want[0][:, -1]).max() <= 1e-5 * max(1.0, np.abs(want[0]).max())
+    for g, w in zip(got[1:], want[1:]):
+        assert g.shape == w.shape and np.abs(g - w).max() <= 1e-5 * max(1.0, np.abs(w).max())
+    prompt = [4, 8, 15, 16, 23]
+    assert sess.generate(prompt, 6)["new_ids"] == sess.generate(prompt, 6, use_cache=False)["new_ids"]
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])

@@ -2,8 +2,10 @@
 all run slices of :meth:`Pipeline.passes`, and nothing else lists passes.
 
 Phases, in order:
-  rewrite   constant-weight matmuls -> LUT kernel calls (the packed weights travel beside the
-            module in :class:`Weights`), then sibling calls on one activation stacked into one
+  rewrite   ``prefill_last`` (``main`` with the last position's logits only, for generation), then
+            constant-weight matmuls -> LUT kernel calls in every function (the packed weights
+            travel beside the module in :class:`Weights`), then sibling calls on one activation
+            stacked into one
   decode    ``decode_one``: the cached decode step with static shapes but for the cache length
   lower     our passes over the cache (same-dtype casts dropped, KV heads shared, attention on
             our kernels), then TVM's legalize, fold and fuse
@@ -74,6 +76,7 @@ class Pipeline:
     rewrite: Rewrite | None = None
     weights: Weights | None = None
     decode_one: bool = False
+    prefill_last: bool = False
     share_kv: bool = True
     attention: bool = True
     attention_knob: object = None  # AttentionKernel -> knob (tuning.records.Records.attention_knob)
@@ -88,6 +91,12 @@ class Pipeline:
             raise ValueError(f"unknown pipeline phases {sorted(unknown)}: expected some of {PHASES}")
         seq = []
         # -- rewrite ------------------------------------------------------------------------------
+        if "rewrite" in want and self.prefill_last:
+            from .last_position_logits import add_last_position_logits, has_logits_matmul
+
+            seq.append(  # a model whose first output is no logits matmul just has no prefill_last
+                _pass("shiftadd.AddLastPositionLogits", lambda m: add_last_position_logits(m) if has_logits_matmul(m) else m)
+            )
         if "rewrite" in want and self.rewrite is not None:
             seq.append(_pass("shiftadd.RewriteLUTMatmul", self._rewrite))
             from ..schedules.backends import BACKENDS
@@ -145,16 +154,23 @@ class Pipeline:
             layer_bits=r.layer_bits,
             kernel=r.kernel,
             knobs=r.knobs,
-            also=tuple(r.also),
+            also=self._also(mod),
         )
         w.report.allocation = r.allocation
         return mod, len(w.report.rewritten)
+
+    def _also(self, mod) -> tuple:
+        """The functions beside ``main`` that share its weights: the imported ones and ``prefill_last``."""
+        from .last_position_logits import NAME
+
+        have = {gv.name_hint for gv, _ in mod.functions_items()}
+        return (*self.rewrite.also, *((NAME,) if NAME in have and NAME not in self.rewrite.also else ()))
 
     def _stack(self, mod):
         from .fuse_sibling_luts import fuse_sibling_luts
 
         mod, self.weights.params, fewer = fuse_sibling_luts(
-            mod, self.weights.params, ("main", *self.rewrite.also), self.rewrite.knobs
+            mod, self.weights.params, ("main", *self._also(mod)), self.rewrite.knobs
         )
         if fewer:
             logger.info(f"stacked sibling LUT calls (Q/K/V, gate/up): {fewer} kernel calls fewer over all functions")

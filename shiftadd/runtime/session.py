@@ -229,8 +229,9 @@ class Session:
         return ids
 
     def generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler, use_cache: bool = True):
-        """Yield (token id, seconds of its step). With the cache: ``main`` on the prompt once (it also
-        returns every layer's keys and values), then ``decode_one`` (``decode`` specialised to one sequence and
+        """Yield (token id, seconds of its step). With the cache: ``prefill_last`` (``main`` with the last
+        position's logits only; ``main`` in older artifacts) on the prompt once (it also returns every
+        layer's keys and values), then ``decode_one`` (``decode`` specialised to one sequence and
         one token; ``decode`` in older artifacts) on one token and those per step; they stay
         TVM tensors between steps (no copies through numpy)."""
         import tvm
@@ -239,6 +240,7 @@ class Session:
         limit = max_new_tokens if not self.max_context else min(max_new_tokens, self.max_context - len(ids))
         cached = use_cache and self.kv_cache is not None
         step_fn = "decode_one" if "decode_one" in self.functions else "decode"  # static shapes: less VM work
+        prefill_fn = "prefill_last" if "prefill_last" in self.functions else "main"  # the last row's logits only
         seq, past = list(ids), None
         for step in range(limit):
             ts = time.perf_counter()
@@ -246,9 +248,8 @@ class Session:
                 logits = self.logits(np.asarray(seq))[0, -1]
             elif past is None:
                 ids_t = np.asarray([seq], dtype=np.int64)
-                out = self._call(
-                    "main", self._check_feed("main", {"input_ids": ids_t, "attention_mask": np.ones_like(ids_t)})
-                )
+                feed = {"input_ids": ids_t, "attention_mask": np.ones_like(ids_t)}
+                out = self._call(prefill_fn, self._check_feed(prefill_fn, feed))
                 logits, past = out[0].numpy()[0, -1], out[1:]
             else:
                 new = tvm.runtime.tensor(np.asarray([[seq[-1]]], dtype=np.int64), self.device)

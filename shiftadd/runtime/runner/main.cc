@@ -207,8 +207,9 @@ class Model {
       return vm;
     });
     LoadParams();
-    main_ = Bind(m_.main, opt.so_path);
-    if (m_.decode) decode_ = Bind(*m_.decode, opt.so_path);
+    main_ = Bind(m_.main, opt.so_path, false);
+    if (m_.decode) decode_ = Bind(*m_.decode, opt.so_path, true);
+    if (m_.decode && m_.prefill) prefill_ = Bind(*m_.prefill, opt.so_path, false);
   }
 
   const Manifest& manifest() const { return m_; }
@@ -224,9 +225,12 @@ class Model {
     Cache present;
   };
 
-  /*! \brief One call of main (prefill / full rerun) or decode (with \p past). */
-  Step Run(bool decode, const std::vector<int64_t>& ids, int64_t mask_len, const Cache& past) {
-    const Bound& f = decode ? *decode_ : main_;
+  enum class Fn { kPrefill, kMain, kDecode };
+
+  /*! \brief One call of the prompt's prefill (prefill_last: the last position's logits only, where the
+   *  artifact has it), main (a full rerun) or decode (with \p past). */
+  Step Run(Fn which, const std::vector<int64_t>& ids, int64_t mask_len, const Cache& past) {
+    const Bound& f = which == Fn::kDecode ? *decode_ : (which == Fn::kPrefill && prefill_) ? *prefill_ : main_;
     ffi::Tensor ids_t = IdsTensor(ids);
     ffi::Tensor mask_t = IdsTensor(std::vector<int64_t>(mask_len, 1));
     std::vector<ffi::AnyView> args;
@@ -302,7 +306,7 @@ class Model {
     }
   }
 
-  Bound Bind(const FunctionSpec& spec, const std::string& so) {
+  Bound Bind(const FunctionSpec& spec, const std::string& so, bool decode) {
     Bound b;
     b.spec = spec;
     ffi::Optional<ffi::Function> fn = (*vm_)->GetFunction(spec.name);
@@ -311,7 +315,6 @@ class Model {
                         m_.path + ")");
     }
     b.fn = *fn;
-    bool decode = spec.name != "main";  // decode or decode_one
     auto is_past = [](const std::string& n) { return n.rfind(kPast, 0) == 0 && n.size() > std::strlen(kPast); };
     for (const InputSpec& in : spec.inputs) {
       bool ok = (in.name == "input_ids" || in.name == "attention_mask") ? in.dtype == "int64"
@@ -376,7 +379,7 @@ class Model {
   std::optional<ffi::Module> vm_;
   std::map<std::string, ffi::Tensor> params_;
   Bound main_;
-  std::optional<Bound> decode_;
+  std::optional<Bound> decode_, prefill_;
 };
 
 double Ms(Clock::time_point a, Clock::time_point b) {
@@ -437,7 +440,7 @@ int Run(int argc, char** argv) {
   std::vector<int64_t> seq = opt.ids, out;
   std::vector<double> step_ms;
   auto t0 = Clock::now();
-  Model::Step step = model.Run(false, seq, static_cast<int64_t>(seq.size()), {});
+  Model::Step step = model.Run(Model::Fn::kPrefill, seq, static_cast<int64_t>(seq.size()), {});
   double prefill_ms = Ms(t0, Clock::now());
   auto is_eos = [&](int64_t id) {
     return std::find(m.eos_token_ids.begin(), m.eos_token_ids.end(), id) != m.eos_token_ids.end();
@@ -448,9 +451,9 @@ int Run(int argc, char** argv) {
     if (is_eos(step.next) || static_cast<int64_t>(out.size()) == opt.max_new_tokens) break;
     auto ts = Clock::now();
     if (model.has_cache()) {  // one new token against the cache
-      step = model.Run(true, {step.next}, static_cast<int64_t>(seq.size()), step.present);
+      step = model.Run(Model::Fn::kDecode, {step.next}, static_cast<int64_t>(seq.size()), step.present);
     } else {  // no cache: rerun main over the whole sequence
-      step = model.Run(false, seq, static_cast<int64_t>(seq.size()), {});
+      step = model.Run(Model::Fn::kMain, seq, static_cast<int64_t>(seq.size()), {});
     }
     step_ms.push_back(Ms(ts, Clock::now()));
   }

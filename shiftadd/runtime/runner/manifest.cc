@@ -187,6 +187,7 @@ Manifest ReadManifest(const std::string& so_path) {
     for (const char* name : {"decode_one", "decode"}) {
       if (!m.decode && fns.Has(name)) m.decode = ReadFunction(fns.Obj(fns.Get(name), name), name);
     }
+    if (fns.Has("prefill_last")) m.prefill = ReadFunction(fns.Obj(fns.Get("prefill_last"), "prefill_last"), "prefill_last");
   } else {  // older artifacts: main(inputs..., weights in "params" order) only
     m.main.name = "main";
     for (const Any& v : r.List(r.Get("inputs"), "inputs")) {

@@ -38,6 +38,7 @@ struct Manifest {
   std::vector<std::string> params;
   FunctionSpec main;
   std::optional<FunctionSpec> decode;  // decode_one, else decode; absent: no KV cache, rerun main
+  std::optional<FunctionSpec> prefill;  // prefill_last: main with the last position's logits only
   std::optional<int64_t> max_context;  // kv_cache.max_context when given
 };
 
