@@ -71,7 +71,11 @@ def build() -> Path:
     out = CACHE / "build-native"
     ppl_src = HERE / "llama_ppl.cpp"
     stamp = out / "bin" / "llama-ppl"
-    if all((out / "bin" / t).exists() for t in TOOLS) and stamp.exists() and stamp.stat().st_mtime > ppl_src.stat().st_mtime:
+    if (
+        all((out / "bin" / t).exists() for t in TOOLS)
+        and stamp.exists()
+        and stamp.stat().st_mtime > ppl_src.stat().st_mtime
+    ):
         return out
     logger.info(f"building llama.cpp ({tree}) -> {out}: several minutes")
     subprocess.run(

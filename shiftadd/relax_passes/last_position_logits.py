@@ -77,7 +77,10 @@ class _SliceLast(relax.PyExprMutator):
         call = binding.value
         x = self.visit_expr(call.args[0])
         seq = shape_of(x)[1]
-        last = self.builder_.emit(relax.op.strided_slice(x, axes=[1], begin=[seq - 1], end=[seq], assume_inbound=True), name_hint="last_position")
+        last = self.builder_.emit(
+            relax.op.strided_slice(x, axes=[1], begin=[seq - 1], end=[seq], assume_inbound=True),
+            name_hint="last_position",
+        )
         new = relax.Call(call.op, [last, *[self.visit_expr(a) for a in call.args[1:]]], call.attrs)
         self.set_var_remap(binding.var, self.builder_.emit(new, name_hint=binding.var.name))
 

@@ -95,7 +95,10 @@ class Pipeline:
             from .last_position_logits import add_last_position_logits, has_logits_matmul
 
             seq.append(  # a model whose first output is no logits matmul just has no prefill_last
-                _pass("shiftadd.AddLastPositionLogits", lambda m: add_last_position_logits(m) if has_logits_matmul(m) else m)
+                _pass(
+                    "shiftadd.AddLastPositionLogits",
+                    lambda m: add_last_position_logits(m) if has_logits_matmul(m) else m,
+                )
             )
         if "rewrite" in want and self.rewrite is not None:
             seq.append(_pass("shiftadd.RewriteLUTMatmul", self._rewrite))
