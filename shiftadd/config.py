@@ -108,7 +108,7 @@ class CompileOptions:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
-    preset: str = "q3"
+    preset: str = "q4-tied"
     opt_level: str = "O2"
 
     def __post_init__(self):
@@ -139,8 +139,9 @@ QUANT_PRESETS: dict[str, tuple[str, dict]] = {
     "q2": ("2-bit BCQ, group 64, float16 APoT scales and offsets", dict(bits=2)),
     "q4": ("4-bit BCQ, group 64, float16 APoT scales and offsets", dict(bits=4)),
     "q4-tied": (
-        "4-bit, one tied e5m2 scale per row and group of 128 (the uniform grid as sign planes)",
-        dict(bits=4, group=128, scale_format="e5m2", tied=True),
+        "the default: 4-bit, one tied e5m2 scale per row and group of 128 (the uniform grid as sign "
+        "planes), every matmul including lm_head (docs/BENCHMARKS.md: the measured front)",
+        dict(bits=4, group=128, scale_format="e5m2", tied=True, skip=()),
     ),
     "q2-tied": (
         "2-bit, one tied e5m2 scale per row and group of 128",
@@ -169,7 +170,7 @@ OPT_LEVELS: dict[str, tuple[str, dict]] = {
         dict(tune=True),
     ),
 }
-DEFAULT_PRESET, DEFAULT_OPT = "q3", "O2"
+DEFAULT_PRESET, DEFAULT_OPT = "q4-tied", "O2"
 
 SECTIONS = {"quant": QuantConfig, "calibration": CalibrationConfig, "optimization": OptimizationConfig}
 FIELD_SECTION = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}

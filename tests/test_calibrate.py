@@ -274,11 +274,11 @@ def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path, monkey
     loads = []
     monkeypatch.setattr(load, "load_hf_model", lambda spec, real=load.load_hf_model: loads.append(spec) or real(spec))
     kw = dict(group=36, windows=2, length=16, avg_bits=2.5, refits=1, kv_cache=False)
-    res = shiftadd.compile(str(folder), tmp_path / "la.so", **kw)
+    res = shiftadd.compile(str(folder), tmp_path / "la.so", "q3", **kw)
     assert loads == [str(folder)]  # export, Fisher and the manifest from one load of the model
     assert res.manifest["allocation"]["predicted_error"] == "loss-aware (Fisher-weighted output error)"
     assert res.report.allocation is not None and res.manifest["avg_bits"] > 2.5  # scales come on top
-    res2 = shiftadd.compile(str(folder), tmp_path / "oe.so", loss_aware=False, **kw)
+    res2 = shiftadd.compile(str(folder), tmp_path / "oe.so", "q3", loss_aware=False, **kw)
     assert res2.manifest["allocation"]["predicted_error"] == "output error"
     # the two allocations rank layers differently only through the weights: same fits, other errors
     e1 = {c.name: c.errors for c in res.report.allocation.costs}

@@ -32,7 +32,7 @@ def _cli(*args):
 
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="ONNX file not found: .*nope.onnx"):
-        shiftadd.compile(str(tmp_path / "nope.onnx"), tmp_path / "o.so")
+        shiftadd.compile(str(tmp_path / "nope.onnx"), tmp_path / "o.so", "q3")
     code, err = _cli("compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.so"))
     assert code == 2 and err.count("\n") == 0 and "ONNX file not found" in err
 
@@ -41,7 +41,7 @@ def test_not_onnx(tmp_path):
     p = tmp_path / "text.onnx"
     p.write_text("this is not a protobuf\n" * 10)
     with pytest.raises(ONNXImportError, match=r"text.onnx: not (a readable|an) ONNX model"):
-        shiftadd.compile(str(p), tmp_path / "o.so")
+        shiftadd.compile(str(p), tmp_path / "o.so", "q3")
 
 
 def test_truncated_onnx(tiny_onnx, tmp_path):
@@ -49,7 +49,7 @@ def test_truncated_onnx(tiny_onnx, tmp_path):
     p = tmp_path / "cut.onnx"
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(ONNXImportError, match="cut.onnx"):
-        shiftadd.compile(str(p), tmp_path / "o.so")
+        shiftadd.compile(str(p), tmp_path / "o.so", "q3")
     code, err = _cli("compile", str(p), "-o", str(tmp_path / "o.so"))
     assert code == 2 and "cut.onnx" in err and err.count("\n") == 0
 
@@ -66,7 +66,7 @@ def test_unsupported_op(tmp_path):
     p = tmp_path / "det.onnx"
     _det_model(str(p))
     with pytest.raises(ONNXImportError, match="ONNX op 'Det' at node 'the_det' is not supported"):
-        shiftadd.compile(str(p), tmp_path / "o.so")
+        shiftadd.compile(str(p), tmp_path / "o.so", "q3")
 
 
 @pytest.mark.parametrize(
@@ -81,17 +81,17 @@ def test_unsupported_op(tmp_path):
 )
 def test_bad_options(kw, msg, tiny_onnx, tmp_path):
     if msg is None:  # 48 divides 96 (fc2) but not 64: those rows get a shorter last group
-        res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
+        res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", "q3", **kw)
         assert res.manifest["quant"]["group"] == 48
         return
     with pytest.raises(ValueError, match=msg):
-        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", "q3", **kw)
     assert not list(tmp_path.iterdir())
 
 
 def test_bad_output_name(tiny_onnx, tmp_path):
     with pytest.raises(ArtifactError, match="must end in .so"):
-        shiftadd.compile(tiny_onnx("opt"), tmp_path / "model.bin")
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "model.bin", "q3")
 
 
 def test_interrupted_compile_leaves_nothing(tiny_onnx, tmp_path, monkeypatch):
@@ -102,12 +102,12 @@ def test_interrupted_compile_leaves_nothing(tiny_onnx, tmp_path, monkeypatch):
 
     monkeypatch.setattr(C.ArtifactWriter, "commit", boom)
     with pytest.raises(KeyboardInterrupt):
-        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so")
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", "q3")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupted_artifact_is_refused(tiny_onnx, tmp_path):
-    res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", bits=2, group=16)
+    res = shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", "q3", bits=2, group=16)
     params = tmp_path / "o.params"
     blob = bytearray(params.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
@@ -127,7 +127,7 @@ def test_model_without_weight_matmuls(tmp_path):
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
     p = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
-    res = shiftadd.compile(str(p), tmp_path / "r.so")
+    res = shiftadd.compile(str(p), tmp_path / "r.so", "q3")
     assert res.report.layers == []
     out = shiftadd.load(res.so).run(None, {"x": np.array([[-1, 2, -3, 4]], np.float32)})[0]
     np.testing.assert_array_equal(out, [[0, 2, 0, 4]])
@@ -150,7 +150,7 @@ def test_model_without_weight_matmuls(tmp_path):
 )
 def test_bad_calibration_and_allocation_options(kw, msg, tiny_onnx, tmp_path):
     with pytest.raises(ValueError, match=msg):
-        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", **kw)
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "o.so", "q3", **kw)
     assert not list(tmp_path.iterdir())
 
 
@@ -182,5 +182,5 @@ def test_graph_tvm_cannot_lower_fails_before_fitting(tiny_onnx, tmp_path, monkey
     monkeypatch.setattr(C, "convolutions_as_matmuls", broken)
     monkeypatch.setattr(shiftadd.compiler, "fit_weights", fits)
     with pytest.raises(BuildError, match=r"pass 'shiftadd.ConvolutionsAsMatmuls' failed .*VarRemapGet"):
-        shiftadd.compile(tiny_onnx("opt"), tmp_path / "x.so")
+        shiftadd.compile(tiny_onnx("opt"), tmp_path / "x.so", "q3")
     assert not list(tmp_path.iterdir())

@@ -188,5 +188,5 @@ def test_unsupported_family_fails_at_once_naming_the_feature(family, tmp_path, m
 
     monkeypatch.setattr(torch.onnx, "export", export)
     with pytest.raises(ValueError, match=feature):
-        shiftadd.compile(str(tmp_path / family), tmp_path / "x.so")
+        shiftadd.compile(str(tmp_path / family), tmp_path / "x.so", "q3")
     assert not (tmp_path / "x.so").exists()

@@ -25,7 +25,7 @@ def tuned(tmp_path_factory):
     folder = root / "llama"
     _tiny("llama").save_pretrained(folder)
     db = root / "db"
-    s = tune(str(folder), db=db, bits=3, group=36, rounds=2, float_trials=3, float_min_work=MIN_WORK)
+    s = tune(str(folder), "q3", db=db, bits=3, group=36, rounds=2, float_trials=3, float_min_work=MIN_WORK)
     return str(folder), db, s
 
 
@@ -45,7 +45,7 @@ def test_tune_float_operators_and_resume(tuned):
     recs = _records(ctx)
     assert len(recs) >= 1 + f["tasks"]  # at least the baseline and one trial per task
     assert all(all(v > 0 for v in r[1][1]) for r in recs)  # measured run seconds
-    again = tune(folder, db=db, bits=3, group=36, rounds=2, float_trials=3, float_min_work=MIN_WORK)["float"]
+    again = tune(folder, "q3", db=db, bits=3, group=36, rounds=2, float_trials=3, float_min_work=MIN_WORK)["float"]
     assert again["done"] == 0 and again["complete_before"] == f["tasks"]
     assert _records(ctx) == recs
 
@@ -71,7 +71,7 @@ def test_compile_applies_the_records_and_stays_exact(tuned, tmp_path):
     for name in names:
         assert "tirx.is_scheduled" in applied[name].attrs
         assert not tvm_ffi.structural_equal(applied[name], low[name])
-    res = shiftadd.compile(folder, tmp_path / "t.so", bits=3, group=36, windows=0, db=db)
+    res = shiftadd.compile(folder, tmp_path / "t.so", "q3", bits=3, group=36, windows=0, db=db)
     sess = shiftadd.load(res.so)
     ids = np.asarray([[3, 1, 4, 1, 5]], np.int64)
     _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
@@ -158,7 +158,7 @@ def test_attention_knobs_are_tuned_and_applied(tuned, tmp_path):
     low = lower(mod, tgt, attention_knob=TuningDB.open(other).attention_knob)
     names = {gv.name_hint for gv, _ in low.functions_items()}
     assert {f"{spec.name}_k{knob}" for spec, knob in forced.items()} <= names
-    res = shiftadd.compile(folder, tmp_path / "b4.so", bits=3, group=36, windows=0, db=other)
+    res = shiftadd.compile(folder, tmp_path / "b4.so", "q3", bits=3, group=36, windows=0, db=other)
     sess = shiftadd.load(res.so)
     ids = np.asarray([[3, 1, 4, 1, 5, 9, 2]], np.int64)
     _, *past = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})

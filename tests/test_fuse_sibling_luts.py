@@ -49,8 +49,8 @@ def test_stacked_siblings_equal_separate_calls(folder, tmp_path, bits, tied):
     import shiftadd
 
     kw = dict(bits=bits, group=32, windows=0, kernel="avx2", tied=tied)
-    a = shiftadd.compile(str(folder), tmp_path / "sep.so", stack_siblings=False, **kw)
-    b = shiftadd.compile(str(folder), tmp_path / "stk.so", **kw)
+    a = shiftadd.compile(str(folder), tmp_path / "sep.so", "q3", stack_siblings=False, **kw)
+    b = shiftadd.compile(str(folder), tmp_path / "stk.so", "q3", **kw)
     sa, ca = _lut_calls(a.so)
     sb, cb = _lut_calls(b.so)
     rng = np.random.default_rng(bits)
@@ -80,5 +80,5 @@ def test_widths_off_the_32_row_blocks_stay_separate(tiny_onnx, tmp_path):
     """Tiny Llama with hidden 72 (k/v 36 rows): padded blocks cannot be concatenated."""
     import shiftadd
 
-    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "t.so", bits=3, group=36, windows=0, kernel="avx2")
+    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "t.so", "q3", bits=3, group=36, windows=0, kernel="avx2")
     assert not any(k.startswith("fused(") for k in res.manifest["params"])

@@ -28,6 +28,7 @@ def compiled(tmp_path_factory):
             res = shiftadd.compile(
                 str(folder),
                 root / f"{family}-{bits}.so",
+                "q3",
                 bits=bits or 3,
                 rewrite=bits > 0,
                 group=GROUP[family],

@@ -31,7 +31,7 @@ def test_perplexity_matches_torch_for_so_and_onnx(tiny_onnx, tmp_path):
         r = perplexity(_Runner(spec), ids, progress=False)
         assert r["tokens"] == 3 * 16
         assert r["ppl"] == pytest.approx(ref, rel=1e-4)
-    q = shiftadd.compile(tiny_onnx("llama"), tmp_path / "q.so", bits=3, group=36)
+    q = shiftadd.compile(tiny_onnx("llama"), tmp_path / "q.so", "q3", bits=3, group=36)
     run = _Runner(str(q.so))
     assert 3 < run.avg_bits < 32 and run.weight_bytes == sum(r.bytes_after for r in q.report.rewritten)
     rq = perplexity(run, ids, progress=False)

@@ -62,6 +62,7 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel,
     res = shiftadd.compile(
         path,
         tmp_path / "m.so",
+        "q3",
         bits=bits,
         group=group,
         keep_dequantized=True,
@@ -112,7 +113,7 @@ def test_rewrite_equals_onnxruntime_on_dequantized_weights(family, bits, kernel,
 
 def test_fresh_process_run_and_generate(tiny_onnx, tmp_path):
     path = tiny_onnx("llama")
-    res = shiftadd.compile(path, tmp_path / "m.so", bits=3, group=36)
+    res = shiftadd.compile(path, tmp_path / "m.so", "q3", bits=3, group=36)
     manifest = res.manifest
     assert manifest["quant"]["bits"] == 3 and manifest["quant"]["group"] == 36
     assert manifest["tvm_version"] and manifest["target"]["kind"] == "llvm" and manifest["files"]
@@ -152,7 +153,7 @@ def test_onnx_input_with_stored_tokenizer(tiny_onnx, tmp_path):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w1")
-    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "m.so", bits=4, group=36, tokenizer=tok)
+    res = shiftadd.compile(tiny_onnx("llama"), tmp_path / "m.so", "q3", bits=4, group=36, tokenizer=tok)
     sess = shiftadd.load(res.so)
     gen = sess.generate("w5 w7 w9", max_new_tokens=4)
     assert gen["prompt_ids"] == [5, 7, 9]
@@ -161,7 +162,7 @@ def test_onnx_input_with_stored_tokenizer(tiny_onnx, tmp_path):
 
 
 def test_inputs_metadata_and_bad_feeds(tiny_onnx, tmp_path):
-    res = shiftadd.compile(tiny_onnx("gpt2"), tmp_path / "m.so", bits=2, group=16)
+    res = shiftadd.compile(tiny_onnx("gpt2"), tmp_path / "m.so", "q3", bits=2, group=16)
     sess = shiftadd.load(res.so)
     assert [i.name for i in sess.inputs] == ["input_ids", "attention_mask"]
     assert sess.inputs[0].type == "int64" and len(sess.inputs[0].shape) == 2
@@ -191,6 +192,7 @@ def test_scale_layouts_run_exactly(family, layout, kernel, tiny_onnx, tmp_path):
     res = shiftadd.compile(
         path,
         tmp_path / "m.so",
+        "q3",
         bits=3,
         layout=layout,
         block_rows=32 if kernel == "avx2" else 16,

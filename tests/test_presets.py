@@ -17,18 +17,20 @@ from shiftadd.frontend.onnx_import import name_weights
 
 
 def test_defaults_are_the_documented_compile():
+    """The default is the measured front's point (docs/BENCHMARKS.md): 4 bits, tied e5m2 scales per
+    128 inputs, every matmul including lm_head."""
     o = resolve()
-    assert (o.preset, o.opt_level) == ("q3", "O2")
+    assert (o.preset, o.opt_level) == ("q4-tied", "O2")
     q, c, z = o.quant, o.calibration, o.optimization
     assert (q.bits, q.group, q.scale_format, q.tied, q.offset, q.apot_terms, q.rounds, q.skip, q.avg_bits) == (
-        3,
-        64,
-        "fp16",
-        False,
+        4,
+        128,
+        "e5m2",
+        True,
         True,
         3,
         6,
-        ("lm_head",),
+        (),
         None,
     )
     assert (c.windows, c.length, c.mode, c.refits, c.loss_aware, c.tune_scales) == (None, 128, "one-pass", 3, True, 0)

@@ -1,5 +1,5 @@
-"""The real model: SmolLM2-135M (packaged GGUF) at 4 and 3 bits compiles, generates, and agrees with
-the float model on held-out Wikipedia text. The measured figures are printed (pytest -s shows them)
+"""The real model: SmolLM2-135M (packaged GGUF) with the default preset and at 4 bits weight-only
+compiles, generates, and agrees with the float model on held-out Wikipedia text. The measured figures are printed (pytest -s shows them)
 and recorded in README.md."""
 
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 
 import shiftadd
 from shiftadd.calibration.text import token_windows, wiki_split
+from shiftadd.config import DEFAULT_PRESET
 from shiftadd.eval.agreement import agreement
 from shiftadd.schedules import native as N
 
@@ -22,15 +23,16 @@ def smollm2():
     return model, tok, ids
 
 
-@pytest.mark.parametrize("bits, calib, floor", [(4, 0, 0.65), (3, 8, 0.45)])
-def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_path, monkeypatch):
-    """4-bit weight-only; 3-bit calibrated on 8 x 128 wiki tokens with one scale refit, to keep CI
-    short (the default is 128 windows and 3 refits: docs/QUALITY.md)."""
+@pytest.mark.parametrize(
+    "quant, calib, floor, kept", [(DEFAULT_PRESET, 8, 0.60, []), ("q4", 0, 0.65, ["lm_head.weight"])]
+)
+def test_smollm2_compiles_generates_and_agrees(quant, calib, floor, kept, smollm2, tmp_path, monkeypatch):
+    """The default preset (every matmul, lm_head included) calibrated on 8 x 128 wiki tokens with
+    one scale refit, to keep CI short (the default is 128 windows and 3 refits: docs/QUALITY.md);
+    4-bit weight-only with the float lm_head (group 64, float16 scales)."""
     model, tok, ids = smollm2
-    res = shiftadd.compile(
-        "smollm2", tmp_path / f"smollm2-q{bits}.so", bits=bits, windows=calib, mode="one-pass", refits=1
-    )
-    assert len(res.report.rewritten) == 30 * 7 and [r.name for r in res.report.kept] == ["lm_head.weight"]
+    res = shiftadd.compile("smollm2", tmp_path / f"smollm2-{quant}.so", quant, windows=calib, mode="one-pass", refits=1)
+    assert len(res.report.rewritten) == 30 * 7 + 1 - len(kept) and [r.name for r in res.report.kept] == kept
     sess = shiftadd.load(res.so)
     gen = sess.generate("The capital of France is", max_new_tokens=8)
     assert len(gen["new_ids"]) >= 1 and isinstance(gen["text"], str)
@@ -69,8 +71,7 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
         monkeypatch.delenv("SHIFTADD_NO_INT8")
         N.active_paths()
     print(
-        f"\nSmolLM2 {bits}-bit: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} "
-        f"(logits up to {top:.1f})"
+        f"\nSmolLM2 {quant}: KV-cache decode vs full rerun, max |logit difference| {worst:.2e} (logits up to {top:.1f})"
     )
     assert worst <= 1e-4 * top
     if 1 in paths:  # here the rerun's M > 1 takes the int8 path: other roundings, never other logits
@@ -79,7 +80,7 @@ def test_smollm2_compiles_generates_and_agrees(bits, calib, floor, smollm2, tmp_
         assert worst <= 0.15 * top
     r = agreement(sess, model, ids, progress=False)
     print(
-        f"\nSmolLM2-135M {bits}-bit group 64, calibration windows {calib}: "
+        f"\nSmolLM2-135M {quant}, calibration windows {calib}: "
         f"top-1 agreement {100 * r['top1_agreement']:.2f} % over "
         f"{r['tokens']} tokens; perplexity {r['ppl']:.2f} (float {r['ppl_float']:.2f}); "
         f"continuation: {gen['text']!r}"

@@ -34,8 +34,8 @@ def artifacts(tmp_path_factory, tiny_onnx) -> dict[str, Path]:
     _tiny("llama").save_pretrained(root / "llama")
     kw = dict(bits=3, group=36, windows=0)  # group 36: the tiny Llama's K are 72 and 100
     return {
-        "hf": shiftadd.compile(str(root / "llama"), root / "hf.so", **kw).so,
-        "onnx": shiftadd.compile(tiny_onnx("llama"), root / "onnx.so", **kw).so,
+        "hf": shiftadd.compile(str(root / "llama"), root / "hf.so", "q3", **kw).so,
+        "onnx": shiftadd.compile(tiny_onnx("llama"), root / "onnx.so", "q3", **kw).so,
     }
 
 

@@ -125,6 +125,7 @@ def test_compile_with_tuned_scales_runs_what_was_tuned(tmp_path, monkeypatch):
     res = shiftadd.compile(
         str(folder),
         tmp_path / "t.so",
+        "q3",
         bits=2,
         group=36,
         windows=4,

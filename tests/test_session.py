@@ -25,7 +25,7 @@ def artifact(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("session")
     _tiny("llama").save_pretrained(root / "llama")
-    return shiftadd.compile(str(root / "llama"), root / "m.so", bits=3, group=36, windows=0).so
+    return shiftadd.compile(str(root / "llama"), root / "m.so", "q3", bits=3, group=36, windows=0).so
 
 
 # -- sampling --------------------------------------------------------------------------------------

@@ -75,9 +75,9 @@ def test_kernel_keys_are_what_compile_looks_up(opt_folder, tmp_path):
     )  # + q/k/v stacked
     db = tmp_path / "db"
     db.mkdir()
-    s = tune(opt_folder, db=db, bits=3, group=32, rounds=2, float_ops=False)
+    s = tune(opt_folder, "q3", db=db, bits=3, group=32, rounds=2, float_ops=False)
     assert s["complete"] == s["kernels"] == 4 and s["phases_left"] == 0
-    res = shiftadd.compile(opt_folder, tmp_path / "m.so", bits=3, group=32, windows=0, db=db)
+    res = shiftadd.compile(opt_folder, tmp_path / "m.so", "q3", bits=3, group=32, windows=0, db=db)
     t = res.manifest["tuning"]
     assert t["default"] == 0 and t["from_db"] == 4 and t["db"] == str(db / "tuning.json")
 
@@ -96,17 +96,17 @@ def test_scale_storage_is_part_of_the_key(opt_folder, tmp_path, monkeypatch):
     assert key_of(64, 64, 4, 32, True, 1) == key_of(64, 64, 4, 32, True, 1, False, False)
     assert len({key_of(64, 64, 4, 32, True, 1, f, t) for f in (False, True) for t in (False, True)}) == 4
     db = tmp_path / "db"
-    s = tune(opt_folder, db=db, bits=4, group=32, rounds=1, float_ops=False, scale_format="e5m2", tied=True)
+    s = tune(opt_folder, "q3", db=db, bits=4, group=32, rounds=1, float_ops=False, scale_format="e5m2", tied=True)
     assert s["complete"] == s["kernels"] == 4
     assert calls and all(kk[6:] == (True, True) for kk, _ in calls)
     assert made and all(a[8:] == (True, True) for a in made)  # make_lut_avx2(..., fp8, tied) as the compile builds it
     entries = json.loads((db / "tuning.json").read_text())["entries"]
     assert all(" e5m2 tied" in k for k in entries)
     res = shiftadd.compile(
-        opt_folder, tmp_path / "m.so", bits=4, group=32, windows=0, db=db, scale_format="e5m2", tied=True
+        opt_folder, tmp_path / "m.so", "q3", bits=4, group=32, windows=0, db=db, scale_format="e5m2", tied=True
     )
     assert res.manifest["tuning"]["from_db"] == 4 and res.manifest["tuning"]["default"] == 0
-    plain = shiftadd.compile(opt_folder, tmp_path / "p.so", bits=4, group=32, windows=0, db=db)
+    plain = shiftadd.compile(opt_folder, tmp_path / "p.so", "q3", bits=4, group=32, windows=0, db=db)
     assert plain.manifest["tuning"]["from_db"] == 0 and plain.manifest["tuning"]["default"] == 4
 
 
@@ -114,14 +114,14 @@ def test_budget_is_respected_and_rerun_resumes(opt_folder, tmp_path, monkeypatch
     calls = _spy(monkeypatch, delay=1.0)
     db = tmp_path / "t.json"
     t0 = time.perf_counter()
-    s1 = tune(opt_folder, db=db, bits=2, group=32, budget=6, rounds=2, float_ops=False)
+    s1 = tune(opt_folder, "q3", db=db, bits=2, group=32, budget=6, rounds=2, float_ops=False)
     spent = time.perf_counter() - t0
     assert spent <= 6 * 1.1, spent
     assert s1["phases_done"] == len(calls) and 1 <= s1["phases_done"] < 8, s1
     first = json.loads(db.read_text())["entries"]
     done = {(k, ph) for k, e in first.items() for ph in PHASES if ph in e}
     calls.clear()
-    s2 = tune(opt_folder, db=db, bits=2, group=32, rounds=2, float_ops=False)
+    s2 = tune(opt_folder, "q3", db=db, bits=2, group=32, rounds=2, float_ops=False)
     assert s2["phases_done"] == 8 - len(done) == len(calls) and s2["complete"] == 4  # 3 kernels + q/k/v stacked
     assert not {(key_of(*kk), "decode" if m == 1 else "batch") for kk, m in calls} & done  # nothing re-measured
     after = json.loads(db.read_text())["entries"]
@@ -144,12 +144,14 @@ def test_interrupted_run_keeps_every_finished_phase(opt_folder, tmp_path, monkey
     monkeypatch.setattr(LocalMeasurer, "measure", measure)
     db = tmp_path / "t.json"
     with pytest.raises(KeyboardInterrupt):
-        tune(opt_folder, db=db, bits=4, group=32, rounds=2, float_ops=False)
+        tune(opt_folder, "q3", db=db, bits=4, group=32, rounds=2, float_ops=False)
     entries = json.loads(db.read_text())["entries"]
     assert sum(ph in e for e in entries.values() for ph in PHASES) == 2
     monkeypatch.setattr(LocalMeasurer, "measure", real)
     calls = _spy(monkeypatch)
-    assert tune(opt_folder, db=db, bits=4, group=32, rounds=2, float_ops=False)["complete"] == 4 and len(calls) == 6
+    assert (
+        tune(opt_folder, "q3", db=db, bits=4, group=32, rounds=2, float_ops=False)["complete"] == 4 and len(calls) == 6
+    )
 
 
 def test_database_of_another_target_or_tvm_is_ignored(tmp_path):
@@ -231,6 +233,7 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     m.close()
     s = tune(
         opt_folder,
+        "q3",
         db=tmp_path / "rpc.json",
         rpc=rpc_tracker,
         key="shiftadd-test",
@@ -244,7 +247,7 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
     # MetaSchedule measured the float lm_head (64 x 96) through the same servers: baseline + trials
     f = s["float"]
     assert f["tasks"] == f["done"] >= 1 and all(v > 0 for v in f["best"].values())
-    local = tune(opt_folder, db=tmp_path / "local.json", bits=3, group=32, rounds=2, float_ops=False)
+    local = tune(opt_folder, "q3", db=tmp_path / "local.json", bits=3, group=32, rounds=2, float_ops=False)
     assert local["complete"] == 4
     r = json.loads((tmp_path / "rpc.json").read_text())
     lo = json.loads((tmp_path / "local.json").read_text())
@@ -278,20 +281,20 @@ def test_rpc_tuning_on_loopback(opt_folder, tmp_path, rpc_tracker):
 
 def test_bad_arguments_get_clear_errors(opt_folder, tmp_path):
     with pytest.raises(ValueError, match="HOST:PORT"):
-        tune(opt_folder, db=tmp_path / "x.json", rpc="localhost", key="k")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", rpc="localhost", key="k")
     with pytest.raises(ValueError, match="--key needs --rpc"):
-        tune(opt_folder, db=tmp_path / "x.json", key="k")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", key="k")
     with pytest.raises(ValueError, match="--key"):
-        tune(opt_folder, db=tmp_path / "x.json", rpc="127.0.0.1:9")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", rpc="127.0.0.1:9")
     with pytest.raises(ConnectionError, match="no TVM RPC tracker"):
-        tune(opt_folder, db=tmp_path / "x.json", rpc=f"127.0.0.1:{_free_port()}", key="k")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", rpc=f"127.0.0.1:{_free_port()}", key="k")
     with pytest.raises(ValueError, match="column layout"):
-        tune(opt_folder, db=tmp_path / "x.json", layout="column")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", layout="column")
     with pytest.raises(ValueError, match="--budget"):
-        tune(opt_folder, db=tmp_path / "x.json", budget="soon")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", budget="soon")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json: not readable JSON"):
-        tune(opt_folder, db=tmp_path / "bad.json")
+        tune(opt_folder, "q3", db=tmp_path / "bad.json")
     r = subprocess.run(
         [sys.executable, "-m", "shiftadd.cli", "tune", opt_folder, "--rpc", "nowhere", "--key", "k"],
         capture_output=True,

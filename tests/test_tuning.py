@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
     path = tiny_onnx("opt")
     db = tmp_path / "db"
-    first = shiftadd.compile(path, tmp_path / "a.so", bits=2, group=32, tune=True, db=db)
+    first = shiftadd.compile(path, tmp_path / "a.so", "q3", bits=2, group=32, tune=True, db=db)
     t = first.manifest["tuning"]
     kernels = {(r.k, r.n) for r in first.report.rewritten} | {(64, 3 * 64)}  # + OPT's q/k/v stacked in one call
     assert any(k.startswith("fused(") for k in first.manifest["params"])
@@ -34,9 +34,9 @@ def test_compile_tunes_once_then_reads_the_database(tiny_onnx, tmp_path):
             lut_avx2.Knobs(**e["decode"]) in lut_avx2.KNOB_SPACE and lut_avx2.Knobs(**e["batch"]) in lut_avx2.KNOB_SPACE
         )
         assert min(e["ms"]["decode"].values()) > 0
-    second = shiftadd.compile(path, tmp_path / "b.so", bits=2, group=32, tune=True, db=db)
+    second = shiftadd.compile(path, tmp_path / "b.so", "q3", bits=2, group=32, tune=True, db=db)
     assert second.manifest["tuning"]["tuned_now"] == 0 and second.manifest["tuning"]["from_db"] == len(kernels)
-    untuned = shiftadd.compile(path, tmp_path / "c.so", bits=2, group=32, db=tmp_path / "empty")
+    untuned = shiftadd.compile(path, tmp_path / "c.so", "q3", bits=2, group=32, db=tmp_path / "empty")
     assert untuned.manifest["tuning"]["default"] == len(kernels)
     # within a path knobs change the schedule, never the arithmetic: tuned and default kernels agree
     # bit for bit (M = 1: the 256- and 512-bit LUT paths add the same integers in the same order; a
@@ -100,8 +100,8 @@ def test_compile_without_int8_batch_computes_the_lut_tables(tiny_onnx, tmp_path,
     """compile(int8_batch=False): a batch runs the LUT tables, i.e. exactly what the default
     compile computes with the int8 path switched off (SHIFTADD_NO_INT8)."""
     path = tiny_onnx("opt")
-    default = shiftadd.compile(path, tmp_path / "a.so", bits=3, group=32, db=tmp_path / "db")
-    lut = shiftadd.compile(path, tmp_path / "b.so", bits=3, group=32, db=tmp_path / "db", int8_batch=False)
+    default = shiftadd.compile(path, tmp_path / "a.so", "q3", bits=3, group=32, db=tmp_path / "db")
+    lut = shiftadd.compile(path, tmp_path / "b.so", "q3", bits=3, group=32, db=tmp_path / "db", int8_batch=False)
     assert lut.manifest["tuning"]["int8_batch"] is False
     ids, mask = ragged_batch(2, 3, 9)
     feed = {"input_ids": ids, "attention_mask": mask}

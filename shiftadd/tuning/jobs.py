@@ -9,7 +9,7 @@ import logging
 import re
 import time
 
-from ..config import resolve
+from ..config import DEFAULT_OPT, DEFAULT_PRESET, resolve
 from ..quant import BCQConfig
 from ..quant.allocate import CHOICES
 
@@ -101,8 +101,8 @@ def kernel_keys(matmuls, cfg: BCQConfig, skip=("lm_head",), bits_set=None, sibli
 
 def tune(
     model: str,
-    quant: str = "q3",
-    opt: str = "O2",
+    quant: str = DEFAULT_PRESET,
+    opt: str = DEFAULT_OPT,
     *,
     db=None,
     target: str = "cpu",
