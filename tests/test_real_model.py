@@ -1,6 +1,6 @@
 """The real model: SmolLM2-135M (packaged GGUF) with the default preset and at 4 bits weight-only
-compiles, generates, and agrees with the float model on held-out Wikipedia text. The measured figures are printed (pytest -s shows them)
-and recorded in README.md."""
+compiles, generates, and agrees with the float model on held-out Wikipedia text. The measured figures
+are printed (pytest -s shows them) and recorded in README.md."""
 
 import numpy as np
 import pytest
