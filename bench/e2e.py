@@ -77,6 +77,19 @@ def compiled(work: Path, args: str) -> Path:
     return so
 
 
+def same_options(so: Path, args: str) -> Path:
+    """``so`` if its manifest records the options ``shiftadd compile smollm2 ARGS`` resolves to."""
+    from shiftadd.cli import build_parser
+    from shiftadd.config import parse_sets, resolve
+
+    ns = build_parser().parse_args(["compile", "smollm2", "-o", "x.so", *shlex.split(args)])
+    want = json.loads(json.dumps(resolve(ns.quant, ns.opt, parse_sets(ns.set)).manifest()))
+    got = json.loads(so.with_suffix(".json").read_text())["options"]
+    if got != want:
+        raise SystemExit(f"{so}: compiled with other options than `{args or 'the defaults'}`: {got} != {want}")
+    return so
+
+
 def python_session(so: Path, ids: list[int], new: int) -> dict:
     r = subprocess.run(
         [sys.executable, "-c", PROBE, str(so), " ".join(map(str, ids)), str(new)],
@@ -190,6 +203,13 @@ def main(argv=None) -> int:
         metavar="LABEL=ARGS",
         help="also compile with these `shiftadd compile` arguments, e.g. q3='--quant q3'",
     )
+    ap.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="LABEL=SO",
+        help="an artifact compiled before for LABEL (its manifest's options must be LABEL's: checked)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=32, help="tokens generated per round")
@@ -212,8 +232,9 @@ def main(argv=None) -> int:
         variants[label.strip()] = args.strip()
     subjects: dict[str, object] = {}
     sos = {}
+    given = dict(v.split("=", 1) for v in a.artifact)
     for label, args in variants.items():
-        so = sos[label] = compiled(work, args)
+        so = sos[label] = same_options(Path(given[label]), args) if label in given else compiled(work, args)
         subjects[f"shiftadd {label}: Python session"] = lambda so=so: python_session(so, ids, a.new)
         subjects[f"shiftadd {label}: C++ runner"] = lambda so=so: cpp_runner(so, ids, a.new)
     for kind in LLAMA_KINDS:

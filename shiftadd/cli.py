@@ -236,7 +236,8 @@ def _cmd_presets(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the benchmarks resolve compile arguments with it, as the CLI does)."""
     p = argparse.ArgumentParser(prog="shiftadd", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -340,7 +341,11 @@ def main(argv=None) -> int:
         )
     pr = sub.add_parser("presets", help="list the quantization presets and optimization levels with every field")
     pr.set_defaults(fn=_cmd_presets)
+    return p
 
+
+def main(argv=None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if getattr(a, "threads", None) is not None:  # this process's TVM thread pool, before it exists
         if a.threads < 1:
