@@ -221,3 +221,36 @@ def test_add_decode_one_needs_a_symbolic_decode():
         add_decode_one(mod, source="prefill")
     with pytest.raises(ValueError, match=r"no symbolic dims \['batch'\]"):
         add_decode_one(mod)
+
+
+def test_last_position_logits_needs_an_output_matmul():
+    """Without a weight matmul behind the first output the pass says so (the compile then adds no
+    ``prefill_last``); through a soft-cap's elementwise ops it slices the matmul's activation."""
+    import tvm
+    from tvm import relax
+
+    from shiftadd.relax_passes.last_position_logits import add_last_position_logits, has_logits_matmul
+
+    def module(with_matmul: bool):
+        bb = relax.BlockBuilder()
+        seq = tvm.tirx.Var("seq", "int64")
+        x = relax.Var("x", relax.TensorType([1, seq, 8], "float32"))
+        w = relax.Var("w", relax.TensorType([8, 5], "float32"))
+        with bb.function("main", [x, w], attrs={"num_input": 1}):
+            y = bb.emit(relax.op.matmul(x, w)) if with_matmul else bb.emit(relax.op.add(x, x))
+            y = bb.emit(relax.op.multiply(relax.op.tanh(relax.op.divide(y, relax.const(3.0))), relax.const(3.0)))
+            bb.emit_func_output(y)
+        return relax.transform.Normalize()(bb.get())
+
+    assert not has_logits_matmul(module(False))
+    with pytest.raises(ValueError, match="first output of 'main' is not a weight matmul"):
+        add_last_position_logits(module(False))
+    mod = add_last_position_logits(module(True))
+    ex = tvm.compile(mod, "llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x, w = np.random.default_rng(0).standard_normal((1, 6, 8), np.float32), np.ones((8, 5), np.float32)
+    full = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    last = vm["prefill_last"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    assert last.shape == (1, 1, 5)
+    np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=1e-6)
+    np.testing.assert_allclose(full, 3 * np.tanh((x @ w) / 3), rtol=1e-5, atol=1e-6)
