@@ -154,14 +154,14 @@ def _knob_source(kernel: str, options: CompileOptions, db, target, imported):
     timed (docs/ENGINEERING.md). Keys the rewrite asks for beyond them are tuned when asked.
     ``int8_batch`` False keeps M > 1 on the LUT path (TuningDB.knobs)."""
     tune, int8_batch = options.optimization.tune, options.optimization.int8_batch
-    summary = {"db": None, "from_db": 0, "default": 0, "tuned_now": 0, "int8_batch": int8_batch}
+    summary = {"db": None, "from_db": 0, "shipped": 0, "default": 0, "tuned_now": 0, "int8_batch": int8_batch}
     if not BACKENDS[kernel].tunable:
         return None, summary
     from .tuning.database import TuningDB
     from .tuning.search import tune_missing
 
     tdb = TuningDB.open(db, target=target)
-    summary["db"] = str(tdb.path)
+    summary["db"], summary["shipped_db"] = str(tdb.path), tdb.shipped_from
     keys = _kernel_keys(imported, options.bcq(), options.quant.skip, options.quant.avg_bits, kernel, tune)
     if tune and keys:
         summary["tuned_now"] += tune_missing(tdb, list(keys))
@@ -169,7 +169,7 @@ def _knob_source(kernel: str, options: CompileOptions, db, target, imported):
     def knobs(*key):
         if tune and tdb.get(*key) is None:
             summary["tuned_now"] += tune_missing(tdb, [key])
-        summary["from_db" if tdb.get(*key) else "default"] += 1
+        summary["from_db" if tdb.get(*key) else "shipped" if tdb.get_shipped(*key) else "default"] += 1
         return tdb.knobs(*key, int8=int8_batch)
 
     return knobs, summary

@@ -72,7 +72,7 @@ def test_stale_database_is_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"1 entries were tuned for another context \(cpu, tvm differ\)"):
         stale = TuningDB.open(tmp_path / "t.json")
     assert stale.get(64, 32, 2, 32, True, 1) is None
-    assert stale.knobs(64, 32, 2, 32, True, 1) == lut_avx2.default_knobs(2, stale.vnni)
+    assert stale.knobs(64, 32, 2, 32, True, 1) == stale.untuned_knobs(2)  # shipped for this CPU, else the rule
 
 
 def test_int8_batch_off_keeps_the_lut_path(tmp_path):
@@ -91,7 +91,7 @@ def test_int8_batch_off_keeps_the_lut_path(tmp_path):
     wide, i8 = lut_avx2.Knobs(1, 4, 0, 2), lut_avx2.Knobs(4, 1, 0, 1)
     assert db.knobs(64, 32, 2, 32, True, 1) == (wide, i8)
     assert db.knobs(64, 32, 2, 32, True, 1, int8=False) == (wide, lut_avx2.Knobs(2, 2, 0))
-    assert db.knobs(64, 64, 2, 32, True, 1, int8=False) == (lut_avx2.DEFAULT_KNOBS, lut_avx2.LUT_BATCH_KNOBS)
+    assert db.knobs(64, 64, 2, 32, True, 1, int8=False) == (db.untuned_knobs(2)[0], lut_avx2.LUT_BATCH_KNOBS)
     db.put(key, {"decode": {"mt": 1, "rbk": 4, "tasks": 0}, "batch": {"mt": 2, "rbk": 1, "tasks": 1}, "ms": {}})
     assert db.knobs(64, 32, 2, 32, True, 1, int8=False)[1] == lut_avx2.Knobs(2, 1, 1)
 
@@ -193,7 +193,11 @@ def test_knobs_timed_under_a_kernel_switch_are_not_used_without_it(tmp_path, mon
 
 def test_untuned_batch_knobs_follow_the_target(tmp_path, monkeypatch):
     """Without a database entry the batch takes the int8 path, except on a target without VNNI at
-    <= 3 bits (the LUT loop measured faster there): SHIFTADD_NO_AVX512 is such a target here."""
+    <= 3 bits (the LUT loop measured faster there): SHIFTADD_NO_AVX512 is such a target here. (The
+    rule, without the databases shipped for known CPUs.)"""
+    from shiftadd.tuning import database as D
+
+    monkeypatch.setattr(D, "SHIPPED", tmp_path / "none")
     vnni = TuningDB.open(tmp_path / "a.json").vnni
     if vnni:
         assert all(
@@ -206,3 +210,53 @@ def test_untuned_batch_knobs_follow_the_target(tmp_path, monkeypatch):
     assert [db.knobs(64, 32, b, 32, True, 1) for b in (2, 3, 4)] == [
         (lut_avx2.DEFAULT_KNOBS, lut_avx2.LUT_BATCH_KNOBS)
     ] * 2 + [(lut_avx2.DEFAULT_KNOBS, lut_avx2.DEFAULT_BATCH_KNOBS)]
+
+
+def test_shipped_databases_are_current():
+    """A shipped database's entries apply only in their exact context: one left behind by a kernel
+    or knob-grid change would silently stop applying, so it must be re-tuned (or removed) with it."""
+    import tvm
+
+    from shiftadd.tuning import database as D
+
+    files = sorted(D.SHIPPED.glob("*.json"))
+    assert files, "no shipped tuning database"
+    now = D.context()
+    for f in files:
+        ctx = json.loads(f.read_text())["context"]
+        assert (ctx["version"], ctx["kernel"], ctx["tvm"]) == (D.VERSION, now["kernel"], tvm.__version__), (
+            f"{f.name} was tuned for another micro-kernel or grid: re-tune it with `shiftadd tune` (docs/USAGE.md)"
+        )
+
+
+def test_shipped_knobs_fill_what_the_database_lacks(tmp_path, monkeypatch):
+    """Order: the user's database, then the database shipped for this context, then the shipped
+    file's most frequent winners per phase (for kernels tuned nowhere)."""
+    from shiftadd.tuning import database as D
+
+    ctx = D.context()
+    win = {"decode": {"mt": 1, "rbk": 2, "tasks": 1, "path": 0}, "batch": {"mt": 2, "rbk": 1, "tasks": 1, "path": 0}}
+    other = {"decode": {"mt": 2, "rbk": 1, "tasks": 0, "path": 0}, "batch": win["batch"]}
+    entries = {
+        key_of(64, 96, 3, 32, True, 1): win,
+        key_of(96, 64, 3, 32, True, 1): win,
+        key_of(64, 64, 3, 32, True, 1): other,
+    }
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "here.json").write_text(json.dumps({"context": ctx, "entries": entries}))
+    (shipped / "elsewhere.json").write_text(json.dumps({"context": {**ctx, "cpu": "another"}, "entries": {}}))
+    monkeypatch.setattr(D, "SHIPPED", shipped)
+    db = TuningDB.open(tmp_path / "user.json")
+    assert db.shipped_from == "here.json" and db.get(64, 96, 3, 32, True, 1) is None
+    as_knobs = (lut_avx2.Knobs(**win["decode"]), lut_avx2.Knobs(**win["batch"]))
+    assert db.get_shipped(64, 96, 3, 32, True, 1) == as_knobs == db.knobs(64, 96, 3, 32, True, 1)
+    assert db.knobs(64, 64, 3, 32, True, 1) == (lut_avx2.Knobs(**other["decode"]), as_knobs[1])
+    assert db.knobs(128, 128, 3, 32, True, 1) == as_knobs  # tuned nowhere: the most frequent winners
+    mine = (lut_avx2.Knobs(4, 1, 0), lut_avx2.Knobs(1, 1, 0))
+    for phase, kn in zip(("decode", "batch"), mine):
+        db.put_phase(key_of(64, 96, 3, 32, True, 1), phase, kn, {}, "local")
+    assert db.knobs(64, 96, 3, 32, True, 1) == mine
+    monkeypatch.setattr(D, "SHIPPED", tmp_path / "none")
+    bare = TuningDB.open(tmp_path / "other.json")
+    assert bare.shipped == {} and bare.knobs(128, 128, 3, 32, True, 1) == lut_avx2.default_knobs(3, bare.vnni)

@@ -7,6 +7,11 @@ hash of the micro-kernel source and of this grid): entries from another context 
 (they are reported once and ignored), so a stale database can only cost speed, never correctness.
 Writes are atomic (temp file + rename) after every kernel, so an interrupted tuning keeps what it
 measured.
+
+Databases tuned on the CPUs we measure on ship with the package (``tuning/shipped/*.json``): a key
+the user's database lacks is looked up there when a shipped file's context is this machine's, and
+a key in neither takes the knobs that won most often in that shipped file (per phase), so a compile
+without any tuning run gets this CPU family's knobs, not one rule for every CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 BATCH_M = 32
 PHASES = {"decode": 1, "batch": BATCH_M}  # phase -> activation rows it is timed at
 VERSION = 4  # 4: keys carry the thread pool's spin regime (entries of 3 mixed them)
+SHIPPED = Path(__file__).resolve().parent / "shipped"
 
 
 def default_path() -> Path:
@@ -92,6 +98,21 @@ def attention_key(spec) -> str:
     return f"{spec.kind} h{spec.heads} d{spec.d} {spec.dtype}{mask} src{SOURCE_HASH}{spin_regime()}"
 
 
+def _complete(entry) -> tuple[L.Knobs, L.Knobs] | None:
+    if entry is None or any(ph not in entry for ph in PHASES):
+        return None
+    return L.Knobs(**entry["decode"]), L.Knobs(**entry["batch"])
+
+
+def shipped_entries(ctx: dict) -> tuple[dict, str | None]:
+    """The entries of the shipped database tuned in context ``ctx`` (and its file name), else {}."""
+    for path in sorted(SHIPPED.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("context") == ctx:
+            return dict(data.get("entries", {})), path.name
+    return {}, None
+
+
 class TuningDB:
     """``{"context": {...}, "entries": {key: {"decode": knobs, "batch": knobs, "ms": {...}}}}``."""
 
@@ -102,6 +123,7 @@ class TuningDB:
         self.vnni = "avx512vnni" in self.ctx["cpu"] and "SHIFTADD_NO_AVX512" not in self.ctx["cpu"]
         self.entries: dict = {}
         self.stale = 0
+        self.shipped, self.shipped_from = shipped_entries(self.ctx)
         if data:
             if data.get("context") == self.ctx:
                 self.entries = dict(data.get("entries", {}))
@@ -138,10 +160,23 @@ class TuningDB:
 
     def get(self, k, n, bits, group, offset, rows, fp8=False, tied=False) -> tuple[L.Knobs, L.Knobs] | None:
         """(decode, batch) knobs of a fully tuned kernel, else None."""
-        e = self.entries.get(key_of(k, n, bits, group, offset, rows, fp8, tied))
-        if e is None or any(ph not in e for ph in PHASES):
-            return None
-        return L.Knobs(**e["decode"]), L.Knobs(**e["batch"])
+        return _complete(self.entries.get(key_of(k, n, bits, group, offset, rows, fp8, tied)))
+
+    def get_shipped(self, k, n, bits, group, offset, rows, fp8=False, tied=False) -> tuple[L.Knobs, L.Knobs] | None:
+        """(decode, batch) knobs of this kernel in the database shipped for this machine's context."""
+        return _complete(self.shipped.get(key_of(k, n, bits, group, offset, rows, fp8, tied)))
+
+    def untuned_knobs(self, bits: int) -> tuple[L.Knobs, L.Knobs]:
+        """Knobs of a kernel tuned nowhere: the shipped database's most frequent winners per phase
+        for this machine's context, else the rule of lut_avx2.default_knobs."""
+        rule = L.default_knobs(bits, self.vnni)
+        if not self.shipped:
+            return rule
+        picked = []
+        for i, phase in enumerate(PHASES):
+            wins = [L.Knobs(**e[phase]) for e in self.shipped.values() if phase in e]
+            picked.append(max(set(wins), key=lambda kn, w=wins: (w.count(kn), kn == rule[i])) if wins else rule[i])
+        return picked[0], picked[1]
 
     def has_phase(self, key: str, phase: str) -> bool:
         return phase in self.entries.get(key, {})
@@ -157,13 +192,15 @@ class TuningDB:
     def knobs(
         self, k, n, bits, group, offset, rows, fp8=False, tied=False, int8: bool = True
     ) -> tuple[L.Knobs, L.Knobs]:
-        """(decode, batch) knobs, tuned or the defaults for this target (lut_avx2.default_knobs).
-        ``int8`` False keeps M > 1 on the LUT path (the decode kernel's arithmetic at every M): a
-        batch pick on the int8 path is replaced by the fastest LUT candidate this entry timed, else
-        LUT_BATCH_KNOBS."""
-        dec, bat = self.get(k, n, bits, group, offset, rows, fp8, tied) or L.default_knobs(bits, self.vnni)
+        """(decode, batch) knobs: tuned in this database, else in the one shipped for this machine's
+        context, else :meth:`untuned_knobs`. ``int8`` False keeps M > 1 on the LUT path (the decode
+        kernel's arithmetic at every M): a batch pick on the int8 path is replaced by the fastest
+        LUT candidate this entry timed, else LUT_BATCH_KNOBS."""
+        key = (k, n, bits, group, offset, rows, fp8, tied)
+        dec, bat = self.get(*key) or self.get_shipped(*key) or self.untuned_knobs(bits)
         if not int8 and bat.path == 1:
-            ms = self.entries.get(key_of(k, n, bits, group, offset, rows, fp8, tied), {}).get("ms", {}).get("batch", {})
+            entry = self.entries.get(key_of(*key)) or self.shipped.get(key_of(*key), {})
+            ms = entry.get("ms", {}).get("batch", {})
             lut = {kn.tag(): kn for kn in L.KNOB_SPACE if kn.path != 1 and kn.tag() in ms}
             bat = lut[min(lut, key=ms.get)] if lut else L.LUT_BATCH_KNOBS
         return dec, bat
