@@ -103,20 +103,9 @@ def python_session(so: Path, ids: list[int], new: int) -> dict:
 
 
 def cpp_runner(so: Path, ids: list[int], new: int) -> dict:
-    from shiftadd.runtime.native import build_runner
+    from shiftadd.runtime.native import run_runner
 
-    exe = build_runner()
-    r = subprocess.run(
-        [str(exe), str(so), "--ids", " ".join(map(str, ids)), "--max-new-tokens", str(new)],
-        capture_output=True, text=True, check=True, env=user_env(),
-    )  # fmt: skip
-    out = {}
-    for line in r.stdout.splitlines():
-        key, _, value = line.partition(":")
-        if key == "ids":
-            out["ids"] = [int(t) for t in value.split()]
-        elif key == "timing":
-            out["timing"] = json.loads(value)
+    out = run_runner(so, ids, new, env=user_env())
     t = out["timing"]
     return {"prefill_ms": t["prefill_ms"], "decode_ms": [t["decode_ms_per_token"]], "ids": out["ids"]}
 

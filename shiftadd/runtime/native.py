@@ -104,10 +104,12 @@ def run_runner(
     max_new_tokens: int = 16,
     threads: int | None = None,
     binary: str | os.PathLike | None = None,
+    env: dict | None = None,
 ) -> dict:
     """Greedy-decode ``ids`` with the native runner: ``{"ids": new ids, "timing": {...}}``.
 
-    Raises RuntimeError with the runner's message (``shiftadd-run: ...``) when it exits non-zero.
+    ``env``: the runner's environment (default this process's). Raises RuntimeError with the
+    runner's message (``shiftadd-run: ...``) when it exits non-zero.
     """
     exe = Path(binary) if binary is not None else build_runner()
     cmd = [
@@ -120,7 +122,7 @@ def run_runner(
     ]
     if threads is not None:
         cmd += ["--threads", str(int(threads))]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise RuntimeError(r.stderr.strip() or f"shiftadd-run exited with {r.returncode}")
     out = {}
