@@ -105,16 +105,31 @@ def _rewrite(options: CompileOptions, plan, kernel: str, knobs, also: tuple, kee
     )
 
 
+@dataclass
+class _Signature:
+    input_names: list
+    output_names: list
+
+
 def _functions(loaded, mod) -> dict:
     """The functions beside ``main`` by name -> the import whose inputs and outputs they have:
-    ``decode`` and its ``decode_one``, and ``prefill_last`` (``main``'s)."""
+    ``decode`` and its ``decode_one`` and ``decode_step``, ``prefill_last`` (``main``'s), and
+    ``kv_resize`` (the caches and their new capacity in, the caches out)."""
+    from .relax_passes.kv_cache_in_place import NAME as STEP
+    from .relax_passes.kv_cache_in_place import RESIZE
     from .relax_passes.last_position_logits import NAME as LAST
     from .relax_passes.specialize_decode import NAME
 
     if not loaded.extra:
         return {}
     have = {gv.name_hint for gv, _ in mod.functions_items()}
-    return {**loaded.extra, NAME: loaded.extra["decode"], **({LAST: loaded.imported} if LAST in have else {})}
+    decode = loaded.extra["decode"]
+    out = {**loaded.extra, NAME: decode, **({LAST: loaded.imported} if LAST in have else {})}
+    if STEP in have:
+        past = [n for n in decode.input_names if n not in ("input_ids", "attention_mask")]
+        out[STEP] = decode
+        out[RESIZE] = _Signature([*past, "capacity"], past)
+    return out
 
 
 def _check_input(model: str, options: CompileOptions) -> None:
@@ -284,15 +299,18 @@ def _write(output, ex, mod, params, tokenizer, manifest) -> tuple[Path, dict]:
 def _input_specs(func, names: list[str] | None = None) -> list[dict]:
     """Name (the ONNX graph's: TVM's importer turns dots into underscores), dtype and shape of each input."""
     import tvm
+    from tvm import relax
 
     n_in = int(func.attrs["num_input"])
     names = names or [v.name for v in func.params[:n_in]]
+
+    def dims(values):
+        return [str(int(d)) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in values]
+
     return [
-        {
-            "name": name,
-            "dtype": str(v.ty.dtype),
-            "shape": [str(int(d)) if isinstance(d, tvm.tirx.IntImm) else str(d) for d in v.ty.shape.values],
-        }
+        {"name": name, "dtype": "shape", "shape": dims(v.ty.values)}  # a shape argument (kv_resize's)
+        if isinstance(v.ty, relax.ShapeType)
+        else {"name": name, "dtype": str(v.ty.dtype), "shape": dims(v.ty.shape.values)}
         for name, v in zip(names, func.params[:n_in])
     ]
 

@@ -126,8 +126,9 @@ def test_functions_share_the_weights(compiled):
 
     sess = shiftadd.load(compiled("llama", 3))
     f = sess.functions
-    assert set(f) == {"main", "prefill_last", "decode", "decode_one"}
-    assert f["main"]["params"] == f["prefill_last"]["params"] == f["decode"]["params"] == f["decode_one"]["params"]
+    assert set(f) == {"main", "prefill_last", "decode", "decode_one", "decode_step", "kv_resize"}
+    assert all(f["main"]["params"] == f[n]["params"] for n in ("prefill_last", "decode", "decode_one", "decode_step"))
+    assert f["kv_resize"]["params"] == []
     assert any(n.endswith(".codes") for n in f["decode"]["params"])
     assert not any(n.endswith("proj.weight") for n in f["decode"]["params"])  # every projection rewritten
     spec = sess.kv_cache
@@ -144,7 +145,11 @@ def test_functions_share_the_weights(compiled):
     assert spec["max_context"] == 64
     for i in f["decode_one"]["inputs"][2:]:
         assert i["shape"] == ["1", str(spec["kv_heads"]), "past", str(spec["head_dim"])]
-    assert f["decode_one"]["outputs"] == f["decode"]["outputs"]
+    assert f["decode_one"]["outputs"] == f["decode_step"]["outputs"] == f["decode"]["outputs"]
+    for i in f["decode_step"]["inputs"][2:]:
+        assert i["shape"] == ["1", str(spec["kv_heads"]), "capacity", str(spec["head_dim"])]
+    assert [i["name"] for i in f["kv_resize"]["inputs"]] == [*spec["inputs"], "capacity"]
+    assert f["kv_resize"]["inputs"][-1] == {"name": "capacity", "dtype": "shape", "shape": ["capacity"]}
     assert f["prefill_last"]["inputs"] == f["main"]["inputs"] and f["prefill_last"]["outputs"] == f["main"]["outputs"]
     for a, b, c, d in zip(*(sess._args[n] for n in ("main", "decode", "decode_one", "prefill_last"))):  # one copy
         assert a is b is c is d
@@ -202,6 +207,68 @@ def test_decode_one_equals_decode(compiled, family):
             },
             function="decode_one",
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_decode_step_writes_the_cache_in_place(compiled, family):
+    """``decode_step`` over ``kv_resize``'s preallocated cache gives ``decode_one``'s logits (same
+    kernels: exactly) at every step of a greedy run; its outputs are its cache inputs, whose first
+    ``total`` rows equal ``decode_one``'s cache and the rest stay zero; a cache too short for the
+    next token fails with a message, not a write past its end."""
+    import tvm
+
+    import shiftadd
+
+    sess = shiftadd.load(compiled(family, 3))
+    ids = np.asarray([[4, 8, 15, 16, 23]], np.int64)
+    out = sess._call(
+        "prefill_last", sess._check_feed("prefill_last", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    )
+    grown, capacity = out[1:], ids.shape[1] + 4
+    cache = sess._call("kv_resize", [*out[1:], tvm.runtime.ShapeTuple([capacity])])
+    assert all(c.shape == (1, g.shape[1], capacity, g.shape[3]) for c, g in zip(cache, grown))
+    nxt = np.asarray([[42]], np.int64)
+    for step in range(4):
+        total = ids.shape[1] + step + 1
+        args = [tvm.runtime.tensor(nxt), tvm.runtime.tensor(np.ones((1, total), np.int64))]
+        want = sess._call("decode_one", [*args, *grown])
+        got = sess._call("decode_step", [*args, *cache])
+        np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+        for g, c, w in zip(got[1:], cache, want[1:]):
+            assert g.same_as(c) and g.data_ptr() == c.data_ptr()  # written in place
+            rows = g.numpy()
+            np.testing.assert_array_equal(rows[:, :, :total], w.numpy())
+            assert not rows[:, :, total:].any()
+        nxt, grown, cache = np.asarray([[int(got[0].numpy()[0, -1].argmax())]], np.int64), want[1:], got[1:]
+    args = [tvm.runtime.tensor(nxt), tvm.runtime.tensor(np.ones((1, capacity + 1), np.int64))]
+    with pytest.raises(Exception, match="cache is too short"):
+        sess._call("decode_step", [*args, *cache])
+
+
+def test_add_decode_step_needs_an_appended_past():
+    """A decode graph that reads its past otherwise than appending to it gets no in-place twin: the
+    pass says why (the pipeline then keeps ``decode_one`` alone)."""
+    import tvm
+    from tvm import relax
+
+    from shiftadd.relax_passes.kv_cache_in_place import add_decode_step
+
+    bb = relax.BlockBuilder()
+    total, past = tvm.tirx.Var("total", "int64"), tvm.tirx.Var("past", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([1, 1], "int64"))
+    mask = relax.Var("attention_mask", relax.TensorType([1, total], "int64"))
+    k = relax.Var("past_key_values_0_key", relax.TensorType([1, 2, past, 4], "float32"))
+    with bb.function("decode_one", [ids, mask, k], {"num_input": 3}):
+        with bb.dataflow():
+            new = bb.emit(relax.op.zeros(relax.ShapeExpr([1, 2, 1, 4]), "float32"))
+            grown = bb.emit(relax.op.concat([k, new], axis=2))
+            doubled = bb.emit(relax.op.add(k, k))  # the past read by something other than the append
+            out = bb.emit_output(relax.Tuple([doubled, grown]))
+        bb.emit_func_output(out)
+    with pytest.raises(ValueError, match="only appended to"):
+        add_decode_step(bb.get())
+    with pytest.raises(ValueError, match="no function 'nothing'"):
+        add_decode_step(bb.get(), source="nothing")
 
 
 def test_add_decode_one_needs_a_symbolic_decode():

@@ -6,9 +6,10 @@ Phases, in order:
             constant-weight matmuls -> LUT kernel calls in every function (the packed weights
             travel beside the module in :class:`Weights`), then sibling calls on one activation
             stacked into one
-  decode    ``decode_one``: the cached decode step with static shapes but for the cache length
+  decode    ``decode_one``: the cached decode step with static shapes but for the cache length;
+            ``decode_step``: the same over a preallocated cache written in place, and ``kv_resize``
   lower     our passes over the cache (same-dtype casts dropped, KV heads shared, attention on
-            our kernels), then TVM's legalize, fold and fuse
+            our kernels reading the in-place cache), then TVM's legalize, fold and fuse
   schedule  tuned MetaSchedule records, then our default rules for every unscheduled PrimFunc
 After them ``tvm.compile`` builds the VM executable and :func:`export` writes the one .so.
 """
@@ -76,6 +77,7 @@ class Pipeline:
     rewrite: Rewrite | None = None
     weights: Weights | None = None
     decode_one: bool = False
+    decode_step: bool = True  # with decode_one: its in-place twin, where the graph allows it
     prefill_last: bool = False
     share_kv: bool = True
     attention: bool = True
@@ -111,10 +113,13 @@ class Pipeline:
             from .specialize_decode import add_decode_one
 
             seq.append(_pass("shiftadd.AddDecodeOne", add_decode_one))
+            if self.decode_step:
+                seq.append(_pass("shiftadd.AddDecodeStep", _decode_step))
         # -- lowering -----------------------------------------------------------------------------
         if "lower" in want:
             from .convolutions_as_matmuls import convolutions_as_matmuls
             from .drop_identity_casts import drop_identity_casts
+            from .kv_cache_in_place import attention_reads_cache
             from .scores_from_cache import scores_from_cache
             from .share_kv_heads import share_kv_heads
             from .softmax_with_mask import softmax_with_mask
@@ -131,6 +136,7 @@ class Pipeline:
                     ("SoftmaxWithMask", softmax_with_mask),
                 ):
                     seq.append(_pass(f"shiftadd.{name}", lambda m, r=rewrite: self._attention(r, m)))
+                seq.append(_pass("shiftadd.AttentionReadsCache", attention_reads_cache))
             if self.legalize:
                 seq.append(_pass("relax.DefaultPipeline", self._default_pipeline))
         # -- scheduling ---------------------------------------------------------------------------
@@ -199,6 +205,18 @@ class Pipeline:
 
         with self.target:
             return schedule_unscheduled(mod, self.target)
+
+
+def _decode_step(mod):
+    """``decode_step`` and ``kv_resize`` beside ``decode_one``; a decode graph whose past is read
+    otherwise than appended to keeps ``decode_one`` alone (logged)."""
+    from .kv_cache_in_place import add_decode_step
+
+    try:
+        return add_decode_step(mod)
+    except ValueError as e:
+        logger.info(f"no in-place KV cache for this graph: {e}")
+        return mod
 
 
 def uses_avx2_kernel(mod) -> bool:

@@ -231,15 +231,17 @@ class Session:
     def generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler, use_cache: bool = True):
         """Yield (token id, seconds of its step). With the cache: ``prefill_last`` (``main`` with the last
         position's logits only; ``main`` in older artifacts) on the prompt once (it also returns every
-        layer's keys and values), then ``decode_one`` (``decode`` specialised to one sequence and
-        one token; ``decode`` in older artifacts) on one token and those per step; they stay
-        TVM tensors between steps (no copies through numpy)."""
+        layer's keys and values); ``kv_resize`` copies those into caches with room for every token
+        to come, which ``decode_step`` then extends in place by one token per step. Artifacts
+        without ``decode_step`` decode with ``decode_one`` (or ``decode``), which return the grown
+        cache. Everything stays in TVM tensors between steps (no copies through numpy)."""
         import tvm
 
         eos = set(self.manifest.get("eos_token_ids") or [])
         limit = max_new_tokens if not self.max_context else min(max_new_tokens, self.max_context - len(ids))
         cached = use_cache and self.kv_cache is not None
-        step_fn = "decode_one" if "decode_one" in self.functions else "decode"  # static shapes: less VM work
+        in_place = "decode_step" in self.functions
+        step_fn = next((f for f in ("decode_step", "decode_one") if f in self.functions), "decode")
         prefill_fn = "prefill_last" if "prefill_last" in self.functions else "main"  # the last row's logits only
         seq, past = list(ids), None
         for step in range(limit):
@@ -251,6 +253,8 @@ class Session:
                 feed = {"input_ids": ids_t, "attention_mask": np.ones_like(ids_t)}
                 out = self._call(prefill_fn, self._check_feed(prefill_fn, feed))
                 logits, past = out[0].numpy()[0, -1], out[1:]
+                if in_place and limit > 1:  # room for the tokens still to come
+                    past = self._call("kv_resize", [*past, tvm.runtime.ShapeTuple([len(ids) + limit - 1])])
             else:
                 new = tvm.runtime.tensor(np.asarray([[seq[-1]]], dtype=np.int64), self.device)
                 mask = tvm.runtime.tensor(np.ones((1, len(seq)), dtype=np.int64), self.device)

@@ -58,14 +58,15 @@ def lanes_for(d: int) -> int:
 
 def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = 16) -> tvm.tirx.PrimFunc:
     """``scores[b, h, m, n] = sum_d q[b, h, m, d] * k[b, h, n, d]`` for any batch B, query rows M and
-    keys N (symbolic; bound from the arguments' shapes), ``heads`` and ``d`` fixed. Scheduled,
-    and opaque to fusion (an epilogue fused in would be rescheduled by the generic rules)."""
+    keys N (symbolic; bound from the arguments' shapes), ``heads`` and ``d`` fixed. ``k`` may hold
+    more rows than N (a preallocated cache: N comes from the output). Scheduled, and opaque to
+    fusion (an epilogue fused in would be rescheduled by the generic rules)."""
     if heads < 1 or d < 1 or block < 1:
         raise ValueError(f"scores_kernel: heads, d and block must be positive (got {heads}, {d}, {block})")
     lanes = lanes_for(d)
     bsz, m, n = te.var("batch", "int64"), te.var("m", "int64"), te.var("n", "int64")
     q = te.placeholder((bsz, heads, m, d), dtype, name="q")
-    k = te.placeholder((bsz, heads, n, d), dtype, name="k")
+    k = te.placeholder((bsz, heads, te.var("capacity", "int64"), d), dtype, name="k")  # rows >= n
     if lanes == 1:
         r = te.reduce_axis((0, d), name="r")
         out = te.compute(
@@ -102,13 +103,14 @@ def scores_kernel(heads: int, d: int, dtype: str = "float32", block: int = 16) -
 def values_kernel(heads: int, d: int, dtype: str = "float32", cols: int = 0) -> tvm.tirx.PrimFunc:
     """``out[b, h, m, :] = sum_n p[b, h, m, n] * v[b, h, n, :]`` for any B, M, N (symbolic), ``heads``
     and ``d`` fixed: each task accumulates ``cols`` contiguous value columns (0: all ``d``) of one
-    query row over every key, vectorised over the columns. Scheduled, opaque to fusion."""
+    query row over every key, vectorised over the columns. ``v`` may hold more rows than N (a
+    preallocated cache: N comes from ``p``). Scheduled, opaque to fusion."""
     cols = cols or d
     if heads < 1 or d < 1 or cols < 1 or d % cols:
         raise ValueError(f"values_kernel: heads and d must be positive and cols divide d (got {heads}, {d}, {cols})")
     bsz, m, n = te.var("batch", "int64"), te.var("m", "int64"), te.var("n", "int64")
     p = te.placeholder((bsz, heads, m, n), dtype, name="p")
-    v = te.placeholder((bsz, heads, n, d), dtype, name="v")
+    v = te.placeholder((bsz, heads, te.var("capacity", "int64"), d), dtype, name="v")  # rows >= n
     r = te.reduce_axis((0, n), name="r")
     out = te.compute(
         (bsz, heads, m, d), lambda b, h, i, c: te.sum(p[b, h, i, r] * v[b, h, r, c], axis=r), name="values"

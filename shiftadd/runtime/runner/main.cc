@@ -12,6 +12,7 @@
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
+#include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
@@ -210,6 +211,7 @@ class Model {
     main_ = Bind(m_.main, opt.so_path, false);
     if (m_.decode) decode_ = Bind(*m_.decode, opt.so_path, true);
     if (m_.decode && m_.prefill) prefill_ = Bind(*m_.prefill, opt.so_path, false);
+    if (m_.decode && m_.resize) resize_ = BindResize(*m_.resize, opt.so_path);
   }
 
   const Manifest& manifest() const { return m_; }
@@ -226,6 +228,37 @@ class Model {
   };
 
   enum class Fn { kPrefill, kMain, kDecode };
+
+  /*! \brief The prompt's cache copied into tensors of \p capacity rows, which decode_step then
+   *  extends in place; unchanged for artifacts without kv_resize (their decode grows the cache). */
+  Cache Preallocate(const Cache& present, int64_t capacity) {
+    if (!resize_) return present;
+    std::vector<ffi::AnyView> args;
+    std::vector<std::string> suffixes;
+    for (const InputSpec& in : resize_->spec.inputs) {
+      if (in.dtype == "shape") continue;
+      std::string suffix = in.name.substr(std::strlen(kPast));
+      auto it = present.find(suffix);
+      if (it == present.end()) throw RunnerError("kv_resize: no cache tensor for input '" + in.name + "'");
+      args.emplace_back(it->second);
+      suffixes.push_back(suffix);
+    }
+    ffi::Shape size({capacity});
+    args.emplace_back(size);
+    ffi::Any rv;
+    WithContext("function 'kv_resize' failed", [&] {
+      resize_->fn.CallPacked(args.data(), static_cast<int32_t>(args.size()), &rv);
+    });
+    auto arr = rv.as<ffi::Array<ffi::Any>>();
+    if (!arr || arr->size() != suffixes.size()) throw RunnerError("kv_resize: expected one cache tensor per input");
+    Cache out;
+    for (size_t i = 0; i < suffixes.size(); ++i) {
+      auto t = (*arr)[i].as<ffi::Tensor>();
+      if (!t) throw RunnerError("kv_resize: output " + std::to_string(i) + " is not a tensor");
+      out[suffixes[i]] = *t;
+    }
+    return out;
+  }
 
   /*! \brief One call of the prompt's prefill (prefill_last: the last position's logits only, where the
    *  artifact has it), main (a full rerun) or decode (with \p past). */
@@ -306,6 +339,25 @@ class Model {
     }
   }
 
+  Bound BindResize(const FunctionSpec& spec, const std::string& so) {
+    Bound b;
+    b.spec = spec;
+    ffi::Optional<ffi::Function> fn = (*vm_)->GetFunction(spec.name);
+    if (!fn.has_value()) throw RunnerError(so + ": the VM executable has no function '" + spec.name + "'");
+    b.fn = *fn;
+    int shapes = 0;
+    for (const InputSpec& in : spec.inputs) {
+      bool past = in.name.rfind(kPast, 0) == 0 && in.dtype == "float32";
+      shapes += in.dtype == "shape";
+      if (!past && in.dtype != "shape") {
+        throw RunnerError(m_.path + ": function '" + spec.name + "' input '" + in.name + "' (" + in.dtype +
+                          ") is not one the runner can feed (past_key_values.* float32, one shape)");
+      }
+    }
+    if (shapes != 1) throw RunnerError(m_.path + ": function '" + spec.name + "' must take one shape (the capacity)");
+    return b;
+  }
+
   Bound Bind(const FunctionSpec& spec, const std::string& so, bool decode) {
     Bound b;
     b.spec = spec;
@@ -379,7 +431,7 @@ class Model {
   std::optional<ffi::Module> vm_;
   std::map<std::string, ffi::Tensor> params_;
   Bound main_;
-  std::optional<Bound> decode_, prefill_;
+  std::optional<Bound> decode_, prefill_, resize_;
 };
 
 double Ms(Clock::time_point a, Clock::time_point b) {
@@ -441,6 +493,7 @@ int Run(int argc, char** argv) {
   std::vector<double> step_ms;
   auto t0 = Clock::now();
   Model::Step step = model.Run(Model::Fn::kPrefill, seq, static_cast<int64_t>(seq.size()), {});
+  if (model.has_cache() && opt.max_new_tokens > 1) step.present = model.Preallocate(step.present, longest);
   double prefill_ms = Ms(t0, Clock::now());
   auto is_eos = [&](int64_t id) {
     return std::find(m.eos_token_ids.begin(), m.eos_token_ids.end(), id) != m.eos_token_ids.end();

@@ -183,7 +183,12 @@ Manifest ReadManifest(const std::string& so_path) {
   if (r.Has("functions")) {
     Reader fns = r.Obj(r.Get("functions"), "functions");
     m.main = ReadFunction(fns.Obj(fns.Get("main"), "main"), "main");
-    // one sequence, one token per step: decode_one (static shapes, less VM work) where the artifact has it
+    // one sequence, one token per step: decode_step (a preallocated cache written in place, with
+    // kv_resize to make it), else decode_one (static shapes, less VM work), where the artifact has them
+    if (fns.Has("decode_step") && fns.Has("kv_resize")) {
+      m.decode = ReadFunction(fns.Obj(fns.Get("decode_step"), "decode_step"), "decode_step");
+      m.resize = ReadFunction(fns.Obj(fns.Get("kv_resize"), "kv_resize"), "kv_resize");
+    }
     for (const char* name : {"decode_one", "decode"}) {
       if (!m.decode && fns.Has(name)) m.decode = ReadFunction(fns.Obj(fns.Get(name), name), name);
     }

@@ -37,7 +37,8 @@ struct Manifest {
   std::vector<int64_t> eos_token_ids;
   std::vector<std::string> params;
   FunctionSpec main;
-  std::optional<FunctionSpec> decode;  // decode_one, else decode; absent: no KV cache, rerun main
+  std::optional<FunctionSpec> decode;  // decode_step, else decode_one, else decode; absent: rerun main
+  std::optional<FunctionSpec> resize;  // kv_resize, with decode_step: the prompt's cache -> preallocated
   std::optional<FunctionSpec> prefill;  // prefill_last: main with the last position's logits only
   std::optional<int64_t> max_context;  // kv_cache.max_context when given
 };
