@@ -51,7 +51,7 @@ def _logits_matmul(func: relax.Function) -> relax.Var | None:
         if m is not None:
             w, x = m[0], value.args[0]
             xs = shape_of(x)
-            if (w in weights or isinstance(w, relax.Constant)) and xs is not None and len(xs) == 3:
+            if (w in weights or isinstance(w, tvm.ir.GenericConst)) and xs is not None and len(xs) == 3:
                 return var
             return None
         if not isinstance(value, relax.Call) or not any(is_op(value, n) for n in _ELEMENTWISE):

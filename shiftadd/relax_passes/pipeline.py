@@ -8,8 +8,8 @@ Phases, in order:
             stacked into one
   decode    ``decode_one``: the cached decode step with static shapes but for the cache length;
             ``decode_step``: the same over a preallocated cache written in place, and ``kv_resize``
-  lower     our passes over the cache (same-dtype casts dropped, KV heads shared, attention on
-            our kernels reading the in-place cache), then TVM's legalize, fold and fuse
+  lower     our passes over the cache (same-dtype casts dropped, RMSNorms as one op, KV heads shared,
+            attention on our kernels reading the in-place cache), then TVM's legalize, fold and fuse
   schedule  tuned MetaSchedule records, then our default rules for every unscheduled PrimFunc
 After them ``tvm.compile`` builds the VM executable and :func:`export` writes the one .so.
 """
@@ -80,6 +80,7 @@ class Pipeline:
     decode_step: bool = True  # with decode_one: its in-place twin, where the graph allows it
     prefill_last: bool = False
     share_kv: bool = True
+    fuse_norms: bool = True  # spelled-out RMSNorms -> one kernel each
     attention: bool = True
     attention_knob: object = None  # AttentionKernel -> knob (tuning.records.Records.attention_knob)
     records: object = None  # lowered module -> with tuned schedules (tuning.records.Records.apply)
@@ -119,6 +120,7 @@ class Pipeline:
         if "lower" in want:
             from .convolutions_as_matmuls import convolutions_as_matmuls
             from .drop_identity_casts import drop_identity_casts
+            from .fuse_rms_norm import fuse_rms_norm
             from .kv_cache_in_place import attention_reads_cache
             from .scores_from_cache import scores_from_cache
             from .share_kv_heads import share_kv_heads
@@ -126,6 +128,8 @@ class Pipeline:
             from .values_from_cache import values_from_cache
 
             seq.append(_pass("shiftadd.DropIdentityCasts", drop_identity_casts))
+            if self.fuse_norms:
+                seq.append(_pass("shiftadd.FuseRMSNorm", fuse_rms_norm))
             seq.append(_pass("shiftadd.ConvolutionsAsMatmuls", convolutions_as_matmuls))
             if self.share_kv:
                 seq.append(_pass("shiftadd.ShareKVHeads", share_kv_heads))

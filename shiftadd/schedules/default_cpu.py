@@ -34,7 +34,28 @@ def _open(rule, func, target):
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    return sch, try_inline(sch, infos)
+    return sch, _try_inline(sch, infos)
+
+
+def _try_inline(sch, infos):
+    """dlight's try_inline, except that nothing is inlined after a reduction block: with a unit
+    reduction extent, normalize_prim_func leaves the reduction looking spatial, and
+    reverse_compute_inline then folds the epilogue into its init and update (wrong results: an
+    RMSNorm over one column came out NaN)."""
+
+    class _Guarded:
+        def __init__(self, sch):
+            self._sch = sch
+
+        def compute_inline(self, block):
+            return self._sch.compute_inline(block)
+
+        def reverse_compute_inline(self, block):
+            if any(self._sch.get(p).init is not None for p in self._sch.get_producers(block)):
+                raise ValueError("a reduction block's epilogue stays a block of its own")
+            return self._sch.reverse_compute_inline(block)
+
+    return try_inline(_Guarded(sch), infos)
 
 
 SERIAL_WORK = 16384  # loop iterations below which a thread-pool launch costs more than it saves
@@ -70,7 +91,7 @@ def static_work(func) -> int | None:
     """:func:`_work` of a PrimFunc (None also when dlight cannot analyse it)."""
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
-    return None if infos is None else _work(sch, try_inline(sch, infos))
+    return None if infos is None else _work(sch, _try_inline(sch, infos))
 
 
 class CPUMatmul(CPUScheduleRule):
