@@ -211,10 +211,12 @@ def plan_fit(
     avg_bits: float | None = None,
     allocator: str = "budget",
     fisher: dict | None = None,
+    workers: int | None = None,
 ) -> FitPlan:
     """Fits for every weight matmul: weight-only without ``batches``, error feedback with them
     (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation, on
-    loss-aware predicted errors when ``fisher`` (shiftadd/calibration/fisher.py) is given."""
+    loss-aware predicted errors when ``fisher`` (shiftadd/calibration/fisher.py) is given.
+    ``workers``: processes fitting one-pass layers side by side (default: the physical cores)."""
     from .hessians import calibrate
 
     plan = FitPlan()
@@ -259,12 +261,28 @@ def plan_fit(
     else:
         from tqdm import tqdm
 
+        from ..quant.fit_pool import fit_layers
+        from ..runtime.threads import physical_cores
+
         t0 = time.time()
-        for name, w in tqdm(
-            layers, desc="error-feedback fit", unit="matmul", disable=not logger.isEnabledFor(logging.INFO), leave=False
-        ):
+        jobs = []
+        for name, w in layers:
             done = fits.get(name, {}).get(cfg_of(name).bits)
-            plan.fitted[name] = done if done is not None else fit_layer(w, cfg_of(name), h0[name])
+            if done is not None:
+                plan.fitted[name] = done
+            else:
+                jobs.append((name, w, cfg_of(name), h0[name]))
+        workers = physical_cores() if workers is None else workers
+        bar = tqdm(
+            total=len(jobs),
+            desc=f"error-feedback fit ({workers} worker{'s' if workers > 1 else ''})",
+            unit="matmul",
+            disable=not logger.isEnabledFor(logging.INFO),
+            leave=False,
+        )
+        plan.fitted.update(fit_layers(jobs, workers, done=lambda _name: bar.update(1)))
+        bar.close()
+        plan.fitted = {name: plan.fitted[name] for name, _ in layers}  # model order, as before
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan
