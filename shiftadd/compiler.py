@@ -142,9 +142,14 @@ def _check_input(model: str, options: CompileOptions) -> None:
 
 
 def _needs_torch(options: CompileOptions) -> bool:
-    """Whether a calibration step runs the source model in torch (Fisher weights, scale tuning)."""
+    """Whether a calibration step runs the source model in torch (one-pass Hessians, Fisher weights,
+    scale tuning)."""
     q, c = options.quant, options.calibration
-    return q.rewrite and c.windows != 0 and ((q.avg_bits is not None and c.loss_aware) or c.tune_scales > 0)
+    return (
+        q.rewrite
+        and c.windows != 0
+        and (c.mode == "one-pass" or (q.avg_bits is not None and c.loss_aware) or c.tune_scales > 0)
+    )
 
 
 def _calibration_windows(options: CompileOptions, tokenizer) -> int:

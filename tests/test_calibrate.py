@@ -286,3 +286,39 @@ def test_compile_allocates_loss_aware_from_a_hugging_face_model(tmp_path, monkey
     assert e1.keys() == e2.keys() and any(
         e1[n][2] / e2[n][2] != pytest.approx(e1[m][2] / e2[m][2]) for n in e1 for m in e1
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_hessians_on_the_source_model_equal_the_relax_capture(tiny_onnx, family):
+    """calibration/torch_hessians.py (hooks on the torch model, windows batched) against the capture
+    of our float TVM build, for every weight matmul of each family (GPT-2: Conv1D; OPT: Linear with
+    bias)."""
+    from shiftadd.calibration.plan import _layers
+    from shiftadd.calibration.torch_hessians import hessians_from_torch
+
+    model = _tiny(family)
+    imported = import_onnx(tiny_onnx(family))
+    layers = _layers(imported, ())
+    names = [n for n, _ in layers]
+    batches = random_batches(1, 11, (1, 13))  # 11 windows: a full batch of 8 and a ragged rest
+    got = hessians_from_torch(model, batches, layers)
+    assert got is not None
+    hs, tokens, forwards, _ = got
+    assert tokens == 11 * 13 and forwards == 2 and set(hs) == set(names)
+    ref, ref_tokens = collect_hessians(imported, batches, resolve_target("cpu"), skip=())
+    assert ref_tokens == tokens
+    for name in names:
+        np.testing.assert_allclose(hs[name], ref[name], rtol=1e-4, atol=1e-5 * np.abs(ref[name]).max())
+
+
+def test_hessians_on_the_source_model_need_every_weight(tiny_onnx):
+    from shiftadd.calibration.torch_hessians import hessians_from_torch
+
+    model = _tiny("llama")
+    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    batches = random_batches(2, 2, (1, 5))
+    assert hessians_from_torch(model, batches, [("model.layers.0.mlp.up_proj.weight", up)]) is not None
+    assert hessians_from_torch(model, batches, [("model.layers.0.mlp.up_proj.weight", up + 1)]) is None  # other values
+    assert hessians_from_torch(model, batches, [("no.such.weight", up)]) is None
+    emb = model.model.embed_tokens.weight.detach().numpy()
+    assert hessians_from_torch(model, batches, [("model.embed_tokens.weight", emb)]) is None  # not a linear

@@ -201,6 +201,26 @@ def allocate_bits(
     return a
 
 
+def _one_pass(imported, batches, target, skip, layers, source_model):
+    """One-pass Hessians: on the source model in torch where it has every weight as a linear module,
+    else through the Relax capture of our float build."""
+    from .hessians import Calibration, calibrate
+
+    if source_model is not None:
+        from .torch_hessians import hessians_from_torch
+
+        got = hessians_from_torch(source_model, batches, layers)
+        if got is not None:
+            h, tokens, forwards, seconds = got
+            logger.info(
+                f"calibrated {len(h)} matmuls (one-pass, on the source model in torch, {forwards} forwards) "
+                f"on {tokens} tokens in {seconds:.1f}s"
+            )
+            return Calibration(h, tokens, "one-pass", forwards, seconds)
+        logger.info("calibration: not every weight is a linear layer of the source model; through our float build")
+    return calibrate(imported, batches, target, skip, mode="one-pass")
+
+
 def plan_fit(
     imported,
     cfg: BCQConfig,
@@ -211,12 +231,13 @@ def plan_fit(
     avg_bits: float | None = None,
     allocator: str = "budget",
     fisher: dict | None = None,
-    workers: int | None = None,
+    source_model=None,
 ) -> FitPlan:
     """Fits for every weight matmul: weight-only without ``batches``, error feedback with them
     (``mode`` 'sequential' or 'one-pass'); ``avg_bits`` switches to a per-layer allocation, on
     loss-aware predicted errors when ``fisher`` (shiftadd/calibration/fisher.py) is given.
-    ``workers``: processes fitting one-pass layers side by side (default: the physical cores)."""
+    ``source_model``: the Hugging Face model the graph was exported from; one-pass Hessians are then
+    measured on it in torch (calibration/torch_hessians.py) where every weight is one of its linears."""
     from .hessians import calibrate
 
     plan = FitPlan()
@@ -224,7 +245,7 @@ def plan_fit(
     h0 = None
     cal = None
     if batches is not None and (avg_bits is not None or mode == "one-pass"):
-        cal = calibrate(imported, batches, target, skip, mode="one-pass")
+        cal = _one_pass(imported, batches, target, skip, layers, source_model)
         h0 = cal.hessians
     fits = {}
     if avg_bits is not None:
@@ -261,28 +282,12 @@ def plan_fit(
     else:
         from tqdm import tqdm
 
-        from ..quant.fit_pool import fit_layers
-        from ..runtime.threads import physical_cores
-
         t0 = time.time()
-        jobs = []
-        for name, w in layers:
+        for name, w in tqdm(
+            layers, desc="error-feedback fit", unit="matmul", disable=not logger.isEnabledFor(logging.INFO), leave=False
+        ):
             done = fits.get(name, {}).get(cfg_of(name).bits)
-            if done is not None:
-                plan.fitted[name] = done
-            else:
-                jobs.append((name, w, cfg_of(name), h0[name]))
-        workers = physical_cores() if workers is None else workers
-        bar = tqdm(
-            total=len(jobs),
-            desc=f"error-feedback fit ({workers} worker{'s' if workers > 1 else ''})",
-            unit="matmul",
-            disable=not logger.isEnabledFor(logging.INFO),
-            leave=False,
-        )
-        plan.fitted.update(fit_layers(jobs, workers, done=lambda _name: bar.update(1)))
-        bar.close()
-        plan.fitted = {name: plan.fitted[name] for name, _ in layers}  # model order, as before
+            plan.fitted[name] = done if done is not None else fit_layer(w, cfg_of(name), h0[name])
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan
@@ -319,6 +324,7 @@ def fit_weights(loaded, options, target, batches) -> FitPlan:
         avg_bits=q.avg_bits,
         allocator=q.allocator,
         fisher=fisher,
+        source_model=loaded.torch_model,
     )
     plan.predicted_error = (
         "loss-aware (Fisher-weighted output error)"
