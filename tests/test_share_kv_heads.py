@@ -34,6 +34,21 @@ def _run(mod, params, fname, feeds, scores: bool = True):
     return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
 
 
+def assert_prefill_equals_onnxruntime(mod, params, onnx_path, atol: float = 1e-4) -> None:
+    """``mod``'s ``main`` (built by our pipeline) on a random 2 x 7 batch equals ONNX Runtime on the
+    exported file, every output."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, (2, 7)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got = _run(mod, params, "main", feeds)
+    want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=atol)
+
+
 def _feeds(mod, seed: int = 1, past: int = 5, prefill_mask=None):
     """(prefill feeds for ``main``: 2 x 6 tokens, decode_one feeds: 1 token over ``past`` random cached
     positions) for a model of tests/conftest (its vocabulary)."""
