@@ -280,17 +280,55 @@ def plan_fit(
         forwards, seconds = cal2.forwards + (cal.forwards if cal else 0), cal2.seconds + (cal.seconds if cal else 0)
         tokens = cal2.tokens
     else:
-        from tqdm import tqdm
-
         t0 = time.time()
-        for name, w in tqdm(
-            layers, desc="error-feedback fit", unit="matmul", disable=not logger.isEnabledFor(logging.INFO), leave=False
-        ):
+        todo = []
+        for name, w in layers:
             done = fits.get(name, {}).get(cfg_of(name).bits)
-            plan.fitted[name] = done if done is not None else fit_layer(w, cfg_of(name), h0[name])
+            if done is not None:
+                plan.fitted[name] = done
+            else:
+                todo.append((name, w))
+        plan.fitted.update(fit_all(todo, cfg_of, h0))
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan
+
+
+def fit_all(layers, cfg_of, hessians) -> dict:
+    """Calibrated fits of ``layers`` ((name, weight) pairs): row-group fits batched by config
+    (quant/gptq_rows.py: Q/K/V-style siblings joined, same-shape matrices stacked), other layouts one
+    by one. Progress in weights, with an ETA."""
+    from tqdm import tqdm
+
+    from ..quant.gptq_rows import fit_rows
+
+    t0 = time.time()
+    out = {}
+    by_cfg: dict = {}
+    for name, w in layers:
+        by_cfg.setdefault(cfg_of(name), []).append((name, w))
+    total = sum(int(np.size(w)) for _, w in layers)
+    with tqdm(
+        total=total,
+        desc="error-feedback fit",
+        unit="weight",
+        unit_scale=True,
+        leave=False,
+        disable=not logger.isEnabledFor(logging.INFO),
+    ) as bar:
+        for cfg, group in by_cfg.items():
+            if cfg.layout == "row-group":
+                fitted = fit_rows([(w, hessians[name]) for name, w in group], cfg, progress=bar.update)
+                out.update((name, bw) for (name, _), bw in zip(group, fitted, strict=True))
+                continue
+            for name, w in group:
+                out[name] = fit_layer(w, cfg, hessians[name])
+                bar.update(int(np.size(w)))
+    if layers:
+        logger.info(
+            f"fitted {len(layers)} matmuls (error feedback, {total / 1e6:.1f}M weights) in {time.time() - t0:.1f}s"
+        )
+    return out
 
 
 TUNE_LEN = 256  # tokens per scale-tuning window

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .bcq import BCQConfig, BCQWeight, SignPlanes, _best_codes, _fit_groups, _sign_patterns, quantize_matrix
-from .refit import refit_scales, row_errors
+from .gptq_rows import fit_rows, inverse_factor, prepare
 
 BLOCK_COLS = 8
 
@@ -51,26 +51,8 @@ class ColumnBCQWeight(SignPlanes):
 
 
 def _prepare(w, hessian, damp):
-    w = np.asarray(w, dtype=np.float32)
-    n, k = w.shape
-    h = np.asarray(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {w.shape}, got {h.shape}")
-    if not np.isfinite(h).all():
-        raise ValueError("hessian contains NaN or Inf")
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
-    W = torch.from_numpy(w.astype(np.float64))
-    H = torch.from_numpy(h.copy())
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=torch.float64)
-    return w, W, H
-
-
-def _inverse_factor(H):
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, H = prepare(w, hessian, damp)
+    return np.asarray(w, dtype=np.float32), W, H
 
 
 def fit_layer(w: np.ndarray, cfg: BCQConfig, hessian: np.ndarray | None = None, damp: float = 0.01):
@@ -84,27 +66,9 @@ def fit_layer(w: np.ndarray, cfg: BCQConfig, hessian: np.ndarray | None = None, 
         if cfg.layout == "row-group":
             return quantize_matrix(w, cfg)
         return quantize_matrix_gptq(w, np.eye(np.shape(w)[1]), cfg, act_order=False)
-    bw = quantize_matrix_gptq(w, hessian, cfg, damp=damp)
-    if cfg.layout != "row-group" or not cfg.refits:
-        return bw
-    _, W, H = _prepare(w, hessian, damp)
-    rnd = cfg.rounder()
-    for i in range(cfg.refits):
-        bw = refit_scales(W, bw, H, rnd)
-        if i + 1 < cfg.refits:
-            again = quantize_matrix_gptq(w, hessian, cfg, damp=damp, codebook=bw)
-            keep = (
-                row_errors(W, torch.from_numpy(again.dequantize()), H)
-                < row_errors(W, torch.from_numpy(bw.dequantize()), H)
-            ).numpy()
-            bw = BCQWeight(
-                signs=np.where(keep[None, :, None], again.signs, bw.signs),
-                alpha=bw.alpha,
-                group=bw.group,
-                offset=bw.offset,
-                tied=bw.tied,
-            )
-    return bw
+    if cfg.layout == "row-group":
+        return fit_rows([(w, hessian)], cfg, damp)[0]
+    return quantize_matrix_gptq(w, hessian, cfg, damp=damp)
 
 
 def quantize_matrix_gptq(
@@ -138,7 +102,7 @@ def quantize_matrix_gptq(
         perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W = W[:, perm]
     H = H[perm][:, perm]
-    U = _inverse_factor(H)
+    U = inverse_factor(H)
     patterns = _sign_patterns(q)
     signs = torch.empty((q, n, k), dtype=torch.bool)
 

@@ -41,58 +41,107 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
     group, and α is re-sorted descending per group, the form the code search and packers expect.
     Tied scales (``bw.tied``) solve for α_0 alone (the design's column is Σ_b 2^-b B_b) and stay tied.
     """
-    q, n, k = bw.signs.shape
-    g = bw.group
+    q = bw.bits
+    j = torch.from_numpy(levels(bw.signs))
+    err = row_errors(w, torch.from_numpy(bw.dequantize()), H)
+    zoff = torch.from_numpy(bw.offset) if bw.offset is not None else torch.zeros(bw.alpha.shape[1:])
+    hw = w.to(torch.float64) @ H
+    off = bw.offset is not None
+    j, alpha, zoff, _ = solve_codebooks(
+        j, torch.from_numpy(bw.alpha), zoff, err, H, hw, (hw * w).sum(1), bw.group, q, bw.tied, off, rnd
+    )
+    return BCQWeight(
+        signs=level_signs(j, q),
+        alpha=alpha.numpy(),
+        group=bw.group,
+        offset=zoff.numpy() if bw.offset is not None else None,
+        alpha_rows=bw.alpha_rows,
+        tied=bw.tied,
+    )
+
+
+def levels(signs: np.ndarray) -> np.ndarray:
+    """Sign planes [q, N, K] -> level index j [N, K] (uint8; plane b is bit q-1-b)."""
+    q = signs.shape[0]
+    j = np.zeros(signs.shape[1:], np.uint8)
+    for b in range(q):
+        j |= signs[b].astype(np.uint8) << (q - 1 - b)
+    return j
+
+
+def level_signs(j: torch.Tensor, q: int) -> np.ndarray:
+    """Level indices [N, K] -> sign planes [q, N, K] (bool, True = +1)."""
+    return np.stack([((j >> (q - 1 - b)) & 1).numpy().astype(bool) for b in range(q)])
+
+
+def solve_codebooks(j, alpha, zoff, err, H, hw, wHw, g, q, tied, offset, rnd):
+    """One refit of a row-group codebook for fixed codes, in place of the rows it improves.
+
+    ``j`` [N, K] level indices (uint8), ``alpha`` [q, N, NG], ``zoff`` [N, NG] (zeros without
+    ``offset``), ``err`` [N] the rows' current output errors, ``H`` [K, K] (dampened, float64), ``hw``
+    = w H and ``wHw`` = its row sums with w. The new codebook's error is
+    ``wᵀHw - 2θᵀ rhs + θᵀ G θ`` for the rounded θ, so no [N, K] x [K, K] product is needed to compare.
+    Returns (j, alpha, zoff, err), each row the better of old and new."""
+    n, k = j.shape
     ng = -(-k // g)
     kp = ng * g
-    off = bw.offset is not None
-    tied = bw.tied
     qs = 1 if tied else q  # scales solved per group
-    P = qs + int(off)
-    Hp = torch.zeros((kp, kp), dtype=torch.float64)
+    P = qs + int(offset)
+    Hp = torch.zeros((kp, kp), dtype=torch.float32)
     Hp[:k, :k] = H
     Hb = Hp.reshape(ng, g, kp)
-    Hw = torch.zeros((n, kp), dtype=torch.float64)
-    Hw[:, :k] = w @ H
-    signs = torch.from_numpy(bw.signs)
-    sol = torch.empty((n, P, ng), dtype=torch.float64)
-    chunk = max(1, _CHUNK_BYTES // (8 * P * ng * kp))
+    hwp = torch.zeros((n, kp), dtype=torch.float64)
+    hwp[:, :k] = hw
+    hwg = hwp.reshape(n, ng, g)
+    pm = torch.stack([((j >> (q - 1 - b)) & 1).to(torch.float32) * 2 - 1 for b in range(q)])  # [q, N, K]
+    S = torch.zeros((qs, n, kp), dtype=torch.float32)  # the design's sign columns, by group
+    S[:, :, :k] = torch.einsum("q,qnk->nk", plane_weights(q), pm)[None] if tied else pm
+    T1 = Hb.sum(1).reshape(ng, ng, g)  # ones column: Σ_{e in g} H[e, f], every row alike
+    G = torch.empty((n, P, ng, P, ng), dtype=torch.float64)
+    rhs = torch.empty((n, P, ng), dtype=torch.float64)
+    chunk = max(1, _CHUNK_BYTES // (4 * qs * ng * kp))
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
-        S = torch.zeros((P, r1 - r0, kp), dtype=torch.float64)  # the design: planes (and ones), by group
-        pm = torch.where(signs[:, r0:r1], 1.0, -1.0).to(torch.float64)
-        S[:qs, :, :k] = torch.einsum("q,qnk->nk", plane_weights(q).to(torch.float64), pm)[None] if tied else pm
-        if off:
-            S[qs, :, :k] = 1.0
-        S = S.reshape(P, r1 - r0, ng, g)
-        HS = torch.einsum("pnge,gek->pgnk", S, Hb).reshape(P, ng, r1 - r0, ng, g)
-        gram = torch.einsum("pgnhe,rnhe->npgrh", HS, S).reshape(r1 - r0, P * ng, P * ng)
-        rhs = torch.einsum("pnge,nge->npg", S, Hw[r0:r1].reshape(r1 - r0, ng, g)).reshape(r1 - r0, P * ng)
-        diag = gram.diagonal(dim1=1, dim2=2)
-        gram += torch.diag_embed(diag * 1e-9 + 1e-30)  # empty groups (padding) stay solvable
-        sol[r0:r1] = torch.linalg.solve(gram, rhs[..., None])[..., 0].reshape(r1 - r0, P, ng)
+        Sc = S[:, r0:r1].reshape(qs, r1 - r0, ng, g)
+        T = torch.matmul(Sc.permute(0, 2, 1, 3), Hb[None]).reshape(qs, ng, r1 - r0, ng, g)  # [p, g, n, h, e]
+        G[r0:r1, :qs, :, :qs] = torch.einsum("pgnhe,rnhe->npgrh", T, Sc).to(torch.float64)
+        rhs[r0:r1, :qs] = torch.einsum("pnge,nge->npg", Sc.to(torch.float64), hwg[r0:r1])
+        if offset:
+            c1 = torch.einsum("ghe,rnhe->ngrh", T1, Sc).to(torch.float64)  # (ones of g) x (sign column r of h)
+            G[r0:r1, qs, :, :qs] = c1
+            G[r0:r1, :qs, :, qs] = c1.permute(0, 2, 3, 1)
+    if offset:
+        G[:, qs, :, qs] = T1.sum(2).to(torch.float64)[None]
+        rhs[:, qs] = hwg.sum(2)
+    G = G.reshape(n, P * ng, P * ng)
+    reg = torch.diag_embed(G.diagonal(dim1=1, dim2=2) * 1e-9 + 1e-30)  # empty groups (padding) stay solvable
+    sol = torch.linalg.solve(G + reg, rhs.reshape(n, P * ng, 1))[..., 0].reshape(n, P, ng)
+    sol = torch.nan_to_num(sol)
     a = sol[:, :qs].permute(1, 0, 2)  # [qs, N, NG]
-    flip = (a < 0).repeat_interleave(g, dim=2)[:, :, :k]
-    new_signs = signs ^ flip  # tied: a negative α_0 flips every plane of the group
-    if tied:
-        alpha = rnd(a[0].abs()).to(torch.float32)[None] * plane_weights(q)[:, None, None]
+    mag = rnd(a.abs()).to(torch.float32)
+    theta = torch.cat([torch.sign(a).permute(1, 0, 2) * mag.permute(1, 0, 2).to(torch.float64)], 1)
+    z_new = rnd(sol[:, qs]).to(torch.float32) if offset else zoff
+    if offset:
+        theta = torch.cat([theta, z_new[:, None].to(torch.float64)], 1)
+    th = theta.reshape(n, P * ng, 1)
+    e_new = wHw - 2 * (th[..., 0] * rhs.reshape(n, P * ng)).sum(1) + (th.transpose(1, 2) @ G @ th)[:, 0, 0]
+    better = e_new < err
+    flip = (a < 0).repeat_interleave(g, dim=2)[:, :, :k]  # [qs, N, K]
+    if tied:  # a negative α_0 flips every plane of the group: level j becomes 2^q - 1 - j
+        j_new = torch.where(flip[0], (2**q - 1) - j, j)
+        a_new = mag[0][None] * plane_weights(q)[:, None, None]
     else:
-        a, order = torch.sort(a.abs(), dim=0, descending=True)
-        new_signs = torch.gather(new_signs, 0, order.repeat_interleave(g, dim=2)[:, :, :k])
-        alpha = rnd(a).to(torch.float32)
-    cand = BCQWeight(
-        signs=new_signs.numpy(),
-        alpha=alpha.numpy(),
-        group=g,
-        offset=rnd(sol[:, qs]).to(torch.float32).numpy() if off else None,
-        alpha_rows=bw.alpha_rows,
-        tied=tied,
+        mag_sorted, order = torch.sort(mag, dim=0, descending=True)
+        sg = (pm > 0) ^ flip
+        sg = torch.gather(sg, 0, order.repeat_interleave(g, dim=2)[:, :, :k])
+        j_new = torch.zeros_like(j)
+        for b in range(q):
+            j_new |= sg[b].to(torch.uint8) << (q - 1 - b)
+        a_new = mag_sorted
+    keep = better[:, None]
+    return (
+        torch.where(keep, j_new, j),
+        torch.where(better[None, :, None], a_new, alpha),
+        torch.where(keep, z_new, zoff),
+        torch.where(better, e_new, err),
     )
-    better = row_errors(w, torch.from_numpy(cand.dequantize()), H) < row_errors(w, torch.from_numpy(bw.dequantize()), H)
-    if bool(better.all()):
-        return cand
-    keep = better.numpy()
-    signs_out = np.where(keep[None, :, None], cand.signs, bw.signs)
-    alpha_out = np.where(keep[None, :, None], cand.alpha, bw.alpha)
-    offset_out = np.where(keep[:, None], cand.offset, bw.offset) if off else None
-    return BCQWeight(signs=signs_out, alpha=alpha_out, group=g, offset=offset_out, alpha_rows=bw.alpha_rows, tied=tied)
