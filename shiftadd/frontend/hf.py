@@ -72,21 +72,52 @@ def load_hf_model(spec: str):
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     t0 = time.time()
     logger.info(f"loading {src.display} ...")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, attn_implementation="eager", **kw)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path, **kw)
-    except Exception as e:  # a model without a tokenizer is still compilable
-        logger.info(f"no tokenizer for {src.display}: {str(e).splitlines()[0]}")
-        tok = None
+    with _gguf_parsed_once(src.gguf_file is not None):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path, dtype=torch.float32, attn_implementation="eager", **kw
+            )
+        except OSError as e:
+            raise FileNotFoundError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(src.path, **kw)
+        except Exception as e:  # a model without a tokenizer is still compilable
+            logger.info(f"no tokenizer for {src.display}: {str(e).splitlines()[0]}")
+            tok = None
     model.eval()
     logger.info(
         f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
         f"in {time.time() - t0:.1f}s"
     )
     return model, tok, src
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once(active: bool):
+    """transformers parses a GGUF file's header (every vocabulary entry a field) once for the config,
+    once for the weights and once for the tokenizer; within this block ``gguf.GGUFReader`` returns
+    one read-only reader per path (a memory map: nothing is written to it)."""
+    if not active:
+        yield
+        return
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if mode != "r":
+            return original(path, mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _cache_kwarg(model) -> str:

@@ -162,13 +162,81 @@ def _best_codes(v: torch.Tensor, alpha: torch.Tensor, patterns: torch.Tensor) ->
     return b
 
 
+def grid_levels(v: torch.Tensor, a0: torch.Tensor, q: int) -> torch.Tensor:
+    """Tied scales: the nearest level j (0 .. 2^q - 1, float) of the grid ``a0 (2j + 1 - 2^q) / 2^(q-1)``
+    to every element of ``v`` (``a0`` >= 0 broadcasts against ``v``). Plane b's sign is bit q-1-b of j;
+    the grid is super-increasing, so this is the codeword _best_codes finds, in one rounding. Where
+    a0 = 0 every plane takes the sign of v (as the greedy search does)."""
+    top = 2**q - 1
+    pos = a0 > 0
+    t = torch.where(pos, v / torch.where(pos, a0, 1.0), torch.where(v >= 0, 1e30, -1e30))
+    return torch.clamp(torch.round((t * 2.0 ** (q - 1) + top) / 2), 0, top)
+
+
+def level_value(j: torch.Tensor, q: int) -> torch.Tensor:
+    """Σ_b 2^-b B_b of level j: ``(2j + 1 - 2^q) / 2^(q-1)``."""
+    return (2 * j + (1 - 2**q)) / 2.0 ** (q - 1)
+
+
+def level_planes(j: torch.Tensor, q: int) -> torch.Tensor:
+    """Level indices [..., G] -> ±1 planes [..., q, G] (float32)."""
+    jj = j.to(torch.int32)
+    return torch.stack([((jj >> (q - 1 - b)) & 1).to(torch.float32) * 2 - 1 for b in range(q)], -2)
+
+
+def _fit_groups_tied(v: torch.Tensor, q: int, rounds: int, rnd, offset: bool):
+    """_fit_groups for tied scales (α_b = α_0 2^-b): the design is the level value, codes by rounding."""
+    pw = plane_weights(q)
+    if offset:  # the uniform grid of asymmetric RTN: spans [min, max], has a level at 0
+        step = rnd((v.amax(1) - v.amin(1)) / (2**q - 1)).to(torch.float32)
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        a0 = step * 2.0 ** (q - 2)
+        j0 = torch.clamp(torch.round(-v.amin(1) / step), 0, 2**q - 1)
+        z = rnd(step * ((2**q - 1) / 2 - j0)).to(torch.float32)
+    else:
+        a0 = rnd(v.abs().amax(1) / (2.0 - 2.0 ** (1 - q))).to(torch.float32)
+        z = torch.zeros(v.shape[0], dtype=torch.float32)
+    j = grid_levels(v - z[:, None], a0[:, None], q)
+    lev = level_value(j, q)
+    best_err = ((a0[:, None] * lev + z[:, None] - v) ** 2).sum(1)
+    best_a, best_j, best_z = a0, j, z
+    vd = v.to(torch.float64)
+    g = v.shape[1]
+    for _ in range(rounds):
+        ld = lev.to(torch.float64)
+        s_ll, s_lv = (ld * ld).sum(1), (ld * vd).sum(1)
+        if offset:  # 2 x 2 normal equations for (α_0, z), solved in closed form
+            s_l, s_v = ld.sum(1), vd.sum(1)
+            det = s_ll * g - s_l * s_l
+            det = torch.where(det.abs() > 1e-12 * (s_ll * g).clamp_min(1e-300), det, torch.ones_like(det))
+            a_sol = (s_lv * g - s_l * s_v) / det
+            z_sol = (s_ll * s_v - s_l * s_lv) / det
+            z = rnd(torch.nan_to_num(z_sol)).to(torch.float32)
+        else:
+            a_sol = s_lv / s_ll.clamp_min(1e-300)
+        a0 = rnd(torch.nan_to_num(a_sol).abs()).to(torch.float32)
+        j = grid_levels(v - z[:, None], a0[:, None], q)
+        lev = level_value(j, q)
+        err = ((a0[:, None] * lev + z[:, None] - v) ** 2).sum(1)
+        better = err < best_err
+        if not bool(better.any()):
+            break
+        idx = torch.nonzero(better).squeeze(1)
+        best_err[idx], best_a[idx], best_j[idx], best_z[idx] = err[idx], a0[idx], j[idx], z[idx]
+        a0, j, z = best_a.clone(), best_j.clone(), best_z.clone()
+        lev = level_value(j, q)
+    return best_a[:, None] * pw[None], level_planes(best_j, q), best_z
+
+
 def _fit_groups(
     v: torch.Tensor, q: int, rounds: int, rnd, offset: bool, tied: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit α [R, q] (APoT, sorted by magnitude), B [R, q, G] and an offset z [R] (APoT; zeros when
     ``offset`` is False) to the rows of v [R, G]: ``v ≈ z + Σ_b α_b B_b``. ``rnd`` rounds scales and
     offsets to the storage format (BCQConfig.rounder). ``tied``: α_b = α_0 2^-b (plane_weights), the
-    least squares solves for α_0 (and z) alone and only α_0 is rounded."""
+    least squares solves for α_0 (and z) alone and only α_0 is rounded (_fit_groups_tied)."""
+    if tied:
+        return _fit_groups_tied(v, q, rounds, rnd, offset)
     z = torch.zeros(v.shape[0], dtype=torch.float32)
     r = v.clone()
     pw = plane_weights(q)

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bcq import BCQConfig, BCQWeight, _best_codes, _sign_patterns, quantize_matrix
+from .bcq import BCQConfig, BCQWeight, _best_codes, _sign_patterns, grid_levels, level_value, quantize_matrix
 from .refit import level_signs, solve_codebooks
 
-LAZY_BLOCK = 32  # columns per lazy update: the in-block rank-1 updates cost N·K·LAZY_BLOCK/2
+LAZY_BLOCK = 128  # columns per lazy update: the in-block rank-1 updates cost N·K·LAZY_BLOCK/2
 STACK_BYTES = 256 << 20  # float32 weights of one stack (the loop also holds H⁻¹ factors and codes)
 CODEBOOK_WEIGHTS = 1 << 18  # weights per chunk of the static codebook fit
 
@@ -66,8 +66,11 @@ def prepare(w: np.ndarray, hessian: np.ndarray, damp: float) -> tuple[torch.Tens
 
 
 def inverse_factor(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (``H⁻¹ = UᵀU``), the GPTQ update's rows."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    """Upper Cholesky factor U of H⁻¹ (``H⁻¹ = UᵀU``), the GPTQ update's rows: with ``H = R Rᵀ``,
+    R upper (the Cholesky factor of H with rows and columns reversed), ``U = R⁻¹``: one factorization
+    and one triangular inverse instead of a factorization, an inverse and a second factorization."""
+    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)
+    return torch.linalg.solve_triangular(R, torch.eye(H.shape[0], dtype=H.dtype), upper=True)
 
 
 def fit_rows(jobs: list[tuple[np.ndarray, np.ndarray]], cfg: BCQConfig, damp: float = 0.01, progress=None):
@@ -219,8 +222,6 @@ def _loop(units: list[Unit], alpha, zoff, g: int, q: int, tied: bool):
     codes = torch.empty((L, k, n), dtype=torch.uint8)
     err_rows = torch.zeros((L, n), dtype=torch.float64)
     patterns = None if tied else _sign_patterns(q)
-    top = 2**q - 1
-    half = 2.0 ** (q - 1)
     for i1 in range(0, k, LAZY_BLOCK):
         i2 = min(i1 + LAZY_BLOCK, k)
         W1 = W[:, i1:i2]  # a view: updated in place
@@ -232,9 +233,8 @@ def _loop(units: list[Unit], alpha, zoff, g: int, q: int, tied: bool):
             z = zoff[ar, :, gi]  # [L, N]
             if tied:
                 a0 = alpha[ar, 0, :, gi]  # [L, N]
-                t = torch.where(a0 > 0, (v - z) / torch.where(a0 > 0, a0, 1.0), torch.where(v >= z, 1e30, -1e30))
-                jj = torch.clamp(torch.round((t * half + top) / 2), 0, top)
-                qv = z + a0 * (2 * jj + 1 - 2**q) / half
+                jj = grid_levels(v - z, a0, q)
+                qv = z + a0 * level_value(jj, q)
                 codes[:, c] = jj.to(torch.uint8)
             else:
                 a = alpha[ar, :, :, gi].permute(0, 2, 1).reshape(L * n, q)  # [L·N, q]
@@ -243,12 +243,12 @@ def _loop(units: list[Unit], alpha, zoff, g: int, q: int, tied: bool):
                 bits = (b > 0).to(torch.int32) << torch.arange(q - 1, -1, -1, dtype=torch.int32)
                 codes[:, c] = bits.sum(1).reshape(L, n).to(torch.uint8)
             e = (v - qv) / d[:, c, None]
-            err_rows += e.to(torch.float64) ** 2
             if i + 1 < i2 - i1:
                 W1[:, i + 1 :].addcmul_(U[:, c, c + 1 : i2, None], e[:, None, :], value=-1.0)
             E1[:, i] = e
+        err_rows += (E1.to(torch.float64) ** 2).sum(1)
         if i2 < k:
             W[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), E1)
     inv = torch.argsort(perm, dim=1)
-    j = torch.gather(codes.to(torch.int64), 1, inv[:, :, None].expand(L, k, n)).to(torch.uint8)
-    return j.transpose(1, 2).contiguous(), err_rows
+    j = torch.stack([codes[i].index_select(0, inv[i]).T for i in range(L)]).contiguous()
+    return j, err_rows

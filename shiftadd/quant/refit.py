@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .bcq import BCQWeight, plane_weights
+from .bcq import BCQWeight, level_planes, level_value, plane_weights
 
 # Rows solved at once: bounds the [planes, groups, rows, K] float64 intermediate to ~64 MB.
 _CHUNK_BYTES = 64 << 20
@@ -93,9 +93,12 @@ def solve_codebooks(j, alpha, zoff, err, H, hw, wHw, g, q, tied, offset, rnd):
     hwp = torch.zeros((n, kp), dtype=torch.float64)
     hwp[:, :k] = hw
     hwg = hwp.reshape(n, ng, g)
-    pm = torch.stack([((j >> (q - 1 - b)) & 1).to(torch.float32) * 2 - 1 for b in range(q)])  # [q, N, K]
     S = torch.zeros((qs, n, kp), dtype=torch.float32)  # the design's sign columns, by group
-    S[:, :, :k] = torch.einsum("q,qnk->nk", plane_weights(q), pm)[None] if tied else pm
+    if tied:
+        S[0, :, :k] = level_value(j.to(torch.float32), q)
+    else:
+        pm = level_planes(j, q).transpose(0, 1)  # [q, N, K]
+        S[:, :, :k] = pm
     T1 = Hb.sum(1).reshape(ng, ng, g)  # ones column: Σ_{e in g} H[e, f], every row alike
     G = torch.empty((n, P, ng, P, ng), dtype=torch.float64)
     rhs = torch.empty((n, P, ng), dtype=torch.float64)

@@ -135,8 +135,12 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         kernel="f32",
         knobs=None,
         kernels=None,
+        packs=None,
     ):
         super().__init__(mod)
+        # weight name -> (codes, alpha, offset, relative error): the functions of one module share
+        # their packed weights, so a weight is dequantized and packed once
+        self.packs: dict[str, tuple] = {} if packs is None else packs
         self.kernel = kernel
         self.knobs = knobs
         self.hessians = hessians or {}
@@ -228,7 +232,7 @@ class _LutMatmulRewriter(relax.PyExprMutator):
             bw = fit_layer(w, cfg, h)
         rep.calibrated = h is not None or name in self.fitted
         self.fits[name] = bw
-        deq = bw.dequantize()
+        deq = bw.dequantize() if self.keep_dequantized or name not in self.packs else None
         colscale = None
         if isinstance(bw, ColumnBCQWeight):  # one-bit kernel over [x⊙α_1, ..., x⊙z] (pack.column_as_one_bit)
             kern_w, colscale = column_as_one_bit(bw)
@@ -250,14 +254,16 @@ class _LutMatmulRewriter(relax.PyExprMutator):
         )
         backend = backend_for(self.kernel, spec, self.vec)
         rep.kernel = backend.name
-        codes, alpha, zoff = backend.pack(kern_w, spec)
+        if name not in self.packs:
+            rel = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
+            self.packs[name] = (*backend.pack(kern_w, spec), rel)
+        codes, alpha, zoff, rep.rel_error = self.packs[name]
         rep.status, rep.bits = "rewritten", bw.bits
         rep.group = getattr(bw, "group", 0) if cfg.layout == "row-group" else 0
         rep.layout = cfg.layout
         rep.bytes_after = codes.nbytes + (
             alpha.nbytes + (zoff.nbytes if kern_w.offset is not None else 0) if colscale is None else colscale.nbytes
         )
-        rep.rel_error = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
         if self.keep_dequantized:
             self.report.dequantized[name] = deq if transposed else np.ascontiguousarray(deq.T)
         cv = relax.Var(name + ".codes", relax.TensorType(codes.shape, str(codes.dtype)))
@@ -434,6 +440,7 @@ def rewrite_lut_matmul(
             kernel,
             knobs,
             kernels=rw.kernels,
+            packs=rw.packs,
         )
         out = _with_params(rw2, other, rw2.visit_expr(out[other]))
         for v, a in rw2.new_params:
