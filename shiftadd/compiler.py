@@ -15,6 +15,7 @@ from .calibration.plan import fit_weights
 from .calibration.text import calibration_batches
 from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileOptions, resolve
 from .frontend import import_model, is_onnx, merge_functions
+from .phases import Phases, phase
 from .relax_passes.ir import embedding_rows
 from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export, preflight
 from .relax_passes.rewrite_lut_matmul import check_group
@@ -31,6 +32,7 @@ class CompileResult:
     so: Path
     manifest: dict
     report: object | None  # RewriteReport, or None when the rewrite is off
+    phases: list | None = None  # per phase: seconds and peak RSS (shiftadd/phases.py)
 
 
 def compile(
@@ -54,39 +56,44 @@ def compile(
     or a loaded tokenizer) is stored with an ONNX input, for text prompts and calibration.
     ``keep_dequantized`` keeps each rewritten weight's dequantized value in the report (tests)."""
     t0 = time.time()
-    paths(output)  # validates the output name before any work
-    options = resolve(quant, opt, overrides)
-    tgt = resolve_target(target)
-    kernel = pick_kernel(options.optimization.kernel, tgt)
-    _check_input(model, options)
-    loaded = import_model(model, tokenizer, options.optimization.kv_cache, keep_torch=_needs_torch(options))
-    windows = _calibration_windows(options, loaded.tokenizer)
-    mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
-    weights, rewrite, plan, tuning = Weights(loaded.imported.params), None, None, None
-    if options.quant.rewrite:  # what can fail fails now, not after calibration and fitting
-        check_group(options.bcq(), loaded.imported.mod["main"], loaded.imported.params, tuple(options.quant.skip))
-        preflight(mod, tgt, options.optimization.share_kv, options.optimization.attention)
-        knobs, tuning = _knob_source(kernel, options, db, tgt, loaded.imported)
-        batches = calibration_batches(
-            loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
-        )
-        plan = fit_weights(loaded, options, tgt, batches)
-        weights.params = {**weights.params, **plan.norms}
-        rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
-    cached = bool(loaded.extra)
-    pipeline = Pipeline(tgt, rewrite=rewrite, weights=weights, decode_one=cached, prefill_last=cached)
-    mod = pipeline.run(mod, "rewrite", "decode")
-    params, report, extra = weights.params, weights.report, _functions(loaded, mod)
-    logger.info(f"building for {tgt.export().get('mcpu', '')} ...")
-    tb = time.time()
-    ex = build(mod, tgt, records(db, tgt), options.optimization.share_kv, options.optimization.attention)
-    logger.info(f"built in {time.time() - tb:.1f}s")
-    manifest = _manifest(loaded, options, tgt, kernel, mod, params, extra, report, plan, tuning, windows)
-    so, manifest = _write(output, ex, mod, params, loaded.tokenizer, manifest)
-    logger.info(
-        f"wrote {so} (+ .params, .json{', .tokenizer/' if loaded.tokenizer else ''}) in {time.time() - t0:.1f}s total"
-    )
-    return CompileResult(so, manifest, report)
+    with Phases() as phases:
+        paths(output)  # validates the output name before any work
+        options = resolve(quant, opt, overrides)
+        tgt = resolve_target(target)
+        kernel = pick_kernel(options.optimization.kernel, tgt)
+        _check_input(model, options)
+        loaded = import_model(model, tokenizer, options.optimization.kv_cache, keep_torch=_needs_torch(options))
+        windows = _calibration_windows(options, loaded.tokenizer)
+        mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
+        weights, rewrite, plan, tuning = Weights(loaded.imported.params), None, None, None
+        if options.quant.rewrite:  # what can fail fails now, not after calibration and fitting
+            check_group(options.bcq(), loaded.imported.mod["main"], loaded.imported.params, tuple(options.quant.skip))
+            preflight(mod, tgt, options.optimization.share_kv, options.optimization.attention)
+            knobs, tuning = _knob_source(kernel, options, db, tgt, loaded.imported)
+            batches = calibration_batches(
+                loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
+            )
+            plan = fit_weights(loaded, options, tgt, batches)
+            weights.params = {**weights.params, **plan.norms}
+            rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
+        cached = bool(loaded.extra)
+        pipeline = Pipeline(tgt, rewrite=rewrite, weights=weights, decode_one=cached, prefill_last=cached)
+        with phase("rewrite + lower"):
+            mod = pipeline.run(mod, "rewrite", "decode")
+        params, report, extra = weights.params, weights.report, _functions(loaded, mod)
+        logger.info(f"building for {tgt.export().get('mcpu', '')} ...")
+        tb = time.time()
+        with phase("build"):
+            ex = build(mod, tgt, records(db, tgt), options.optimization.share_kv, options.optimization.attention)
+        logger.info(f"built in {time.time() - tb:.1f}s")
+        manifest = _manifest(loaded, options, tgt, kernel, mod, params, extra, report, plan, tuning, windows)
+        manifest["phases"] = list(phases.rows)  # up to the build: the write is the manifest's own
+        with phase("write"):
+            so, manifest = _write(output, ex, mod, params, loaded.tokenizer, manifest)
+        tok = ", .tokenizer/" if loaded.tokenizer else ""
+        logger.info(f"wrote {so} (+ .params, .json{tok}) in {time.time() - t0:.1f}s total")
+    logger.info(f"phases (seconds / peak RSS): {phases.summary()}")
+    return CompileResult(so, manifest, report, phases.rows)
 
 
 def _rewrite(options: CompileOptions, plan, kernel: str, knobs, also: tuple, keep_dequantized: bool) -> Rewrite:

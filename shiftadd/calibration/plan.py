@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ALLOCATORS
+from ..phases import phase
 from ..quant import BCQConfig
 from ..quant.allocate import (
     CHOICES,
@@ -245,7 +246,8 @@ def plan_fit(
     h0 = None
     cal = None
     if batches is not None and (avg_bits is not None or mode == "one-pass"):
-        cal = _one_pass(imported, batches, target, skip, layers, source_model)
+        with phase("calibration"):
+            cal = _one_pass(imported, batches, target, skip, layers, source_model)
         h0 = cal.hessians
     fits = {}
     if avg_bits is not None:
@@ -261,9 +263,17 @@ def plan_fit(
             if batches
             else None
         )
-        plan.allocation = allocate_bits(
-            layers, cfg, avg_bits, h0, allocator, fisher=fisher, fits=fits if mode == "one-pass" else None, memo_key=key
-        )
+        with phase("bit allocation"):
+            plan.allocation = allocate_bits(
+                layers,
+                cfg,
+                avg_bits,
+                h0,
+                allocator,
+                fisher=fisher,
+                fits=fits if mode == "one-pass" else None,
+                memo_key=key,
+            )
         plan.layer_bits = plan.allocation.bits
 
     def cfg_of(name):
@@ -273,9 +283,10 @@ def plan_fit(
     if batches is None:
         return plan  # the rewrite pass fits weight-only with layer_bits
     if mode == "sequential":
-        cal2 = calibrate(
-            imported, batches, target, skip, mode="sequential", fit=lambda name, w, h: fit_layer(w, cfg_of(name), h)
-        )
+        with phase("calibration + fit (sequential)"):
+            cal2 = calibrate(
+                imported, batches, target, skip, mode="sequential", fit=lambda name, w, h: fit_layer(w, cfg_of(name), h)
+            )
         plan.fitted = cal2.fitted
         forwards, seconds = cal2.forwards + (cal.forwards if cal else 0), cal2.seconds + (cal.seconds if cal else 0)
         tokens = cal2.tokens
@@ -288,7 +299,8 @@ def plan_fit(
                 plan.fitted[name] = done
             else:
                 todo.append((name, w))
-        plan.fitted.update(fit_all(todo, cfg_of, h0))
+        with phase("fit"):
+            plan.fitted.update(fit_all(todo, cfg_of, h0))
         forwards, seconds, tokens = cal.forwards, cal.seconds + time.time() - t0, cal.tokens
     plan.calibration = {"mode": mode, "tokens": tokens, "forwards": forwards, "seconds": round(seconds, 1)}
     return plan
@@ -351,7 +363,8 @@ def fit_weights(loaded, options, target, batches) -> FitPlan:
         else:
             from .fisher import output_fisher
 
-            fisher = output_fisher(loaded.torch_model, batches, names=set(loaded.imported.params))
+            with phase("fisher"):
+                fisher = output_fisher(loaded.torch_model, batches, names=set(loaded.imported.params))
     plan = plan_fit(
         loaded.imported,
         cfg,
@@ -372,7 +385,8 @@ def fit_weights(loaded, options, target, batches) -> FitPlan:
     if c.tune_scales:
         if not batches:
             raise ValueError("scale tuning needs calibration windows (windows > 0 and a tokenizer)")
-        _tune_scales(loaded, plan, batches, cfg, c.tune_scales)
+        with phase("scale tuning"):
+            _tune_scales(loaded, plan, batches, cfg, c.tune_scales)
     return plan
 
 

@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..phases import phase
 from .hf import EMBEDDED, export_onnx, export_onnx_with_cache, load_hf_model, packaged_file, resolve_model
 from .onnx_import import import_onnx
 
@@ -41,7 +42,8 @@ def import_model(model: str, tokenizer=None, kv_cache: bool = True, keep_torch: 
     extra, kv_spec = {}, None  # further functions (name -> ImportedModel) and the KV cache's geometry
     if is_onnx(model):
         source = onnx_path(model)
-        imported = import_onnx(source)
+        with phase("import"):
+            imported = import_onnx(source)
         model_name = Path(source).stem
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
@@ -50,15 +52,21 @@ def import_model(model: str, tokenizer=None, kv_cache: bool = True, keep_torch: 
             kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
             tokenizer = AutoTokenizer.from_pretrained(src.path, **kw)
     else:
-        hf_model, tokenizer, src = load_hf_model(model)
+        with phase("load"):
+            hf_model, tokenizer, src = load_hf_model(model)
         source, model_name = src.display, str(model)
         with tempfile.TemporaryDirectory(prefix="shiftadd-export-") as tmp:
             if kv_cache:
-                exported = export_onnx_with_cache(hf_model, tmp)
+                with phase("export"):
+                    exported = export_onnx_with_cache(hf_model, tmp)
                 kv_spec = exported.spec()
-                imported = import_onnx(exported.prefill)
-                extra = {"decode": import_onnx(exported.decode)}
+                with phase("import"):
+                    imported = import_onnx(exported.prefill)
+                    extra = {"decode": import_onnx(exported.decode)}
             else:
-                imported = import_onnx(export_onnx(hf_model, Path(tmp) / "model.onnx"))
+                with phase("export"):
+                    path = export_onnx(hf_model, Path(tmp) / "model.onnx")
+                with phase("import"):
+                    imported = import_onnx(path)
     hf = hf_model if keep_torch and not is_onnx(model) else None
     return LoadedModel(imported, extra, kv_spec, tokenizer, source, model_name, hf)
