@@ -74,6 +74,7 @@ def compile(
                 loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
             )
             plan = fit_weights(loaded, options, tgt, batches)
+            loaded.torch_model = None  # nothing after the fits needs the source model: free it now
             weights.params = {**weights.params, **plan.norms}
             rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
         cached = bool(loaded.extra)
@@ -81,6 +82,9 @@ def compile(
         with phase("rewrite + lower"):
             mod = pipeline.run(mod, "rewrite", "decode")
         params, report, extra = weights.params, weights.report, _functions(loaded, mod)
+        loaded.imported.params = params  # the float weights the rewrite replaced are garbage now
+        for other in loaded.extra.values():
+            other.params = {}
         logger.info(f"building for {tgt.export().get('mcpu', '')} ...")
         tb = time.time()
         with phase("build"):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from shiftadd.quant import BCQConfig
 from shiftadd.quant.gptq import quantize_matrix_gptq
-from shiftadd.quant.gptq_rows import _loop, _static_codebooks, _unit, fit_rows, prepare
+from shiftadd.quant.gptq_rows import _loop, _unit, fit_rows, prepare
 from shiftadd.quant.refit import row_errors
 
 from .test_gptq import _correlated
@@ -43,8 +43,8 @@ def test_loop_error_is_the_output_error(n, k, bits, group, tied, offset, seed):
     h = _hessian(k, seed)
     cfg = BCQConfig(bits=bits, group=group, tied=tied, offset=offset, refits=0)
     W, H = prepare(w, h, 0.01)
-    (base,) = _static_codebooks([W], cfg)
-    unit = _unit(W, H, base)
+    unit = _unit([(w, h)], [0], cfg, 0.01)
+    base = unit.base
     zoff = torch.from_numpy(base.offset)[None] if offset else torch.zeros((1,) + base.alpha.shape[1:])
     j, err = _loop([unit], torch.from_numpy(base.alpha)[None], zoff, base.group, bits, tied)
     (got,) = fit_rows([(w, h)], cfg)

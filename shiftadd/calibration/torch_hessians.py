@@ -66,6 +66,7 @@ def hessians_from_torch(model, batches: list[dict], layers) -> tuple[dict, int, 
         return None
     t0 = time.time()
     sums, rows, hooks, seen = {}, {}, [], {}  # seen: the last input and its product
+    share: dict[str, str] = {}  # name -> the name whose sum it reads (Q/K/V, gate/up: one input)
     by_module = {}
     for name, mod in modules.items():
         by_module.setdefault(id(mod), (mod, []))[1].append(name)
@@ -76,10 +77,13 @@ def hessians_from_torch(model, batches: list[dict], layers) -> tuple[dict, int, 
             x = args[0]
             if seen.get("x") is not x:  # Q/K/V (gate/up) are called on one tensor: one product
                 x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                seen.update(x=x, xtx=(x2.T @ x2).to(torch.float64), n=x2.shape[0])
+                seen.update(x=x, xtx=x2.T @ x2, n=x2.shape[0])
+                seen.pop("first", None)
             xtx, n = seen["xtx"], seen["n"]
-            for name in names_here:
-                sums[name] = sums[name] + xtx if name in sums else xtx.clone()
+            for name in names_here:  # names fed by one tensor share one sum (the first name's)
+                key = share.setdefault(name, seen.setdefault("first", name))
+                if key == name:
+                    sums[name] = sums[name].add_(xtx) if name in sums else xtx.clone()
                 rows[name] = rows.get(name, 0) + n
             if mod is last:  # the output layer's input is all it is needed for: skip its matmul
                 raise _Stop
@@ -108,5 +112,6 @@ def hessians_from_torch(model, batches: list[dict], layers) -> tuple[dict, int, 
     tokens = max(rows.values()) if rows else 0
     if not tokens or any(rows.get(n) != tokens for n in names):  # a layer the forward did not reach
         return None
-    hessians = {n: (sums[n] / rows[n]).numpy() for n in names}
+    means = {key: (sums[key] / rows[key]).numpy() for key in set(share.values())}
+    hessians = {n: means[share[n]] for n in names}  # shared inputs: one array (fits join their rows)
     return hessians, tokens, forwards, time.time() - t0

@@ -163,9 +163,18 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> ImportedModel:
     values = detached.get("main", [])
     params = {}
     for var, val in zip(func.params[n_in:], values):
-        params[var.name] = val.numpy() if hasattr(val, "numpy") else np.asarray(val)
+        params[var.name] = _as_numpy(val)
     logger.info(f"imported {where}: {len(model.graph.node)} ONNX nodes, {len(params)} weights, fixups {fixups}")
     return ImportedModel(mod, params, input_names, output_names, fixups)
+
+
+def _as_numpy(val) -> np.ndarray:
+    """A detached weight as numpy without a copy where DLPack allows (the import already holds one
+    copy of every weight; a second doubled the import's peak memory)."""
+    try:
+        return np.from_dlpack(val)
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return val.numpy() if hasattr(val, "numpy") else np.asarray(val)
 
 
 def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
@@ -196,6 +205,8 @@ def merge_functions(base: ImportedModel, others: dict[str, ImportedModel]):
                 base.params[same] = v
                 by_value[_value_key(v)] = same
             renamed[w] = same
+        # the other import's weights are the base's now: hold those, not copies
+        other.params = {w: base.params[renamed.get(w, w)] for w in other.params}
         main = _rename_params(other.mod["main"], renamed) if renamed else other.mod["main"]
         mapping = {}
         for gv, f in other.mod.functions_items():

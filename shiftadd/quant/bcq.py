@@ -25,6 +25,7 @@ from .apot import SCALE_FORMATS, scale_rounder
 
 SUPPORTED_BITS = (2, 3, 4)
 LAYOUTS = ("row-group", "block", "column")  # method.md §1; see quant/gptq.py
+CHUNK_WEIGHTS = 1 << 18  # weights fitted at once by quantize_matrix
 MU = 4  # inputs per look-up table on CPU (16-entry tables); a scale group is made of whole tables
 
 
@@ -320,19 +321,24 @@ def quantize_matrix(w: np.ndarray | torch.Tensor, cfg: BCQConfig) -> BCQWeight:
     alpha = torch.empty((q, n, ng), dtype=torch.float32)
     offset = torch.zeros((n, ng), dtype=torch.float32)
     full = k // g
+    rows = max(1, CHUNK_WEIGHTS // k)  # rows are independent: chunks keep the fit's temporaries in cache
     with torch.no_grad():
-        if full:
-            v = w[:, : full * g].reshape(n * full, g)
-            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset, cfg.tied)
-            alpha[:, :, :full] = a.reshape(n, full, q).permute(2, 0, 1)
-            signs[:, :, : full * g] = (b > 0).reshape(n, full, q, g).permute(2, 0, 1, 3).reshape(q, n, full * g)
-            offset[:, :full] = z.reshape(n, full)
-        if full * g < k:  # ragged last group
-            v = w[:, full * g :].contiguous()
-            a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset, cfg.tied)
-            alpha[:, :, full] = a.T
-            signs[:, :, full * g :] = (b > 0).permute(1, 0, 2)
-            offset[:, full] = z
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            if full:
+                v = w[r0:r1, : full * g].reshape((r1 - r0) * full, g)
+                a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset, cfg.tied)
+                alpha[:, r0:r1, :full] = a.reshape(r1 - r0, full, q).permute(2, 0, 1)
+                signs[:, r0:r1, : full * g] = (
+                    (b > 0).reshape(r1 - r0, full, q, g).permute(2, 0, 1, 3).reshape(q, r1 - r0, full * g)
+                )
+                offset[r0:r1, :full] = z.reshape(r1 - r0, full)
+            if full * g < k:  # ragged last group
+                v = w[r0:r1, full * g :].contiguous()
+                a, b, z = _fit_groups(v, q, cfg.rounds, cfg.rounder(), cfg.offset, cfg.tied)
+                alpha[:, r0:r1, full] = a.T
+                signs[:, r0:r1, full * g :] = (b > 0).permute(1, 0, 2)
+                offset[r0:r1, full] = z
     return BCQWeight(
         signs=signs.numpy(), alpha=alpha.numpy(), group=g, offset=offset.numpy() if cfg.offset else None, tied=cfg.tied
     )

@@ -29,7 +29,6 @@ from .refit import level_signs, solve_codebooks
 
 LAZY_BLOCK = 128  # columns per lazy update: the in-block rank-1 updates cost N·K·LAZY_BLOCK/2
 STACK_BYTES = 256 << 20  # float32 weights of one stack (the loop also holds H⁻¹ factors and codes)
-CODEBOOK_WEIGHTS = 1 << 18  # weights per chunk of the static codebook fit
 
 
 @dataclass
@@ -48,14 +47,9 @@ class Unit:
 def prepare(w: np.ndarray, hessian: np.ndarray, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 target and dampened Hessian GPTQ works with (dead inputs: weight 0, H_ii = 1)."""
     w = np.asarray(w, dtype=np.float32)
-    k = w.shape[1]
+    check_hessian(w.shape, hessian, damp)
     h = np.asarray(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {w.shape}, got {h.shape}")
-    if not np.isfinite(h).all():
-        raise ValueError("hessian contains NaN or Inf")
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
+    k = w.shape[1]
     W = torch.from_numpy(w.astype(np.float64))
     H = torch.from_numpy(h.copy())
     dead = torch.diag(H) == 0
@@ -63,6 +57,18 @@ def prepare(w: np.ndarray, hessian: np.ndarray, damp: float) -> tuple[torch.Tens
     W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=torch.float64)
     return W, H
+
+
+def check_hessian(shape, hessian, damp: float) -> None:
+    """A [K, K] finite Hessian for a weight of ``shape`` [N, K], and a damping >= 0."""
+    k = shape[1]
+    h = np.asarray(hessian)
+    if h.shape != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {tuple(shape)}, got {h.shape}")
+    if not np.isfinite(h).all():
+        raise ValueError("hessian contains NaN or Inf")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
 
 
 def inverse_factor(H: torch.Tensor) -> torch.Tensor:
@@ -81,33 +87,27 @@ def fit_rows(jobs: list[tuple[np.ndarray, np.ndarray]], cfg: BCQConfig, damp: fl
     ``progress(weights)`` is called as stacks finish. Returns one BCQWeight per job, in order."""
     if cfg.layout != "row-group":
         raise ValueError(f"fit_rows fits the row-group layout, got {cfg.layout!r}")
-    units, members = [], []
-    for idx in _same_hessian(jobs):
-        w = np.concatenate([np.asarray(jobs[i][0], np.float32) for i in idx], 0) if len(idx) > 1 else jobs[idx[0]][0]
-        W, H = prepare(w, jobs[idx[0]][1], damp)
-        units.append((W, H))
-        members.append(idx)
-    bases = _static_codebooks([W for W, _ in units], cfg)
+    members = _same_hessian(jobs)  # units: jobs fitted as one matrix
     stacks: dict[tuple[int, int], list[int]] = {}
-    for u, (W, _) in enumerate(units):
-        stacks.setdefault(tuple(W.shape), []).append(u)
-    fitted: list[BCQWeight | None] = [None] * len(units)
+    for u, idx in enumerate(members):
+        w0, h = jobs[idx[0]]
+        check_hessian(np.shape(w0), h, damp)  # bad input fails before any fit
+        n = sum(np.shape(jobs[i][0])[0] for i in idx)
+        stacks.setdefault((n, np.shape(w0)[1]), []).append(u)
+    results: list[BCQWeight | None] = [None] * len(jobs)
     for (n, k), us in stacks.items():
         per = max(1, STACK_BYTES // (4 * n * k))
-        for s in range(0, len(us), per):
+        for s in range(0, len(us), per):  # one stack's float64 targets and Hessians alive at a time
             chunk = us[s : s + per]
-            out = _fit_stack([_unit(*units[u], bases[u]) for u in chunk], cfg)
+            out = _fit_stack([_unit(jobs, members[u], cfg, damp) for u in chunk], cfg)
             for u, bw in zip(chunk, out, strict=True):
-                fitted[u] = bw
+                r0 = 0
+                for i in members[u]:
+                    rows = np.shape(jobs[i][0])[0]
+                    results[i] = _rows_of(bw, r0, r0 + rows)
+                    r0 += rows
             if progress is not None:
                 progress(len(chunk) * n * k)
-    results: list[BCQWeight | None] = [None] * len(jobs)
-    for idx, bw in zip(members, fitted, strict=True):
-        r0 = 0
-        for i in idx:
-            n = np.shape(jobs[i][0])[0]
-            results[i] = _rows_of(bw, r0, r0 + n)
-            r0 += n
     return results
 
 
@@ -130,34 +130,14 @@ def _same_hessian(jobs) -> list[list[int]]:
     return groups
 
 
-def _unit(W, H, base) -> Unit:
+def _unit(jobs, idx: list[int], cfg: BCQConfig, damp: float) -> Unit:
+    """The jobs ``idx`` (one Hessian) joined by rows, prepared, with act order, inverse factor and
+    static (weight-only) codebooks."""
+    w = np.concatenate([np.asarray(jobs[i][0], np.float32) for i in idx], 0) if len(idx) > 1 else jobs[idx[0]][0]
+    W, H = prepare(w, jobs[idx[0]][1], damp)
     perm = torch.argsort(torch.diag(H), descending=True)
     u = inverse_factor(H[perm][:, perm]).to(torch.float32)
-    return Unit(W, H, perm, u, base)
-
-
-def _static_codebooks(targets: list[torch.Tensor], cfg: BCQConfig) -> list[BCQWeight]:
-    """Weight-only fits of every unit, in row chunks of about CODEBOOK_WEIGHTS (rows are independent;
-    the fit's temporaries stay in cache)."""
-    out = []
-    for W in targets:
-        n, k = W.shape
-        rows = max(1, CODEBOOK_WEIGHTS // k)
-        parts = [quantize_matrix(W[r : r + rows].to(torch.float32), cfg) for r in range(0, n, rows)]
-        out.append(parts[0] if len(parts) == 1 else _join_rows(parts))
-    return out
-
-
-def _join_rows(parts: list[BCQWeight]) -> BCQWeight:
-    p = parts[0]
-    return BCQWeight(
-        signs=np.concatenate([b.signs for b in parts], 1),
-        alpha=np.concatenate([b.alpha for b in parts], 1),
-        group=p.group,
-        offset=None if p.offset is None else np.concatenate([b.offset for b in parts], 0),
-        alpha_rows=p.alpha_rows,
-        tied=p.tied,
-    )
+    return Unit(W, H, perm, u, quantize_matrix(W.to(torch.float32), cfg))
 
 
 def _rows_of(bw: BCQWeight, r0: int, r1: int) -> BCQWeight:
