@@ -151,6 +151,17 @@ def allocate_bits(
         logger.info("bit allocation: reusing the per-width fit errors measured earlier in this process")
     rows_of = {}
     costs = []
+    batched = {}  # bits -> {name: fit}: calibrated row-group fits of every layer at once (quant/gptq_rows.py)
+    if hessians and cfg.layout == "row-group" and memo is None:
+        from ..quant.gptq_rows import fit_rows
+
+        jobs = [(name, w) for name, w in layers if hessians.get(name) is not None]
+        for b in choices:
+            fitted = fit_rows(
+                [(w, hessians[name]) for name, w in jobs],
+                replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)),
+            )
+            batched[b] = {name: bw for (name, _), bw in zip(jobs, fitted, strict=True)}
     for name, w in tqdm(
         layers,
         desc="bit allocation",
@@ -168,11 +179,13 @@ def allocate_bits(
         for b in choices:
             rows = memo.get((name, b)) if memo is not None else None
             if rows is None:
-                bw = (
-                    fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h)
-                    if h is not None
-                    else fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
-                )
+                bw = batched.get(b, {}).get(name)
+                if bw is None:
+                    bw = (
+                        fit_layer(w, replace(cfg, bits=b, refits=min(cfg.refits, ALLOCATION_REFITS)), h)
+                        if h is not None
+                        else fit_layer(w, replace(cfg, bits=b, rounds=min(cfg.rounds, 3)))
+                    )
                 d = torch.from_numpy(np.asarray(w, np.float64) - bw.dequantize().astype(np.float64))
                 rows = (
                     row_errors(d, torch.zeros_like(d), torch.from_numpy(np.asarray(h, np.float64)))
