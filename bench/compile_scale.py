@@ -33,6 +33,9 @@ SIZES = {
     ),
 }
 MODES = {"weight-only": ["windows=0"], "calibrated": []}  # --set overrides
+# peak RSS per float32 weight byte measured by this bench (docs/BENCHMARKS.md): a size that cannot
+# fit is reported as not run instead of being killed by the kernel half-way
+PEAK_PER_FLOAT_BYTE = {"weight-only": 7.5, "calibrated": 12.5}
 CACHE = Path(os.environ.get("SHIFTADD_CACHE", Path.home() / ".cache" / "shiftadd")) / "scale"
 
 
@@ -40,7 +43,7 @@ def synthetic_model(size: str) -> tuple[Path, int]:
     """A randomly initialised Llama of ``size`` saved as a Hugging Face folder (cached), and its
     parameter count."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from shiftadd.frontend import resolve_model
 
@@ -50,13 +53,7 @@ def synthetic_model(size: str) -> tuple[Path, int]:
         return folder, json.loads(meta.read_text())["params"]
     src = resolve_model("smollm2")
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        **SIZES[size],
-    )
+    cfg = _config(size, len(tok))
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -66,6 +63,23 @@ def synthetic_model(size: str) -> tuple[Path, int]:
     (tmp / "params.json").write_text(json.dumps({"params": params}))
     tmp.rename(folder)
     return folder, params
+
+
+def _config(size: str, vocab: int = 49152):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5, **SIZES[size]
+    )
+
+
+def param_count(size: str) -> int:
+    """Parameters of a synthetic size without building it (meta tensors)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(_config(size)).parameters())
 
 
 def child(model: str, out: str, args: list[str], result: str) -> None:
@@ -110,14 +124,17 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, skipped = [], []
     todo = [(s, m) for s in a.sizes for m in a.modes] + ([] if a.no_smollm2 else [("smollm2", "calibrated")])
     for i, (size, mode) in enumerate(todo):
-        if size == "smollm2":
-            model, params = "smollm2", 134_515_008
-        else:
-            model, params = synthetic_model(size)
-            model = str(model)
+        params = 134_515_008 if size == "smollm2" else param_count(size)
+        need = PEAK_PER_FLOAT_BYTE[mode] * 4 * params / 2**30
+        have = _available_gb()
+        if need > have:
+            print(f"[{i + 1}/{len(todo)}] {size} {mode}: skipped, needs ≈ {need:.0f} GB, {have:.0f} GB available")
+            skipped.append(f"{size} {mode} (needs ≈ {need:.0f} GB at the measured peak, {have:.0f} GB available)")
+            continue
+        model = "smollm2" if size == "smollm2" else str(synthetic_model(size)[0])
         print(f"[{i + 1}/{len(todo)}] {size} {mode} ...", flush=True)
         r = run_one(model, out / f"{size}-{mode}.so", MODES[mode])
         r.update(model=size, mode=mode, params=params)
@@ -143,6 +160,8 @@ def main() -> None:
         vs_float = r["peak_rss_mb"] * 2**20 / (4 * r["params"])
         lead = f"| {r['model']} | {r['mode']} | {r['params'] / 1e6:.0f}M | {r['seconds']:.0f} | {per_m:.2f} "
         lines.append(lead + f"| {r['peak_rss_mb'] / 1024:.2f} | {vs_float:.2f} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Not run (memory): " + "; ".join(skipped)]
     text = "\n".join(lines)
     print(text)
     write_report(out, "compile_scale", text, rows)
@@ -177,6 +196,16 @@ def _phase_order(name: str) -> int:
         "write",
     ]
     return order.index(name) if name in order else len(order)
+
+
+def _available_gb() -> float:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
 
 
 def _cpu() -> str:

@@ -334,11 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(t)
     t.set_defaults(fn=_cmd_tune)
 
-    for name, issue in (("bench", "benchmarks: see bench/"),):
-        s = sub.add_parser(name, help=f"{issue} (not available yet)")
-        s.set_defaults(
-            fn=lambda a, n=name, i=issue: (print(f"shiftadd {n}: not implemented yet ({i})", file=sys.stderr), 2)[1]
-        )
     pr = sub.add_parser("presets", help="list the quantization presets and optimization levels with every field")
     pr.set_defaults(fn=_cmd_presets)
     return p

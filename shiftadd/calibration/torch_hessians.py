@@ -93,6 +93,15 @@ def hessians_from_torch(model, batches: list[dict], layers) -> tuple[dict, int, 
     for mod, names_here in by_module.values():
         hooks.append(mod.register_forward_pre_hook(hook(mod, names_here)))
     forwards = 0
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(batches),
+        desc="calibration (torch)",
+        unit="window",
+        leave=False,
+        disable=not logger.isEnabledFor(logging.INFO),
+    )
     try:
         with torch.no_grad():
             for i in range(0, len(batches), BATCH):
@@ -106,7 +115,9 @@ def hessians_from_torch(model, batches: list[dict], layers) -> tuple[dict, int, 
                         pass
                     seen.clear()
                     forwards += 1
+                    bar.update(len(g))
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
     tokens = max(rows.values()) if rows else 0
