@@ -179,6 +179,16 @@ def level_value(j: torch.Tensor, q: int) -> torch.Tensor:
     return (2 * j + (1 - 2**q)) / 2.0 ** (q - 1)
 
 
+def plane_levels(signs: torch.Tensor) -> torch.Tensor:
+    """Sign planes [q, ...] (bool, True = +1) -> level index j [...] (uint8; plane b is bit q-1-b):
+    the inverse of level_planes."""
+    q = signs.shape[0]
+    j = torch.zeros(signs.shape[1:], dtype=torch.uint8)
+    for b in range(q):
+        j |= signs[b].to(torch.uint8) << (q - 1 - b)
+    return j
+
+
 def level_planes(j: torch.Tensor, q: int) -> torch.Tensor:
     """Level indices [..., G] -> ±1 planes [..., q, G] (float32)."""
     jj = j.to(torch.int32)

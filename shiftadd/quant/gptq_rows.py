@@ -24,7 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bcq import BCQConfig, BCQWeight, _best_codes, _sign_patterns, grid_levels, level_value, quantize_matrix
+from .bcq import (
+    BCQConfig,
+    BCQWeight,
+    _best_codes,
+    _sign_patterns,
+    grid_levels,
+    level_value,
+    plane_levels,
+    quantize_matrix,
+)
 from .refit import level_signs, solve_codebooks
 
 LAZY_BLOCK = 128  # columns per lazy update: the in-block rank-1 updates cost N·K·LAZY_BLOCK/2
@@ -220,8 +229,7 @@ def _loop(units: list[Unit], alpha, zoff, g: int, q: int, tied: bool):
                 a = alpha[ar, :, :, gi].permute(0, 2, 1).reshape(L * n, q)  # [L·N, q]
                 b = _best_codes((v - z).reshape(L * n, 1), a, patterns)[:, :, 0]  # ±1 [L·N, q]
                 qv = z + (a * b).sum(1).reshape(L, n)
-                bits = (b > 0).to(torch.int32) << torch.arange(q - 1, -1, -1, dtype=torch.int32)
-                codes[:, c] = bits.sum(1).reshape(L, n).to(torch.uint8)
+                codes[:, c] = plane_levels((b > 0).T).reshape(L, n)
             e = (v - qv) / d[:, c, None]
             if i + 1 < i2 - i1:
                 W1[:, i + 1 :].addcmul_(U[:, c, c + 1 : i2, None], e[:, None, :], value=-1.0)

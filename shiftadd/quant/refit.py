@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .bcq import BCQWeight, level_planes, level_value, plane_weights
+from .bcq import BCQWeight, level_planes, level_value, plane_levels, plane_weights
 
 # Rows solved at once: bounds the [planes, groups, rows, K] float64 intermediate to ~64 MB.
 _CHUNK_BYTES = 64 << 20
@@ -42,7 +42,7 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
     Tied scales (``bw.tied``) solve for α_0 alone (the design's column is Σ_b 2^-b B_b) and stay tied.
     """
     q = bw.bits
-    j = torch.from_numpy(levels(bw.signs))
+    j = plane_levels(torch.from_numpy(bw.signs))
     err = row_errors(w, torch.from_numpy(bw.dequantize()), H)
     zoff = torch.from_numpy(bw.offset) if bw.offset is not None else torch.zeros(bw.alpha.shape[1:])
     hw = w.to(torch.float64) @ H
@@ -60,18 +60,9 @@ def refit_scales(w: torch.Tensor, bw: BCQWeight, H: torch.Tensor, rnd) -> BCQWei
     )
 
 
-def levels(signs: np.ndarray) -> np.ndarray:
-    """Sign planes [q, N, K] -> level index j [N, K] (uint8; plane b is bit q-1-b)."""
-    q = signs.shape[0]
-    j = np.zeros(signs.shape[1:], np.uint8)
-    for b in range(q):
-        j |= signs[b].astype(np.uint8) << (q - 1 - b)
-    return j
-
-
 def level_signs(j: torch.Tensor, q: int) -> np.ndarray:
     """Level indices [N, K] -> sign planes [q, N, K] (bool, True = +1)."""
-    return np.stack([((j >> (q - 1 - b)) & 1).numpy().astype(bool) for b in range(q)])
+    return (level_planes(j, q).movedim(-2, 0) > 0).numpy()
 
 
 def solve_codebooks(j, alpha, zoff, err, H, hw, wHw, g, q, tied, offset, rnd):
@@ -137,9 +128,7 @@ def solve_codebooks(j, alpha, zoff, err, H, hw, wHw, g, q, tied, offset, rnd):
         mag_sorted, order = torch.sort(mag, dim=0, descending=True)
         sg = (pm > 0) ^ flip
         sg = torch.gather(sg, 0, order.repeat_interleave(g, dim=2)[:, :, :k])
-        j_new = torch.zeros_like(j)
-        for b in range(q):
-            j_new |= sg[b].to(torch.uint8) << (q - 1 - b)
+        j_new = plane_levels(sg)
         a_new = mag_sorted
     keep = better[:, None]
     return (
