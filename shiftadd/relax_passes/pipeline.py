@@ -10,7 +10,8 @@ Phases, in order:
             ``decode_step``: the same over a preallocated cache written in place, and ``kv_resize``
   lower     our passes over the cache (same-dtype casts dropped, RMSNorms as one op, KV heads shared,
             attention on our kernels reading the in-place cache), then TVM's legalize, fold and fuse
-  schedule  tuned MetaSchedule records, then our default rules for every unscheduled PrimFunc
+  schedule  tuned MetaSchedule records, then our default rules for every unscheduled PrimFunc,
+            then float32 exp / sigmoid as inline polynomials the vectoriser can take
 After them ``tvm.compile`` builds the VM executable and :func:`export` writes the one .so.
 """
 
@@ -147,6 +148,7 @@ class Pipeline:
         if "schedule" in want:
             seq.append(_pass("shiftadd.ApplyTunedRecords", self._tuned))
             seq.append(_pass("shiftadd.DefaultSchedules", self._default_schedules))
+            seq.append(_pass("shiftadd.VectorisableMath", _vectorisable_math))
         return seq
 
     def run(self, mod, *phases: str):
@@ -209,6 +211,12 @@ class Pipeline:
 
         with self.target:
             return schedule_unscheduled(mod, self.target)
+
+
+def _vectorisable_math(mod):
+    from ..schedules.vector_math import vectorisable_math_module
+
+    return vectorisable_math_module(mod)
 
 
 def _decode_step(mod):

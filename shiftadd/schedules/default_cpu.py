@@ -192,12 +192,15 @@ class CPUFallback(CPUScheduleRule):
             sch.parallel(outer)
             sch.decompose_reduction(block, r[0])
             return
-        lead = _fusable_prefix(sch, s)
-        if not r and len(lead) < len(s) and inner is not None and inner % VEC == 0:
-            # injective copies over the KV cache (concat, GQA broadcast, transposes): the innermost
-            # axis (head_dim) is static and contiguous, so copy it in vectors
-            _, si = sch.split(s[-1], factors=[None, VEC])
+        if not r and inner is not None and inner % VEC == 0:
+            # injective blocks (activations, RoPE, slices, transposes, copies over the KV cache):
+            # the innermost axis is static, so it runs in vectors; the parallel loop is over the
+            # rest, so index arithmetic (divisions by symbolic extents) is paid per vector, not
+            # per element
+            so, si = sch.split(s[-1], factors=[None, VEC])
             sch.vectorize(si)
+            s = [*s[:-1], so]
+        lead = _fusable_prefix(sch, s)
         outer = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         sch.parallel(outer)
         if r:
@@ -244,6 +247,20 @@ def schedule_unscheduled(mod: tvm.IRModule, target) -> tvm.IRModule:
     return dl.ApplyDefaultSchedule(*rules())(mod)
 
 
+class RowReduction(CPUScheduleRule):
+    """Norms and softmaxes over the last axis (dlight's cpu.Reduction) with their elementwise
+    producers inlined first: a cast or square left as a block of its own (the weight's cast in a
+    legalized RMSNorm has one axis) made dlight parallelise the batch axis alone, so a prompt's
+    rows ran on one core (docs/ENGINEERING.md)."""
+
+    def apply(self, func, target, tunable):
+        opened = _open(self, func, target)
+        if opened is None:
+            return None
+        sch, _ = opened
+        return dl.cpu.Reduction().apply(sch.mod["main"], target, tunable)
+
+
 def rules() -> list:
     """The default rules, first match wins (also the baseline MetaSchedule must beat: float_tuning)."""
-    return [SmallStatic(), CPUMatmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), CPUFallback()]
+    return [SmallStatic(), CPUMatmul(), dl.cpu.GEMV(), RowReduction(), CPUFallback()]
