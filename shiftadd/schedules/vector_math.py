@@ -3,9 +3,9 @@
 Why: TVM lowers ``exp`` to LLVM's ``llvm.exp`` intrinsic, which x86 code generation without a vector
 math library scalarises into one ``expf`` libm call per lane, so a vectorised SiLU or softmax ran at
 libm speed (docs/ENGINEERING.md). The replacement is Cephes' ``expf`` (range reduction by ln 2 in
-two parts, a degree-6 polynomial, the power of two built in the exponent bits): within a few ulp
-of ``expf`` (tests/test_vector_math.py), inf above float32's range, NaN kept. Applied to every PrimFunc of the
-lowered module (ours and TVM's), so a kernel needs no math of its own.
+two parts, a degree-6 polynomial, the power of two built in the exponent bits): within 1 ulp of
+the exact value (tests/test_default_schedules.py), inf above float32's range, NaN kept. Applied to
+every PrimFunc of the lowered module (ours and TVM's), so a kernel needs no math of its own.
 """
 
 from __future__ import annotations
