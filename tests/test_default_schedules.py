@@ -57,6 +57,27 @@ def test_exp_and_sigmoid_match_float64(lanes):
     np.testing.assert_allclose(got_s[fin], ref_s[fin], rtol=4e-7, atol=1e-38)
 
 
+def test_erf_matches_float64():
+    """GELU's erf within 4e-7 of the exact value, vectorised, NaN kept, +-1 far out."""
+    import math
+
+    n = te.var("n")
+    a = te.placeholder((n,), name="a")
+    sch = s_tir.Schedule(vectorisable_math(te.create_prim_func([a, te.compute((n,), lambda i: te.erf(a[i]), name="e")])))
+    (i,) = sch.get_loops(sch.get_sblock("e"))
+    sch.vectorize(sch.split(i, factors=[None, 16])[1])
+    fn = tvm.compile(sch.mod, TARGET).mod["main"]
+    x = np.concatenate([np.linspace(-7, 7, 200_000, dtype=np.float32), [np.nan, np.inf, -np.inf, 0.0, 1e-30]])
+    x = np.concatenate([x, np.zeros((-len(x)) % 16, np.float32)]).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    fn(tvm.runtime.tensor(x), out)
+    got = out.numpy()
+    fin = np.isfinite(x)
+    ref = np.array([math.erf(float(v)) for v in x[fin]])
+    assert np.abs(got[fin] - ref).max() <= 4e-7
+    assert np.isnan(got[np.isnan(x)]).all() and got[x == np.inf][0] == 1 and got[x == -np.inf][0] == -1
+
+
 def test_other_dtypes_keep_their_exp():
     """Only float32 calls are replaced: a float64 exp keeps libm's precision."""
     a = te.placeholder((8,), "float64", name="a")

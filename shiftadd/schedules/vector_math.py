@@ -1,8 +1,8 @@
-"""Exponentials the CPU can vectorise: ``exp`` and ``sigmoid`` of float32 as inline polynomials.
+"""Exponentials the CPU can vectorise: ``exp``, ``sigmoid`` and ``erf`` of float32 as inline polynomials.
 
 Why: TVM lowers ``exp`` to LLVM's ``llvm.exp`` intrinsic, which x86 code generation without a vector
 math library scalarises into one ``expf`` libm call per lane, so a vectorised SiLU or softmax ran at
-libm speed (docs/ENGINEERING.md). The replacement is Cephes' ``expf`` (range reduction by ln 2 in
+libm speed (docs/ENGINEERING.md); ``erf`` (GELU) likewise. The replacement for ``exp`` is Cephes' ``expf`` (range reduction by ln 2 in
 two parts, a degree-6 polynomial, the power of two built in the exponent bits): within 1 ulp of
 the exact value (tests/test_default_schedules.py), inf above float32's range, NaN kept. Applied to
 every PrimFunc of the lowered module (ours and TVM's), so a kernel needs no math of its own.
@@ -48,7 +48,30 @@ def fast_exp(x):
     return tirx.Let(v, x, y)
 
 
-_EXP, _SIGMOID = Op.get("tirx.exp"), Op.get("tirx.sigmoid")
+# erf: Eigen's rational approximation on [-4, 4] (odd numerator, even denominator in x^2); erf is
+# +-1 in float32 beyond
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # alpha_13 .. alpha_1
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)  # beta_8 .. beta_0
+
+
+def fast_erf(x):
+    """``erf(x)`` of a float32 expression as vectorisable arithmetic (GELU's, in ViTs and BERTs)."""
+    v = tirx.Var("erf_x", "float32")
+    c = tirx.min(tirx.max(v, _f(-4.0)), _f(4.0))
+    c2 = c * c
+    p = _f(_ERF_P[0])
+    for coef in _ERF_P[1:]:
+        p = p * c2 + _f(coef)
+    q = _f(_ERF_Q[0])
+    for coef in _ERF_Q[1:]:
+        q = q * c2 + _f(coef)
+    y = tirx.Select(tirx.isnan(v), v, c * p / q)
+    return tirx.Let(v, x, y)
+
+
+_EXP, _SIGMOID, _ERF = Op.get("tirx.exp"), Op.get("tirx.sigmoid"), Op.get("tirx.erf")
 
 
 def _rewrite(node):
@@ -58,11 +81,13 @@ def _rewrite(node):
         return fast_exp(node.args[0])
     if node.op.same_as(_SIGMOID):  # 1 / (1 + e^-x): e^-x = inf gives 0, as it should
         return _f(1.0) / (_f(1.0) + fast_exp(-node.args[0]))
+    if node.op.same_as(_ERF):
+        return fast_erf(node.args[0])
     return node
 
 
 def vectorisable_math(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with every float32 ``exp`` / ``sigmoid`` call replaced by :func:`fast_exp` arithmetic."""
+    """``func`` with every float32 ``exp`` / ``sigmoid`` / ``erf`` call replaced by arithmetic."""
     body = tvm_ffi.structural_map(func.body, [(Call, _rewrite)], order="post")
     return func if body.same_as(func.body) else func.with_body(body)
 
