@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,3 +44,13 @@ def figure(out: str | Path, name: str, figsize=(7, 3)):
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
+
+
+def cpu_name() -> str:
+    """The CPU's model name with the instruction sets our kernels and llama.cpp's dispatch on."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
+    name = fields.get("model name") or platform.processor()
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import _llama_cpp as llama_cpp
 import numpy as np
-from _report import figure, write_report
+from _report import cpu_name, figure, write_report
 
 from shiftadd.runtime.artifact import atomic_path
 
@@ -49,16 +48,6 @@ sess.generate(ids, 4)  # warm-up: first calls allocate and page the weights in
 r = sess.generate(ids, int(sys.argv[3]))
 print(json.dumps({"steps": r["step_seconds"], "ids": r["new_ids"], "threads": sess.threads}))
 """
-
-
-def cpu_name() -> str:
-    """The CPU's model name with the instruction sets our kernels and llama.cpp's dispatch on."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
-    name = fields.get("model name") or platform.processor()
-    flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no AVX2'})"
 
 
 def user_env() -> dict:

@@ -22,7 +22,15 @@ def _cmd_compile(a) -> int:
     from .compiler import compile as do_compile
 
     res = do_compile(
-        a.model, a.output, a.quant, a.opt, target=a.target, tokenizer=a.tokenizer, db=a.db, **parse_sets(a.set)
+        a.model,
+        a.output,
+        a.quant,
+        a.opt,
+        target=a.target,
+        tokenizer=a.tokenizer,
+        db=a.db,
+        calibration_data=a.calibration_data,
+        **parse_sets(a.set),
     )
     if res.report is not None:
         print(res.report.summary())
@@ -252,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tuning database file or folder (default ~/.cache/shiftadd/tuning.json or $SHIFTADD_TUNING_DB)",
     )
     c.add_argument("--tokenizer", help="for an ONNX input: model id/path or 'smollm2' whose tokenizer to store")
+    c.add_argument(
+        "--calibration-data",
+        metavar="FILE.npz",
+        help="calibrate on these inputs (one array per model input, samples along axis 0: e.g. images) "
+        "instead of wiki text",
+    )
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._version import __version__
+from .calibration.arrays import array_batches
 from .calibration.plan import fit_weights
 from .calibration.text import calibration_batches
 from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileOptions, resolve
@@ -45,6 +46,7 @@ def compile(
     tokenizer=None,
     db: str | os.PathLike | None = None,
     keep_dequantized: bool = False,
+    calibration_data: str | os.PathLike | None = None,
     **overrides,
 ) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
@@ -54,7 +56,9 @@ def compile(
     ``group=128, windows=0``). ``db``: the tuning database the kernels' knobs come from (default
     ~/.cache/shiftadd/tuning.json or $SHIFTADD_TUNING_DB). ``tokenizer`` (a model id/path, 'smollm2',
     or a loaded tokenizer) is stored with an ONNX input, for text prompts and calibration.
-    ``keep_dequantized`` keeps each rewritten weight's dequantized value in the report (tests)."""
+    ``keep_dequantized`` keeps each rewritten weight's dequantized value in the report (tests).
+    ``calibration_data``: a ``.npz`` of calibration inputs (one array per model input, samples along
+    the first axis: images for a ViT) instead of the wiki text windows."""
     t0 = time.time()
     with Phases() as phases:
         paths(output)  # validates the output name before any work
@@ -63,16 +67,22 @@ def compile(
         kernel = pick_kernel(options.optimization.kernel, tgt)
         _check_input(model, options)
         loaded = import_model(model, tokenizer, options.optimization.kv_cache, keep_torch=_needs_torch(options))
-        windows = _calibration_windows(options, loaded.tokenizer)
+        windows = _calibration_windows(options, loaded.tokenizer) if calibration_data is None else 0
         mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
         weights, rewrite, plan, tuning = Weights(loaded.imported.params), None, None, None
         if options.quant.rewrite:  # what can fail fails now, not after calibration and fitting
             check_group(options.bcq(), loaded.imported.mod["main"], loaded.imported.params, tuple(options.quant.skip))
             preflight(mod, tgt, options.optimization.share_kv, options.optimization.attention)
             knobs, tuning = _knob_source(kernel, options, db, tgt, loaded.imported)
-            batches = calibration_batches(
-                loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
-            )
+            if calibration_data is not None:
+                specs = _input_specs(loaded.imported.mod["main"], loaded.imported.input_names)
+                batches = array_batches(calibration_data, specs)
+                windows = len(batches)
+                logger.info(f"calibration: {windows} feeds from {calibration_data} ({options.calibration.mode})")
+            else:
+                batches = calibration_batches(
+                    loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
+                )
             plan = fit_weights(loaded, options, tgt, batches)
             loaded.torch_model = None  # nothing after the fits needs the source model: free it now
             weights.params = {**weights.params, **plan.norms}
@@ -91,6 +101,8 @@ def compile(
             ex = build(mod, tgt, records(db, tgt), options.optimization.share_kv, options.optimization.attention)
         logger.info(f"built in {time.time() - tb:.1f}s")
         manifest = _manifest(loaded, options, tgt, kernel, mod, params, extra, report, plan, tuning, windows)
+        if calibration_data is not None and manifest["calibration"]:
+            manifest["calibration"].update(text=None, tokens_per_window=None, arrays=Path(calibration_data).name)
         manifest["phases"] = list(phases.rows)  # up to the build: the write is the manifest's own
         with phase("write"):
             so, manifest = _write(output, ex, mod, params, loaded.tokenizer, manifest)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tvm
 from tvm import relax, s_tir, te
 
 from shiftadd.schedules.vector_math import fast_exp, vectorisable_math
@@ -63,7 +62,9 @@ def test_erf_matches_float64():
 
     n = te.var("n")
     a = te.placeholder((n,), name="a")
-    sch = s_tir.Schedule(vectorisable_math(te.create_prim_func([a, te.compute((n,), lambda i: te.erf(a[i]), name="e")])))
+    sch = s_tir.Schedule(
+        vectorisable_math(te.create_prim_func([a, te.compute((n,), lambda i: te.erf(a[i]), name="e")]))
+    )
     (i,) = sch.get_loops(sch.get_sblock("e"))
     sch.vectorize(sch.split(i, factors=[None, 16])[1])
     fn = tvm.compile(sch.mod, TARGET).mod["main"]

@@ -1,11 +1,12 @@
-"""Attention softmax over a symbolic cache length as one kernel, the mask's add fused in.
+"""Attention softmax as one kernel, the mask's add fused in.
 
 Why: legalized, ``softmax(scores + mask)`` is two operators (the add is not fused into the softmax's
 reductions), each a parallel launch with generic schedules; with the cache length symbolic
 MetaSchedule cannot tune them. The softmax kernel of schedules/attention_cpu.py adds the mask,
 takes each row's maximum, exponentials and sum in one pass, with a tuned number of rows per task
 (docs/ENGINEERING.md). Applies to ``softmax(x, axis=-1)`` over 4-D
-``x [B, H, M, N]`` with static heads and N symbolic; when ``x = a + mask`` with ``mask`` of shape
+``x [B, H, M, N]`` with static heads (N symbolic, or static as in a ViT's attention, whose legalized
+softmax reduced each row in one serial chain); when ``x = a + mask`` with ``mask`` of shape
 ``[1 or B, 1 or H, 1 or M, N]`` the add is folded in, otherwise the kernel takes ``x`` alone.
 """
 
@@ -39,7 +40,7 @@ def _softmax(rw, call):
         return None
     x = call.args[0]
     xs = shape_of(x)
-    if xs is None or len(xs) != 4 or isinstance(xs[3], tvm.tirx.IntImm) or not isinstance(xs[1], tvm.tirx.IntImm):
+    if xs is None or len(xs) != 4 or not isinstance(xs[1], tvm.tirx.IntImm):
         return None
     dtype = str(x.ty.dtype)
     if dtype not in ("float32", "float16"):
@@ -64,7 +65,7 @@ def _softmax(rw, call):
 
 
 def softmax_with_mask(mod: tvm.IRModule, knob_of=None) -> tuple[tvm.IRModule, int, dict]:
-    """Rewrite every softmax over a symbolic last axis in every Relax function of ``mod``; returns
+    """Rewrite every 4-D softmax over the last axis in every Relax function of ``mod``; returns
     (module, the number rewritten, ``{AttentionKernel: static query rows of its calls}``). Adds left
     without users are removed. ``knob_of(spec)``: rows per task (TuningDB.attention_knob; None: default)."""
     return rewrite_calls(mod, "relax.nn.softmax", _softmax, knob_of, dce=True)

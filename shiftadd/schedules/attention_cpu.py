@@ -28,6 +28,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, te
 
+LANES = 16  # softmax: partial maxima and sums per vector lane
 LENGTHS = (64, 256, 1024)  # cache lengths every candidate is timed at
 PROMPT = 0  # query rows of a call whose row count is symbolic (a prefill): timed at M = N <= PROMPT_MAX
 PROMPT_MAX = 256
@@ -154,22 +155,64 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str 
         def val(b, h, i, j):
             return x[b, h, i, j].astype(acc)
 
-    j = te.reduce_axis((0, n), name="j")
-    mx = te.compute((bsz, heads, m), lambda b, h, i: te.max(val(b, h, i, j), axis=j), name="row_max")
-    ex = te.compute((bsz, heads, m, n), lambda b, h, i, k: te.exp(val(b, h, i, k) - mx[b, h, i]), name="row_exp")
-    j2 = te.reduce_axis((0, n), name="j2")
-    sm = te.compute((bsz, heads, m), lambda b, h, i: te.sum(ex[b, h, i, j2], axis=j2), name="row_sum")
+    # the row's maximum and sum as LANES partial results over its whole vectors, plus its tail: one
+    # serial chain of float adds (LLVM keeps their order) was the kernel's critical path. The
+    # reductions keep their init inside the loop (decompose_reduction needs affine bindings), so
+    # a loop of no steps leaves its result unset: selects on the step counts discard it
+    full, tail = n // LANES, n % LANES
+    lo = tvm.tirx.min_value(acc)
+
+    def lane_max(b, h, i, lane):
+        c = te.reduce_axis((0, full), name="c")
+        return te.max(val(b, h, i, c * LANES + lane), axis=c)
+
+    part_max = te.compute((bsz, heads, m, LANES), lane_max, name="part_max")
+    t = te.reduce_axis((0, tail), name="t")
+    tail_max = te.compute((bsz, heads, m), lambda b, h, i: te.max(val(b, h, i, full * LANES + t), axis=t), name="tail_max")
+    lm = te.reduce_axis((0, LANES), name="lm")
+    lanes_max = te.compute((bsz, heads, m), lambda b, h, i: te.max(part_max[b, h, i, lm], axis=lm), name="lanes_max")
+    row_max = te.compute(
+        (bsz, heads, m),
+        lambda b, h, i: te.max(
+            tvm.tirx.Select(full > 0, lanes_max[b, h, i], lo), tvm.tirx.Select(tail > 0, tail_max[b, h, i], lo)
+        ),
+        name="row_max",
+    )
+    ex = te.compute((bsz, heads, m, n), lambda b, h, i, k: te.exp(val(b, h, i, k) - row_max[b, h, i]), name="row_exp")
+
+    def lane_sum(b, h, i, lane):
+        c = te.reduce_axis((0, full), name="c2")
+        return te.sum(ex[b, h, i, c * LANES + lane], axis=c)
+
+    part_sum = te.compute((bsz, heads, m, LANES), lane_sum, name="part_sum")
+    t2 = te.reduce_axis((0, tail), name="t2")
+    tail_sum = te.compute(
+        (bsz, heads, m), lambda b, h, i: te.sum(ex[b, h, i, full * LANES + t2], axis=t2), name="tail_sum"
+    )
+    ls = te.reduce_axis((0, LANES), name="ls")
+    lanes_sum = te.compute((bsz, heads, m), lambda b, h, i: te.sum(part_sum[b, h, i, ls], axis=ls), name="lanes_sum")
+    zero = tvm.tirx.const(0.0, acc)
+    inv = te.compute(
+        (bsz, heads, m),
+        lambda b, h, i: 1.0
+        / (tvm.tirx.Select(full > 0, lanes_sum[b, h, i], zero) + tvm.tirx.Select(tail > 0, tail_sum[b, h, i], zero)),
+        name="row_inv",
+    )
     out = te.compute(
-        (bsz, heads, m, n), lambda b, h, i, k: (ex[b, h, i, k] / sm[b, h, i]).astype(dtype), name="softmax"
+        (bsz, heads, m, n), lambda b, h, i, k: (ex[b, h, i, k] * inv[b, h, i]).astype(dtype), name="softmax"
     )
     sch = s_tir.Schedule(te.create_prim_func(args + [out]))
     b, h, i, _ = sch.get_loops(sch.get_sblock("softmax"))
+    order = ("row_inv", "lanes_sum", "tail_sum", "part_sum", "row_exp", "row_max", "lanes_max", "tail_max", "part_max")
+    for name in order:  # under the row loop while the bindings are affine (vectorize needs that)
+        sch.compute_at(sch.get_sblock(name), i)
+    for name in ("part_max", "part_sum"):
+        *_, lane, c = sch.get_loops(sch.get_sblock(name))
+        sch.reorder(c, lane)
+        sch.vectorize(lane)
     row = sch.fuse(b, h, i)
     if rows:
-        ro, row = sch.split(row, factors=[None, rows])
-        sch.parallel(ro)
-    for name in ("row_sum", "row_exp", "row_max"):
-        sch.compute_at(sch.get_sblock(name), row)
+        sch.parallel(sch.split(row, factors=[None, rows])[0])
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": 8})
 
 

@@ -2,10 +2,11 @@
 
 Why: TVM lowers ``exp`` to LLVM's ``llvm.exp`` intrinsic, which x86 code generation without a vector
 math library scalarises into one ``expf`` libm call per lane, so a vectorised SiLU or softmax ran at
-libm speed (docs/ENGINEERING.md); ``erf`` (GELU) likewise. The replacement for ``exp`` is Cephes' ``expf`` (range reduction by ln 2 in
-two parts, a degree-6 polynomial, the power of two built in the exponent bits): within 1 ulp of
-the exact value (tests/test_default_schedules.py), inf above float32's range, NaN kept. Applied to
-every PrimFunc of the lowered module (ours and TVM's), so a kernel needs no math of its own.
+libm speed (docs/ENGINEERING.md); ``erf`` (GELU) likewise. The replacement for ``exp`` is Cephes'
+``expf`` (range reduction by ln 2 in two parts, a degree-6 polynomial, the power of two built in the
+exponent bits): within 1 ulp of the exact value (tests/test_default_schedules.py), inf above
+float32's range, NaN kept. Applied to every PrimFunc of the lowered module (ours and TVM's), so a
+kernel needs no math of its own.
 """
 
 from __future__ import annotations
@@ -50,10 +51,22 @@ def fast_exp(x):
 
 # erf: Eigen's rational approximation on [-4, 4] (odd numerator, even denominator in x^2); erf is
 # +-1 in float32 beyond
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # alpha_13 .. alpha_1
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)  # beta_8 .. beta_0
+_ERF_P = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)  # alpha_13 .. alpha_1
+_ERF_Q = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)  # beta_8 .. beta_0
 
 
 def fast_erf(x):
