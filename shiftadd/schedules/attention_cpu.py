@@ -168,7 +168,9 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str 
 
     part_max = te.compute((bsz, heads, m, LANES), lane_max, name="part_max")
     t = te.reduce_axis((0, tail), name="t")
-    tail_max = te.compute((bsz, heads, m), lambda b, h, i: te.max(val(b, h, i, full * LANES + t), axis=t), name="tail_max")
+    tail_max = te.compute(
+        (bsz, heads, m), lambda b, h, i: te.max(val(b, h, i, full * LANES + t), axis=t), name="tail_max"
+    )
     lm = te.reduce_axis((0, LANES), name="lm")
     lanes_max = te.compute((bsz, heads, m), lambda b, h, i: te.max(part_max[b, h, i, lm], axis=lm), name="lanes_max")
     row_max = te.compute(
@@ -194,8 +196,10 @@ def softmax_kernel(heads: int, dtype: str = "float32", rows: int = 1, bias: str 
     zero = tvm.tirx.const(0.0, acc)
     inv = te.compute(
         (bsz, heads, m),
-        lambda b, h, i: 1.0
-        / (tvm.tirx.Select(full > 0, lanes_sum[b, h, i], zero) + tvm.tirx.Select(tail > 0, tail_sum[b, h, i], zero)),
+        lambda b, h, i: (
+            1.0
+            / (tvm.tirx.Select(full > 0, lanes_sum[b, h, i], zero) + tvm.tirx.Select(tail > 0, tail_sum[b, h, i], zero))
+        ),
         name="row_inv",
     )
     out = te.compute(
