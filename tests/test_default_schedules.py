@@ -149,3 +149,15 @@ def test_elementwise_and_norms_over_symbolic_rows(rows, width, seed):
     got = vm["main"](tvm.runtime.tensor(s)).numpy()
     e = np.exp(s.astype(np.float64) - s.max(-1, keepdims=True))
     np.testing.assert_allclose(got, (e / e.sum(-1, keepdims=True)).transpose(0, 2, 1, 3), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows, cols, depth", [(257, 257, 64), (19, 37, 8), (4, 32, 16)])
+def test_batched_matmul_tiles_per_head(rows, cols, depth):
+    """Attention's q @ k^T with static ragged sizes (a ViT's 257 tokens): tiles within one head, rows
+    and columns padded, against numpy."""
+    func = _function([("b", 3, rows, depth), ("b", 3, depth, cols)], lambda q, k: relax.op.matmul(q, k))
+    rng = np.random.default_rng(rows)
+    q = rng.standard_normal((2, 3, rows, depth)).astype(np.float32)
+    k = rng.standard_normal((2, 3, depth, cols)).astype(np.float32)
+    got = _build(func)["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(k)).numpy()
+    np.testing.assert_allclose(got, q.astype(np.float64) @ k, rtol=1e-4, atol=1e-4)

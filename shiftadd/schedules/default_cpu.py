@@ -121,24 +121,35 @@ class CPUMatmul(CPUScheduleRule):
         if n_ext is None or n_ext < MATMUL_COLS:
             return None
         copies = []  # padded copies of the operands and the output
+        # B with batch axes of its own (attention's q @ k^T, p @ v): tiles stay within one batch
+        # entry, so every row of a tile reads the same B (fused across heads, a tile of a ragged
+        # row count mixed two heads' rows and their B columns)
+        per_batch = len(s) > 2 and len(sch.get(block).reads[1].region) > 2 and _extent(sch, s[-2]) is not None
         try:
+            padding = [1] * len(kinds)
             if n_ext % MATMUL_COLS and _rows_reuse(sch, s[:-1]):
                 # a ragged N (257 tokens of a ViT's attention) leaves the column tile a masked tail
                 # that LLVM does not vectorise (17x slower); the operands are padded instead
-                padding = [1] * len(kinds)
                 padding[len(s) - 1] = MATMUL_COLS
+            if per_batch and _extent(sch, s[-2]) % MATMUL_ROWS:
+                padding[len(s) - 2] = MATMUL_ROWS
+            if padding != [1] * len(kinds):
                 known = {sch.get(i.block_rv).name_hint for i in infos}
                 sch.pad_einsum(block, padding)
                 loops = sch.get_loops(block)
                 s, r = loops[:-1], loops[-1]
                 copies = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint not in known]
-            m = sch.fuse(*s[:-1]) if len(s) > 2 else s[0]
-            mo, mi = sch.split(m, factors=[None, MATMUL_ROWS])
+            if per_batch:
+                outer = [sch.fuse(*s[:-2])] if len(s) > 3 else [s[0]]
+                mo, mi = sch.split(s[-2], factors=[None, MATMUL_ROWS])
+            else:
+                outer = []
+                mo, mi = sch.split(sch.fuse(*s[:-1]) if len(s) > 2 else s[0], factors=[None, MATMUL_ROWS])
             no, ni = sch.split(s[-1], factors=[None, MATMUL_COLS])
-            sch.reorder(mo, no, r, mi, ni)
+            sch.reorder(*outer, mo, no, r, mi, ni)
             sch.vectorize(ni)
             sch.unroll(mi)
-            sch.parallel(sch.fuse(mo, no))
+            sch.parallel(sch.fuse(*outer, mo, no))
             sch.decompose_reduction(block, r)
             for other in infos:
                 if other is not info:
