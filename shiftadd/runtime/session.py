@@ -44,6 +44,7 @@ class Session:
         """``threads``: TVM's worker threads (default every physical core, or ``$TVM_NUM_THREADS``)."""
         import tvm
 
+        from .huge_pages import in_huge_pages
         from .threads import use_threads
 
         self.path = Path(so_path)
@@ -59,8 +60,10 @@ class Session:
         self._local = threading.local()
         self._vm()  # fail now, not on the first run, if the library is no VM executable
         try:
-            loaded = tvm.runtime.load_param_dict_from_file(str(p["params"]))  # no second copy in memory
+            loaded = tvm.runtime.load_param_dict_from_file(str(p["params"]))
             weights = {n: loaded[n] for n in self.manifest["params"]}  # one copy, shared by every function
+            del loaded
+            weights, self._weight_region = in_huge_pages(weights)  # faster streaming (runtime/huge_pages.py)
             self._args = {f: [weights[n] for n in spec["params"]] for f, spec in self.functions.items()}
         except KeyError as e:
             raise ArtifactError(f"{p['params']}: weight {e} listed in the manifest is missing") from None
