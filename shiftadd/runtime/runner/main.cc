@@ -8,6 +8,7 @@
 // exit 2 for usage errors (arguments), 1 for everything else.
 #include <dlpack/dlpack.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -30,6 +31,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <map>
 #include <optional>
 #include <set>
@@ -337,6 +339,43 @@ class Model {
         throw RunnerError(m_.params_path + ": weight '" + name + "' listed in the manifest is missing");
       }
     }
+    MoveToHugePages();
+  }
+
+  /*! \brief Hands out slices of the huge-page region as tensor data (the region outlives them). */
+  struct RegionSlice {
+    void* data;
+    void AllocData(DLTensor* t) { t->data = data; }
+    void FreeData(DLTensor*) {}
+  };
+
+  /*! \brief The weights copied into one 2 MiB-aligned region marked MADV_HUGEPAGE before its first
+   *  touch, as the Python session does (runtime/huge_pages.py says why); left where they are when
+   *  the kernel offers no transparent huge pages. */
+  void MoveToHugePages() {
+    constexpr size_t kHuge = size_t{2} << 20, kAlign = 64;
+    std::ifstream thp("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string mode((std::istreambuf_iterator<char>(thp)), std::istreambuf_iterator<char>());
+    if (mode.find("[madvise]") == std::string::npos && mode.find("[always]") == std::string::npos) return;
+    auto up = [](size_t n, size_t a) { return (n + a - 1) / a * a; };
+    size_t total = 0;
+    auto bytes_of = [](const ffi::Tensor& t) { return ffi::GetDataSize(static_cast<size_t>(t.numel()), t.dtype()); };
+    for (const std::string& name : m_.params) total += up(bytes_of(params_.at(name)), kAlign);
+    if (total == 0) return;
+    size_t length = up(total, kHuge) + kHuge;
+    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return;
+    region_ = std::shared_ptr<void>(base, [length](void* p) { munmap(p, length); });
+    char* start = reinterpret_cast<char*>(up(reinterpret_cast<uintptr_t>(base), kHuge));
+    madvise(start, up(total, kHuge), MADV_HUGEPAGE);
+    size_t pos = 0;
+    for (const std::string& name : m_.params) {
+      const ffi::Tensor& t = params_.at(name);
+      size_t bytes = bytes_of(t);
+      std::memcpy(start + pos, static_cast<const char*>(t.data_ptr()) + t.byte_offset(), bytes);
+      params_[name] = ffi::Tensor::FromNDAlloc(RegionSlice{start + pos}, t.shape(), t.dtype(), t.device());
+      pos += up(bytes, kAlign);
+    }
   }
 
   Bound BindResize(const FunctionSpec& spec, const std::string& so) {
@@ -429,6 +468,7 @@ class Model {
 
   Manifest m_;
   std::optional<ffi::Module> vm_;
+  std::shared_ptr<void> region_;  // the weights' huge-page region: declared first, freed after them
   std::map<std::string, ffi::Tensor> params_;
   Bound main_;
   std::optional<Bound> decode_, prefill_, resize_;
