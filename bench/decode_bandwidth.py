@@ -18,7 +18,6 @@ Writes out/bench/decode_bandwidth.{md,json}.
 from __future__ import annotations
 
 import argparse
-import mmap
 import subprocess
 import sys
 import time
@@ -28,19 +27,14 @@ import numpy as np
 from _report import cpu_name, write_report
 
 E2E_DEFAULTS = Path("out/e2e/smollm2-da39a3ee5e.so")  # bench/e2e.py's artifact of `shiftadd compile smollm2`
-HUGE = 2 << 20
 COLD_COPIES = 4
 
 
 def region(nbytes: int, huge: bool) -> np.ndarray:
-    """A buffer of ``nbytes`` ones, 2 MiB-aligned, in huge pages if asked (madvise before the touch)."""
-    length = -(-nbytes // HUGE) * HUGE
-    m = mmap.mmap(-1, length + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = np.frombuffer(m, dtype=np.uint8)
-    start = (-raw.ctypes.data) % HUGE
-    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
-        m.madvise(mmap.MADV_HUGEPAGE, start, length)
-    buf = raw[start : start + nbytes]
+    """A buffer of ``nbytes`` ones, 2 MiB-aligned, in huge pages if asked (the session's own region)."""
+    from shiftadd.runtime.huge_pages import huge_region
+
+    buf = huge_region(nbytes, huge)[1]
     buf[:] = 1
     return buf
 

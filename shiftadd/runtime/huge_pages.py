@@ -31,6 +31,19 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1 : text.index("]")] if "[" in text else "unavailable"
 
 
+def huge_region(nbytes: int, huge: bool = True) -> tuple[mmap.mmap, np.ndarray]:
+    """``(mapping, bytes)``: ``nbytes`` of anonymous memory, 2 MiB-aligned, marked ``MADV_HUGEPAGE``
+    before its first touch when ``huge`` (and the system has it). The array holds the mapping alive.
+    Raises OSError / ValueError when the mapping cannot be made."""
+    length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    region = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(region, dtype=np.uint8)
+    start = (-raw.ctypes.data) % HUGE_PAGE
+    if huge and hasattr(mmap, "MADV_HUGEPAGE") and length:
+        region.madvise(mmap.MADV_HUGEPAGE, start, length)  # before the first touch: faults take 2 MiB pages
+    return region, raw[start : start + nbytes]
+
+
 def in_huge_pages(tensors: dict) -> tuple[dict, object | None]:
     """``(name -> tensor, buffer)``: copies of ``tensors`` (TVM CPU tensors) laid out one after the
     other in a huge-page region (the returned buffer keeps it alive; the copies also hold it), or
@@ -40,17 +53,11 @@ def in_huge_pages(tensors: dict) -> tuple[dict, object | None]:
     import tvm
 
     sizes = {n: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(str(t.dtype)).itemsize for n, t in tensors.items()}
-    total = sum(-(-s // ALIGN) * ALIGN for s in sizes.values())
-    length = -(-total // HUGE_PAGE) * HUGE_PAGE
     try:
-        region = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        raw = np.frombuffer(region, dtype=np.uint8)
-        start = (-raw.ctypes.data) % HUGE_PAGE
-        region.madvise(mmap.MADV_HUGEPAGE, start, length)  # before the first touch: faults take 2 MiB pages
+        region, buf = huge_region(sum(-(-s // ALIGN) * ALIGN for s in sizes.values()))
     except (OSError, ValueError) as e:
         logger.info(f"weights stay in TVM's allocation (no huge-page region: {e})")
         return tensors, None
-    buf = raw[start : start + length]
     out, pos = {}, 0
     try:
         for name, t in tensors.items():

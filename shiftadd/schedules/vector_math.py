@@ -24,6 +24,14 @@ def _f(v: float):
     return tirx.const(v, "float32")
 
 
+def _horner(x, coefs):
+    """``coefs[0] x^n + ... + coefs[n]`` as n multiply-adds."""
+    p = _f(coefs[0])
+    for c in coefs[1:]:
+        p = p * x + _f(c)
+    return p
+
+
 def _pow2(k):
     """2.0^k for an int32 ``k`` in [-126, 127]."""
     return tirx.reinterpret("float32", tirx.shift_left(k + tirx.const(127, "int32"), tirx.const(23, "int32")))
@@ -35,10 +43,7 @@ def fast_exp(x):
     c = tirx.min(tirx.max(v, _f(LO)), _f(HI))
     n = tirx.floor(c * _f(1.4426950408889634) + _f(0.5))
     r = c - n * _f(0.693359375) - n * _f(-2.12194440e-4)  # ln 2 split: n * 0.693359375 is exact
-    p = _f(_POLY[0])
-    for coef in _POLY[1:]:
-        p = p * r + _f(coef)
-    p = p * r * r + r + _f(1.0)
+    p = _horner(r, _POLY) * r * r + r + _f(1.0)
     # 2^n as two powers of two built in the exponent bits, each normal for n in [-150, 128]: the
     # product then rounds to float32's denormals and its largest values as expf does
     ni = tirx.Cast("int32", n)
@@ -74,13 +79,7 @@ def fast_erf(x):
     v = tirx.Var("erf_x", "float32")
     c = tirx.min(tirx.max(v, _f(-4.0)), _f(4.0))
     c2 = c * c
-    p = _f(_ERF_P[0])
-    for coef in _ERF_P[1:]:
-        p = p * c2 + _f(coef)
-    q = _f(_ERF_Q[0])
-    for coef in _ERF_Q[1:]:
-        q = q * c2 + _f(coef)
-    y = tirx.Select(tirx.isnan(v), v, c * p / q)
+    y = tirx.Select(tirx.isnan(v), v, c * _horner(c2, _ERF_P) / _horner(c2, _ERF_Q))
     return tirx.Let(v, x, y)
 
 
