@@ -66,6 +66,7 @@ def compile(
         tgt = resolve_target(target)
         kernel = pick_kernel(options.optimization.kernel, tgt)
         _check_input(model, options)
+        _check_calibration_data(calibration_data, options)
         loaded = import_model(model, tokenizer, options.optimization.kv_cache, keep_torch=_needs_torch(options))
         windows = _calibration_windows(options, loaded.tokenizer) if calibration_data is None else 0
         mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
@@ -88,7 +89,14 @@ def compile(
             weights.params = {**weights.params, **plan.norms}
             rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
         cached = bool(loaded.extra)
-        pipeline = Pipeline(tgt, rewrite=rewrite, weights=weights, decode_one=cached, prefill_last=cached)
+        pipeline = Pipeline(
+            tgt,
+            rewrite=rewrite,
+            weights=weights,
+            decode_one=cached,
+            prefill_last=cached,
+            max_context=(loaded.kv_spec or {}).get("max_context"),
+        )
         with phase("rewrite + lower"):
             mod = pipeline.run(mod, "rewrite", "decode")
         params, report, extra = weights.params, weights.report, _functions(loaded, mod)
@@ -173,6 +181,24 @@ def _needs_torch(options: CompileOptions) -> bool:
         and c.windows != 0
         and (c.mode == "one-pass" or (q.avg_bits is not None and c.loss_aware) or c.tune_scales > 0)
     )
+
+
+def _check_calibration_data(calibration_data, options: CompileOptions) -> None:
+    """A ``calibration_data`` file the options would ignore or contradict is an error, not a silent no-op."""
+    if calibration_data is None:
+        return
+    if not options.quant.rewrite:
+        raise ValueError(
+            f"calibration_data ({calibration_data}): the quantization preset rewrites no weight, "
+            "so there is nothing to calibrate; drop the file or pick a quantizing preset"
+        )
+    if options.calibration.windows is not None:
+        raise ValueError(
+            f"calibration_data ({calibration_data}) and windows={options.calibration.windows} both set: "
+            "the file's samples are the calibration set; drop windows"
+        )
+    if not Path(calibration_data).is_file():
+        raise ValueError(f"calibration_data: no such file {calibration_data}")
 
 
 def _calibration_windows(options: CompileOptions, tokenizer) -> int:

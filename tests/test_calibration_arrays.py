@@ -68,6 +68,20 @@ def test_missing_and_corrupt_files(tmp_path):
         array_batches(nan, [{"name": "x", "dtype": "float32", "shape": ["b", "2"]}])
 
 
+@pytest.mark.parametrize(
+    "quant, overrides, message",
+    [("none", {}, "rewrites no weight"), ("q2", {"windows": 8}, "both set"), ("q2", {}, "no such file")],
+)
+def test_calibration_data_the_options_would_ignore_is_an_error(quant, overrides, message, tmp_path):
+    """Refused before the model is read: no silently unused file, no silently overridden option."""
+    data = tmp_path / "calib.npz"
+    if message != "no such file":
+        np.savez(data, input_ids=_ids(2), attention_mask=np.ones_like(_ids(2)))
+    with pytest.raises(ValueError, match=message):
+        shiftadd.compile(str(tmp_path / "none.onnx"), tmp_path / "x.so", quant, calibration_data=data, **overrides)
+    assert not (tmp_path / "x.so").exists()
+
+
 def test_onnx_model_calibrated_on_arrays_fits_better_than_weight_only(tiny_onnx, tmp_path):
     """The tiny Llama ONNX file at 2 bits: fitted with error feedback on 16 calibration sequences its
     logits on those sequences are closer to ONNX Runtime fp32's than the weight-only fit's."""

@@ -4,6 +4,8 @@ sequence, and the float artifact equals transformers' own cached generation."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -269,6 +271,79 @@ def test_add_decode_step_needs_an_appended_past():
         add_decode_step(bb.get())
     with pytest.raises(ValueError, match="no function 'nothing'"):
         add_decode_step(bb.get(), source="nothing")
+
+
+def _appending_decode():
+    """A decode graph whose past keys are only appended to, and whose scores over every position
+    (``[1, 2, total]``: sized by the context) go through a softmax."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    total, past = tvm.tirx.Var("total", "int64"), tvm.tirx.Var("past", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([1, 1], "int64"))
+    mask = relax.Var("attention_mask", relax.TensorType([1, total], "int64"))
+    k = relax.Var("past_key_values_0_key", relax.TensorType([1, 2, past, 4], "float32"))
+    with bb.function("decode_one", [ids, mask, k], {"num_input": 3}):
+        with bb.dataflow():
+            new = bb.emit(relax.op.ones(relax.ShapeExpr([1, 2, 1, 4]), "float32"))
+            grown = bb.emit(relax.op.concat([k, new], axis=2))
+            scores = bb.emit(relax.op.sum(relax.op.multiply(grown, grown), axis=[3]))
+            probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+            out = bb.emit_output(relax.Tuple([relax.op.add(probs, probs), grown]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_decode_step_buffers_are_planned_up_to_the_context():
+    """With the model's context as ``total``'s upper bound the memory planner sizes the step's
+    context-long intermediates once (storage of the bound's size, reused) instead of leaving the VM
+    to allocate them per call; the bounded and unbounded steps compute the same as numpy."""
+    import tvm
+    from tvm import relax
+
+    from shiftadd.relax_passes.kv_cache_in_place import NAME, add_decode_step
+
+    def planned(mod):
+        seq = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+                relax.transform.CallTIRRewrite(),
+                relax.transform.StaticPlanBlockMemory(),
+            ]
+        )
+        return seq(mod)
+
+    def sized_per_call(mod) -> int:  # storages whose size the VM computes at every call
+        return len(re.findall(r"alloc_storage\(R\.shape\(\[[^\]]*[a-z]", str(mod[NAME])))
+
+    with pytest.raises(ValueError, match="max_context must be >= 1"):
+        add_decode_step(_appending_decode(), max_context=0)
+    free = add_decode_step(_appending_decode())
+    bound = add_decode_step(_appending_decode(), max_context=64)
+    assert dict(bound[NAME].attrs["tir_var_upper_bound"]) == {"total": 64}
+    assert (sized_per_call(planned(free)), sized_per_call(planned(bound))) == (1, 0)  # the scores
+    rng = np.random.default_rng(0)
+    cap, past = 16, 5
+    rows = rng.standard_normal((1, 2, past, 4)).astype(np.float32)
+    grown = np.concatenate([rows, np.ones((1, 2, 1, 4), np.float32)], 2)
+    e = (grown * grown).sum(3)
+    want = 2 * np.exp(e - e.max(-1, keepdims=True)) / np.exp(e - e.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    for mod in (free, bound):
+        vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
+        cache = np.zeros((1, 2, cap, 4), np.float32)
+        cache[:, :, :past] = rows
+        out = vm[NAME](
+            tvm.runtime.tensor(np.zeros((1, 1), np.int64)),
+            tvm.runtime.tensor(np.ones((1, past + 1), np.int64)),
+            tvm.runtime.tensor(cache),
+        )
+        np.testing.assert_allclose(out[0].numpy(), want, rtol=1e-5)
+        np.testing.assert_array_equal(out[1].numpy()[:, :, : past + 1], grown)
 
 
 def test_add_decode_one_needs_a_symbolic_decode():

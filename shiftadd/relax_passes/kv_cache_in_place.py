@@ -150,10 +150,19 @@ def _result_var(func):
     return out if isinstance(out, relax.Var) else None
 
 
-def add_decode_step(mod: tvm.IRModule, source: str = "decode_one", name: str = NAME) -> tvm.IRModule:
+def add_decode_step(
+    mod: tvm.IRModule, source: str = "decode_one", name: str = NAME, max_context: int | None = None
+) -> tvm.IRModule:
     """``mod`` plus ``name`` (``source`` over preallocated caches, written in place) and
     :data:`RESIZE`. Raises ValueError when ``source`` is missing, has no attention mask input of
-    shape [batch, total], or no past inputs only appended to (see :func:`cache_inputs`)."""
+    shape [batch, total], or no past inputs only appended to (see :func:`cache_inputs`).
+
+    ``max_context`` (the model's context, which the runtimes never let ``total`` exceed) becomes
+    ``total``'s upper bound for the memory planner: the step's buffers sized by the context
+    (scores, probabilities) are then planned once like the static ones instead of allocated per
+    call."""
+    if max_context is not None and max_context < 1:
+        raise ValueError(f"add_decode_step: max_context must be >= 1, got {max_context}")
     names = {gv.name_hint for gv, _ in mod.functions_items()}
     if source not in names:
         raise ValueError(f"add_decode_step: module has no function '{source}' (has {sorted(names)})")
@@ -188,6 +197,8 @@ def add_decode_step(mod: tvm.IRModule, source: str = "decode_one", name: str = N
     mutator = _WriteInPlace(mod, bound, caches, total, _result_var(func))
     out = mutator.visit_expr(shell)
     out = relax.Function(out.params, out.body, None, out.is_pure, out.attrs).with_attr("global_symbol", name)
+    if max_context is not None:
+        out = out.with_attr("tir_var_upper_bound", {total.name: int(max_context)})
     mutator.builder_.add_func(out, name)
     bb = relax.BlockBuilder(mutator.builder_.get())
     _add_resize_function(bb, list(caches.values()))

@@ -79,6 +79,7 @@ class Pipeline:
     weights: Weights | None = None
     decode_one: bool = False
     decode_step: bool = True  # with decode_one: its in-place twin, where the graph allows it
+    max_context: int | None = None  # the model's context: decode_step's length bound for memory planning
     prefill_last: bool = False
     share_kv: bool = True
     fuse_norms: bool = True  # spelled-out RMSNorms -> one kernel each
@@ -116,7 +117,7 @@ class Pipeline:
 
             seq.append(_pass("shiftadd.AddDecodeOne", add_decode_one))
             if self.decode_step:
-                seq.append(_pass("shiftadd.AddDecodeStep", _decode_step))
+                seq.append(_pass("shiftadd.AddDecodeStep", lambda m: _decode_step(m, self.max_context)))
         # -- lowering -----------------------------------------------------------------------------
         if "lower" in want:
             from .convolutions_as_matmuls import convolutions_as_matmuls
@@ -219,13 +220,13 @@ def _vectorisable_math(mod):
     return vectorisable_math_module(mod)
 
 
-def _decode_step(mod):
+def _decode_step(mod, max_context=None):
     """``decode_step`` and ``kv_resize`` beside ``decode_one``; a decode graph whose past is read
     otherwise than appended to keeps ``decode_one`` alone (logged)."""
     from .kv_cache_in_place import add_decode_step
 
     try:
-        return add_decode_step(mod)
+        return add_decode_step(mod, max_context=max_context)
     except ValueError as e:
         logger.info(f"no in-place KV cache for this graph: {e}")
         return mod

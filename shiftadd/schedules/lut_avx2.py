@@ -57,13 +57,17 @@ KNOB_SPACE = (
 DEFAULT_KNOBS = Knobs(1, 4, 0, 2)
 DEFAULT_BATCH_KNOBS = Knobs(4, 1, 0, 1)
 LUT_BATCH_KNOBS = Knobs(2, 1, 0)  # M > 1 kept on the LUT path (compile int8_batch=False), untuned
+AVX2_KNOBS = Knobs(1, 1, 0)  # decode on a CPU without AVX-512: one row block per pass (the tuner's pick there)
 
 
-def default_knobs(bits: int, vnni: bool = True) -> tuple[Knobs, Knobs]:
-    """Untuned (decode, batch) knobs for a target with or without AVX-512 VNNI. The batch takes the
-    int8 path, except without VNNI at <= 3 bits: there its AVX2 version lost to the LUT loop in every
-    tuning at M = 32 (docs/BENCHMARKS.md)."""
-    return DEFAULT_KNOBS, (DEFAULT_BATCH_KNOBS if vnni or bits >= 4 else LUT_BATCH_KNOBS)
+def default_knobs(bits: int, vnni: bool = True, tied: bool = False) -> tuple[Knobs, Knobs]:
+    """Untuned (decode, batch) knobs for a target with or without AVX-512 VNNI. With it: 512-bit LUT
+    decode, int8 batch. Without it (AVX2 only): one row block per pass for the decode, and the LUT
+    loop for the batch except at 4 untied bits, where the AVX2 int8 path won: the tuner's picks on
+    the AVX2-only CPUs measured (docs/BENCHMARKS.md)."""
+    if vnni:
+        return DEFAULT_KNOBS, DEFAULT_BATCH_KNOBS
+    return AVX2_KNOBS, (DEFAULT_BATCH_KNOBS if bits >= 4 and not tied else LUT_BATCH_KNOBS)
 
 
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vnni")

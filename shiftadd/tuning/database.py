@@ -166,10 +166,10 @@ class TuningDB:
         """(decode, batch) knobs of this kernel in the database shipped for this machine's context."""
         return _complete(self.shipped.get(key_of(k, n, bits, group, offset, rows, fp8, tied)))
 
-    def untuned_knobs(self, bits: int) -> tuple[L.Knobs, L.Knobs]:
+    def untuned_knobs(self, bits: int, tied: bool = False) -> tuple[L.Knobs, L.Knobs]:
         """Knobs of a kernel tuned nowhere: the shipped database's most frequent winners per phase
         for this machine's context, else the rule of lut_avx2.default_knobs."""
-        rule = L.default_knobs(bits, self.vnni)
+        rule = L.default_knobs(bits, self.vnni, tied)
         if not self.shipped:
             return rule
         picked = []
@@ -197,7 +197,7 @@ class TuningDB:
         kernel's arithmetic at every M): a batch pick on the int8 path is replaced by the fastest
         LUT candidate this entry timed, else LUT_BATCH_KNOBS."""
         key = (k, n, bits, group, offset, rows, fp8, tied)
-        dec, bat = self.get(*key) or self.get_shipped(*key) or self.untuned_knobs(bits)
+        dec, bat = self.get(*key) or self.get_shipped(*key) or self.untuned_knobs(bits, tied)
         if not int8 and bat.path == 1:
             entry = self.entries.get(key_of(*key)) or self.shipped.get(key_of(*key), {})
             ms = entry.get("ms", {}).get("batch", {})
