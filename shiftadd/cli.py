@@ -30,6 +30,7 @@ def _cmd_compile(a) -> int:
         tokenizer=a.tokenizer,
         db=a.db,
         calibration_data=a.calibration_data,
+        cluster=a.cluster,
         **parse_sets(a.set),
     )
     if res.report is not None:
@@ -265,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.npz",
         help="calibrate on these inputs (one array per model input, samples along axis 0: e.g. images) "
         "instead of wiki text",
+    )
+    c.add_argument(
+        "--cluster",
+        metavar="ray://HOST:PORT",
+        help="run the error-feedback fits on this Ray cluster (needs shiftadd[cluster]; same artifact as a local run)",
     )
     c.add_argument("--report", help="write the per-layer table (Markdown) here")
     c.set_defaults(fn=_cmd_compile)

@@ -17,6 +17,7 @@ from .calibration.text import calibration_batches
 from .config import DEFAULT_CALIB_WINDOWS, DEFAULT_OPT, DEFAULT_PRESET, CompileOptions, resolve
 from .frontend import import_model, is_onnx, merge_functions
 from .phases import Phases, phase
+from .quant.executors import executor_for, using
 from .relax_passes.ir import embedding_rows
 from .relax_passes.pipeline import Pipeline, Rewrite, Weights, build, export, preflight
 from .relax_passes.rewrite_lut_matmul import check_group
@@ -47,6 +48,7 @@ def compile(
     db: str | os.PathLike | None = None,
     keep_dequantized: bool = False,
     calibration_data: str | os.PathLike | None = None,
+    cluster: str | None = None,
     **overrides,
 ) -> CompileResult:
     """Compile ``model`` into ``output`` (a ``.so`` path; params, manifest and tokenizer go beside it).
@@ -58,7 +60,9 @@ def compile(
     or a loaded tokenizer) is stored with an ONNX input, for text prompts and calibration.
     ``keep_dequantized`` keeps each rewritten weight's dequantized value in the report (tests).
     ``calibration_data``: a ``.npz`` of calibration inputs (one array per model input, samples along
-    the first axis: images for a ViT) instead of the wiki text windows."""
+    the first axis: images for a ViT) instead of the wiki text windows. ``cluster``: run the
+    error-feedback fit tasks on this Ray cluster (``ray://HOST:PORT``; quant/executors.py): the
+    artifact is the one a local compile writes."""
     t0 = time.time()
     with Phases() as phases:
         paths(output)  # validates the output name before any work
@@ -67,6 +71,7 @@ def compile(
         kernel = pick_kernel(options.optimization.kernel, tgt)
         _check_input(model, options)
         _check_calibration_data(calibration_data, options)
+        executor = executor_for(cluster)  # connects now: an unreachable cluster fails before the export
         loaded = import_model(model, tokenizer, options.optimization.kv_cache, keep_torch=_needs_torch(options))
         windows = _calibration_windows(options, loaded.tokenizer) if calibration_data is None else 0
         mod = merge_functions(loaded.imported, loaded.extra) if loaded.extra else loaded.imported.mod
@@ -84,7 +89,8 @@ def compile(
                 batches = calibration_batches(
                     loaded.tokenizer, windows, options.calibration.length, loaded.imported.input_names
                 )
-            plan = fit_weights(loaded, options, tgt, batches)
+            with using(executor):
+                plan = fit_weights(loaded, options, tgt, batches)
             loaded.torch_model = None  # nothing after the fits needs the source model: free it now
             weights.params = {**weights.params, **plan.norms}
             rewrite = _rewrite(options, plan, kernel, knobs, tuple(loaded.extra), keep_dequantized)
@@ -109,6 +115,8 @@ def compile(
             ex = build(mod, tgt, records(db, tgt), options.optimization.share_kv, options.optimization.attention)
         logger.info(f"built in {time.time() - tb:.1f}s")
         manifest = _manifest(loaded, options, tgt, kernel, mod, params, extra, report, plan, tuning, windows)
+        if manifest["calibration"]:
+            manifest["calibration"]["fits_on"] = executor.name
         if calibration_data is not None and manifest["calibration"]:
             manifest["calibration"].update(text=None, tokens_per_window=None, arrays=Path(calibration_data).name)
         manifest["phases"] = list(phases.rows)  # up to the build: the write is the manifest's own

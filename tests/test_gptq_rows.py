@@ -43,7 +43,7 @@ def test_loop_error_is_the_output_error(n, k, bits, group, tied, offset, seed):
     h = _hessian(k, seed)
     cfg = BCQConfig(bits=bits, group=group, tied=tied, offset=offset, refits=0)
     W, H = prepare(w, h, 0.01)
-    unit = _unit([(w, h)], [0], cfg, 0.01)
+    unit = _unit([w], h, cfg, 0.01)
     base = unit.base
     zoff = torch.from_numpy(base.offset)[None] if offset else torch.zeros((1,) + base.alpha.shape[1:])
     j, err = _loop([unit], torch.from_numpy(base.alpha)[None], zoff, base.group, bits, tied)

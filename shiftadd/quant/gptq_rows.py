@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import executors
 from .bcq import (
     BCQConfig,
     BCQWeight,
@@ -103,21 +104,30 @@ def fit_rows(jobs: list[tuple[np.ndarray, np.ndarray]], cfg: BCQConfig, damp: fl
         check_hessian(np.shape(w0), h, damp)  # bad input fails before any fit
         n = sum(np.shape(jobs[i][0])[0] for i in idx)
         stacks.setdefault((n, np.shape(w0)[1]), []).append(u)
-    results: list[BCQWeight | None] = [None] * len(jobs)
+    chunks = []  # (stack shape, its units): one task each, one stack's float64 copies alive at a time
     for (n, k), us in stacks.items():
         per = max(1, STACK_BYTES // (4 * n * k))
-        for s in range(0, len(us), per):  # one stack's float64 targets and Hessians alive at a time
-            chunk = us[s : s + per]
-            out = _fit_stack([_unit(jobs, members[u], cfg, damp) for u in chunk], cfg)
-            for u, bw in zip(chunk, out, strict=True):
-                r0 = 0
-                for i in members[u]:
-                    rows = np.shape(jobs[i][0])[0]
-                    results[i] = _rows_of(bw, r0, r0 + rows)
-                    r0 += rows
-            if progress is not None:
-                progress(len(chunk) * n * k)
+        chunks.extend(((n, k), us[s : s + per]) for s in range(0, len(us), per))
+    tasks = (
+        ([([jobs[i][0] for i in members[u]], jobs[members[u][0]][1]) for u in chunk], cfg, damp) for _, chunk in chunks
+    )
+    results: list[BCQWeight | None] = [None] * len(jobs)
+    for ((n, k), chunk), out in zip(chunks, executors.current().map(fit_chunk, tasks), strict=True):
+        for u, bw in zip(chunk, out, strict=True):
+            r0 = 0
+            for i in members[u]:
+                rows = np.shape(jobs[i][0])[0]
+                results[i] = _rows_of(bw, r0, r0 + rows)
+                r0 += rows
+        if progress is not None:
+            progress(len(chunk) * n * k)
     return results
+
+
+def fit_chunk(parts: list[tuple[list[np.ndarray], np.ndarray]], cfg: BCQConfig, damp: float) -> list[BCQWeight]:
+    """One task: the units ``parts`` (weights sharing one Hessian, joined by rows; every unit of one
+    shape) fitted as one stack. Self-contained, so an executor may run it in another process."""
+    return _fit_stack([_unit(ws, h, cfg, damp) for ws, h in parts], cfg)
 
 
 def _same_hessian(jobs) -> list[list[int]]:
@@ -139,11 +149,11 @@ def _same_hessian(jobs) -> list[list[int]]:
     return groups
 
 
-def _unit(jobs, idx: list[int], cfg: BCQConfig, damp: float) -> Unit:
-    """The jobs ``idx`` (one Hessian) joined by rows, prepared, with act order, inverse factor and
+def _unit(ws: list[np.ndarray], hessian: np.ndarray, cfg: BCQConfig, damp: float) -> Unit:
+    """The weights ``ws`` (one Hessian) joined by rows, prepared, with act order, inverse factor and
     static (weight-only) codebooks."""
-    w = np.concatenate([np.asarray(jobs[i][0], np.float32) for i in idx], 0) if len(idx) > 1 else jobs[idx[0]][0]
-    W, H = prepare(w, jobs[idx[0]][1], damp)
+    w = np.concatenate([np.asarray(x, np.float32) for x in ws], 0) if len(ws) > 1 else ws[0]
+    W, H = prepare(w, hessian, damp)
     perm = torch.argsort(torch.diag(H), descending=True)
     u = inverse_factor(H[perm][:, perm]).to(torch.float32)
     return Unit(W, H, perm, u, quantize_matrix(W.to(torch.float32), cfg))
