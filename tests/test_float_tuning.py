@@ -102,8 +102,6 @@ def test_records_of_another_context_are_not_read(tuned, monkeypatch):
 
 def test_float_budget_is_respected(tuned, tmp_path):
     """With less time left than one MetaSchedule trial takes, no task starts: all are reported left."""
-    import time
-
     from shiftadd.quant import BCQConfig
     from shiftadd.schedules.targets import resolve_target
     from shiftadd.tuning import metaschedule as F
@@ -112,10 +110,8 @@ def test_float_budget_is_respected(tuned, tmp_path):
     folder, _, _ = tuned
     tgt = resolve_target("cpu")
     _, _, mod = model_module(folder, BCQConfig(bits=3, group=36), ("lm_head",), tgt)
-    t0 = time.perf_counter()
     s = F.tune_float(lower(mod, tgt), tgt, tmp_path / "db", budget_s=1.0, trials=3, min_work=MIN_WORK)
-    assert s["done"] == 0 and s["left"] == s["tasks"] >= 1
-    assert time.perf_counter() - t0 < 1.0 + 10  # lowering the module only
+    assert s["done"] == 0 and s["left"] == s["tasks"] >= 1  # no trial started: nothing timed, nothing stored
     assert not any(p.read_text() for p in (tmp_path / "db").rglob("database_tuning_record.json"))
 
 
