@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -91,3 +92,10 @@ def ragged_batch(seed: int = 0, batch: int = 2, seq: int = 7):
     mask = np.ones_like(ids)
     mask[1, :3] = 0
     return ids, mask
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick), for servers the tests start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

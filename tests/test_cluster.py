@@ -5,7 +5,6 @@ before the model is read."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,13 +16,7 @@ import pytest
 import shiftadd
 from shiftadd.quant import executors
 
-from .conftest import VOCAB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import VOCAB, free_port
 
 
 def _ray(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -37,11 +30,11 @@ def ray_address():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # raylet socket paths must stay short
-    client = _free_port()
+    client = free_port()
     started = _ray(
         "start",
         "--head",
-        f"--port={_free_port()}",
+        f"--port={free_port()}",
         f"--ray-client-server-port={client}",
         "--num-cpus=2",
         "--include-dashboard=false",

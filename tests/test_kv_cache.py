@@ -250,32 +250,20 @@ def test_decode_step_writes_the_cache_in_place(compiled, family):
 def test_add_decode_step_needs_an_appended_past():
     """A decode graph that reads its past otherwise than appending to it gets no in-place twin: the
     pass says why (the pipeline then keeps ``decode_one`` alone)."""
-    import tvm
     from tvm import relax
 
     from shiftadd.relax_passes.kv_cache_in_place import add_decode_step
 
-    bb = relax.BlockBuilder()
-    total, past = tvm.tirx.Var("total", "int64"), tvm.tirx.Var("past", "int64")
-    ids = relax.Var("input_ids", relax.TensorType([1, 1], "int64"))
-    mask = relax.Var("attention_mask", relax.TensorType([1, total], "int64"))
-    k = relax.Var("past_key_values_0_key", relax.TensorType([1, 2, past, 4], "float32"))
-    with bb.function("decode_one", [ids, mask, k], {"num_input": 3}):
-        with bb.dataflow():
-            new = bb.emit(relax.op.zeros(relax.ShapeExpr([1, 2, 1, 4]), "float32"))
-            grown = bb.emit(relax.op.concat([k, new], axis=2))
-            doubled = bb.emit(relax.op.add(k, k))  # the past read by something other than the append
-            out = bb.emit_output(relax.Tuple([doubled, grown]))
-        bb.emit_func_output(out)
+    mod = _decode_graph(lambda k, grown: [relax.op.add(k, k), grown])  # the past read otherwise too
     with pytest.raises(ValueError, match="only appended to"):
-        add_decode_step(bb.get())
+        add_decode_step(mod)
     with pytest.raises(ValueError, match="no function 'nothing'"):
-        add_decode_step(bb.get(), source="nothing")
+        add_decode_step(mod, source="nothing")
 
 
-def _appending_decode():
-    """A decode graph whose past keys are only appended to, and whose scores over every position
-    (``[1, 2, total]``: sized by the context) go through a softmax."""
+def _decode_graph(outputs):
+    """``decode_one(input_ids [1, 1], attention_mask [1, total], past key [1, 2, past, 4])`` that
+    appends one row to the past key and returns ``outputs(past, grown)``."""
     import tvm
     from tvm import relax
 
@@ -288,11 +276,21 @@ def _appending_decode():
         with bb.dataflow():
             new = bb.emit(relax.op.ones(relax.ShapeExpr([1, 2, 1, 4]), "float32"))
             grown = bb.emit(relax.op.concat([k, new], axis=2))
-            scores = bb.emit(relax.op.sum(relax.op.multiply(grown, grown), axis=[3]))
-            probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
-            out = bb.emit_output(relax.Tuple([relax.op.add(probs, probs), grown]))
+            out = bb.emit_output(relax.Tuple([bb.emit(e) for e in outputs(k, grown)]))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _appending_decode():
+    """A decode graph whose past keys are only appended to, and whose scores over every position
+    (``[1, 2, total]``: sized by the context) go through a softmax."""
+    from tvm import relax
+
+    def outputs(_, grown):
+        probs = relax.op.nn.softmax(relax.op.sum(relax.op.multiply(grown, grown), axis=[3]), axis=-1)
+        return [relax.op.add(probs, probs), grown]
+
+    return _decode_graph(outputs)
 
 
 def test_decode_step_buffers_are_planned_up_to_the_context():

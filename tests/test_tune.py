@@ -5,7 +5,6 @@ clear errors for bad arguments."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from shiftadd.tuning.database import PHASES, TuningDB, key_of
 from shiftadd.tuning.jobs import kernel_keys, model_matmuls, parse_budget, tune
 from shiftadd.tuning.search import LocalMeasurer
 
-from .conftest import _tiny
+from .conftest import _tiny, free_port
 
 pytestmark = pytest.mark.skipif(
     not L.target_supported(__import__("shiftadd.schedules.targets", fromlist=["x"]).resolve_target("cpu")),
@@ -170,12 +169,6 @@ def test_database_of_another_target_or_tvm_is_ignored(tmp_path):
         assert TuningDB.open(tmp_path / "t.json").entries == {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loopback(module: str, port: int, *args: str) -> subprocess.Popen:
     """``python -m tvm.exec.<module> *args`` on 127.0.0.1, on ``port`` alone, its output discarded."""
     where = ["--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
@@ -192,7 +185,7 @@ def rpc_tracker():
     seconds to start: the fixture waits until the tracker lists both servers free)."""
     from tvm import rpc
 
-    port = _free_port()
+    port = free_port()
     procs = [_loopback("rpc_tracker", port)]
     try:
         t0 = time.time()
@@ -205,7 +198,7 @@ def rpc_tracker():
                 time.sleep(0.5)
         for _ in range(2):
             procs.append(
-                _loopback("rpc_server", _free_port(), "--tracker", f"127.0.0.1:{port}", "--key", "shiftadd-test")
+                _loopback("rpc_server", free_port(), "--tracker", f"127.0.0.1:{port}", "--key", "shiftadd-test")
             )
         while tracker.summary()["queue_info"].get("shiftadd-test", {}).get("free", 0) < 2:
             assert time.time() - t0 < 120, f"RPC servers did not register: {tracker.summary()}"
@@ -287,7 +280,7 @@ def test_bad_arguments_get_clear_errors(opt_folder, tmp_path):
     with pytest.raises(ValueError, match="--key"):
         tune(opt_folder, "q3", db=tmp_path / "x.json", rpc="127.0.0.1:9")
     with pytest.raises(ConnectionError, match="no TVM RPC tracker"):
-        tune(opt_folder, "q3", db=tmp_path / "x.json", rpc=f"127.0.0.1:{_free_port()}", key="k")
+        tune(opt_folder, "q3", db=tmp_path / "x.json", rpc=f"127.0.0.1:{free_port()}", key="k")
     with pytest.raises(ValueError, match="column layout"):
         tune(opt_folder, "q3", db=tmp_path / "x.json", layout="column")
     with pytest.raises(ValueError, match="--budget"):
