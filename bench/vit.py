@@ -3,9 +3,10 @@ fidelity to ONNX Runtime fp32 on real images and its latency, beside ONNX Runtim
 (``quantize_dynamic``) and naive weight roundings (symmetric int4 round-to-nearest per group of
 128, per-weight powers of two: what a shift linear does without fitting), all in one run.
 
-Images: the scikit-image wheel's sample photographs (RGB, at least 64 px a side), each seen whole,
-mirrored and as four crops (8 views), resized to 224 x 224 and ImageNet-normalised; every fourth
-source photograph is calibration data, the rest evaluation: no photograph is in both.
+Images (shiftadd.eval.images, as `shiftadd eval --images`): the scikit-image wheel's sample
+photographs, each seen whole, mirrored and as crops (8 views), resized to 224 x 224 and
+ImageNet-normalised; every fourth source photograph is calibration data, the rest evaluation: no
+photograph is in both.
 Fidelity per evaluation image against ONNX Runtime fp32: Pearson correlation of the saliency maps,
 IoU of the top regions (pixels above 0.8 x the map's maximum). Latency: ``main`` on batch 1 and 8,
 2 threads, medians over --rounds rounds, every subject measured in each round in turn.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import logging
 import shlex
@@ -31,72 +31,15 @@ from pathlib import Path
 import numpy as np
 from _report import cpu_name, figure, write_report
 
+from shiftadd.eval.images import fidelity, image_sets
+
 logger = logging.getLogger("shiftadd.bench")
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-SIZE = 224
-CALIB_EVERY = 4  # every 4th source photograph calibrates, the others evaluate
 DEFAULT_VARIANTS = {
     "defaults (weight-only)": "",
     "q4-tied, calibrated on images": "--calibration-data {calib}",
     "3-bit tied, calibrated": "--set bits=3 --calibration-data {calib}",
     "q3 (3-bit, per-plane scales), calibrated": "--quant q3 --calibration-data {calib}",
 }
-
-
-def sample_photographs() -> list[tuple[str, np.ndarray]]:
-    """(name, RGB uint8 array) of the scikit-image wheel's sample images of at least 64 px a side."""
-    from PIL import Image
-
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "bench/vit.py needs the scikit-image wheel's sample images: pip install --no-deps scikit-image"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
-    out = []
-    for f in sorted(folder.glob("*")):
-        if f.suffix.lower() not in (".png", ".jpg"):
-            continue
-        with Image.open(f) as im:
-            if min(im.size) < 64:
-                continue
-            out.append((f.stem, np.asarray(im.convert("RGB"))))
-    return out
-
-
-def views(rgb: np.ndarray) -> list[np.ndarray]:
-    """8 deterministic views: whole, mirrored, four corner crops of 75 % and a centre crop of 60 %,
-    mirrored centre; each resized to SIZE and normalised, as [3, SIZE, SIZE] float32."""
-    from PIL import Image
-
-    h, w, _ = rgb.shape
-    ch, cw = int(h * 0.75), int(w * 0.75)
-    mh, mw = int(h * 0.6), int(w * 0.6)
-    crops = [
-        rgb,
-        rgb[:, ::-1],
-        rgb[:ch, :cw],
-        rgb[:ch, w - cw :],
-        rgb[h - ch :, :cw],
-        rgb[h - ch :, w - cw :],
-        rgb[(h - mh) // 2 : (h + mh) // 2, (w - mw) // 2 : (w + mw) // 2],
-        rgb[(h - mh) // 2 : (h + mh) // 2, (w - mw) // 2 : (w + mw) // 2][:, ::-1],
-    ]
-    out = []
-    for c in crops:
-        im = Image.fromarray(np.ascontiguousarray(c)).resize((SIZE, SIZE), Image.BILINEAR)
-        x = (np.asarray(im, np.float32) / 255.0 - MEAN) / STD
-        out.append(x.transpose(2, 0, 1))
-    return out
-
-
-def image_sets() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(calibration images, evaluation images, the source photographs' names per split)."""
-    photos = sample_photographs()
-    calib, evals = [], []
-    for i, (_, rgb) in enumerate(photos):
-        (calib if i % CALIB_EVERY == 0 else evals).extend(views(rgb))
-    return np.stack(calib), np.stack(evals), [n for n, _ in photos]
 
 
 def naive_onnx(src: str, dst: Path, kind: str) -> Path:
@@ -150,17 +93,6 @@ def compiled(work: Path, args: str) -> tuple[Path, float | None]:
         subprocess.run(cmd, check=True)
         stamp.write_text(f"{time.time() - t0:.1f}")
     return so, float(stamp.read_text())
-
-
-def fidelity(maps: np.ndarray, ref: np.ndarray) -> dict:
-    """Correlation (mean, worst) and top-region IoU (mean, worst) of ``maps`` against ``ref``."""
-    corr, iou = [], []
-    for a, b in zip(maps.reshape(len(maps), -1), ref.reshape(len(ref), -1)):
-        corr.append(float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1]))
-        ra, rb = a > 0.8 * a.max(), b > 0.8 * b.max()
-        iou.append(float((ra & rb).sum() / max((ra | rb).sum(), 1)))
-    return {"corr_mean": float(np.mean(corr)), "corr_worst": float(np.min(corr)),
-            "iou_mean": float(np.mean(iou)), "iou_worst": float(np.min(iou))}  # fmt: skip
 
 
 class Runner:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from .config import parse_sets
 
@@ -200,6 +202,24 @@ def _cmd_tune(a) -> int:
 
 
 def _cmd_eval(a) -> int:
+    if a.images:
+        from .eval.images import eval_images
+
+        if not str(a.artifact).endswith(".so"):
+            raise ValueError(f"--images measures a compiled .so against its ONNX file; got {a.artifact}")
+        row = eval_images(a.artifact, reference=a.reference, split=a.split, threads=a.threads, out=a.out, label=a.label)
+        print(
+            f"{row['label']}: {row['images']} {row['split']} images vs ONNX Runtime fp32: correlation "
+            f"{row['corr_mean']:.4f} (worst {row['corr_worst']:.4f}), cosine {row['cosine_mean']:.4f}, "
+            f"top-region IoU {row['iou_mean']:.3f} (worst {row['iou_worst']:.3f})"
+        )
+        return 0
+    manifest = Path(str(a.artifact)).with_suffix(".json")
+    if str(a.artifact).endswith(".so") and manifest.exists():
+        ins = json.loads(manifest.read_text()).get("inputs") or []
+        if [len(i["shape"]) for i in ins] == [4]:
+            got = f"{ins[0]['name']} {ins[0]['shape']}"
+            raise ValueError(f"{a.artifact} takes images ({got}): evaluate it with --images")
     from .eval.perplexity import eval_perplexity
 
     row = eval_perplexity(
@@ -310,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="perplexity on held-out text of a compiled .so, an ONNX file (ONNX Runtime) "
-        "or a HF model (torch float32); tables and plots under --out",
+        "or a HF model (torch float32), or with --images a vision .so's fidelity to ONNX Runtime fp32; "
+        "tables and plots under --out",
     )
     e.add_argument("artifact", metavar="MODEL_OR_SO")
     e.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (held-out packaged Wikipedia summaries)")
@@ -319,7 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label", help="row label in the results table (default: the file stem)")
     e.add_argument("--tokenizer", help="for an ONNX file: model id/path or 'smollm2' whose tokenizer to use")
     e.add_argument("--agreement", action="store_true", help="also top-1 agreement of the .so with its float model")
-    e.add_argument("--reference", default=None, help="float model for --agreement (default: the artifact's model)")
+    e.add_argument(
+        "--images",
+        action="store_true",
+        help="a vision model: fidelity to ONNX Runtime fp32 on the packaged photographs (correlation, cosine, "
+        "top-region IoU) instead of perplexity",
+    )
+    e.add_argument("--split", default="eval", help="--images: eval (default), calib or all photographs")
+    e.add_argument(
+        "--reference",
+        default=None,
+        help="float model for --agreement, ONNX file for --images (default: the artifact's model)",
+    )
     e.add_argument("--out", default="results", help="results folder: perplexity.md/.json/.png (default results/)")
     _threads(e)
     e.set_defaults(fn=_cmd_eval)
