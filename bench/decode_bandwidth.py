@@ -39,19 +39,9 @@ def region(nbytes: int, huge: bool) -> np.ndarray:
     return buf
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--so", default=None)
-    ap.add_argument("--calls", type=int, default=400)
-    ap.add_argument("--out", default="out/bench")
-    a = ap.parse_args()
-    so = Path(a.so) if a.so else E2E_DEFAULTS
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["shiftadd", "compile", "smollm2", "-o", str(so)], check=True)
-
-    import importlib.util
-
+def decode_step(so: Path):
+    """(session, ``step(token, length)`` over the in-place cache after a 128-token prompt, the LUT
+    weights' bytes per step: codes, scales, offsets)."""
     import tvm
 
     import shiftadd
@@ -65,12 +55,33 @@ def main() -> int:
     ids = np.random.default_rng(0).integers(100, 40000, 128)[None].astype(np.int64)
     feed = sess._check_feed("prefill_last", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     past = sess._call("kv_resize", [*sess._call("prefill_last", feed)[1:], tvm.runtime.ShapeTuple([256])])
-    step = _InPlaceStep(sess._vm()["decode_step"], past, sess._args["decode_step"], sess.device, 256)
-    # bench/kernels.py under another name: a module called `kernels` is what transformers probes for
+    return sess, _InPlaceStep(sess._vm()["decode_step"], past, sess._args["decode_step"], sess.device, 256), nbytes
+
+
+def read_probe():
+    """bench/kernels.py's read probe (loaded under another name: a module called `kernels` is what
+    transformers probes for)."""
+    import importlib.util
+
     spec_k = importlib.util.spec_from_file_location("shiftadd_bench_kernels", Path(__file__).with_name("kernels.py"))
     kernels = importlib.util.module_from_spec(spec_k)
     spec_k.loader.exec_module(kernels)
-    reader = kernels.read_probe()
+    return kernels.read_probe()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--so", default=None)
+    ap.add_argument("--calls", type=int, default=400)
+    ap.add_argument("--out", default="out/bench")
+    a = ap.parse_args()
+    so = Path(a.so) if a.so else E2E_DEFAULTS
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["shiftadd", "compile", "smollm2", "-o", str(so)], check=True)
+
+    sess, step, nbytes = decode_step(so)
+    reader = read_probe()
     bufs = {"huge pages": region(nbytes, True), "4 KiB pages": region(nbytes, False)}
     cold = [region(nbytes, True) for _ in range(COLD_COPIES)]  # one after the other: from DRAM, not L3
     turn = iter(range(1 << 62))

@@ -30,31 +30,28 @@ from pathlib import Path
 import numpy as np
 from _report import cpu_name, write_report
 
-E2E_DEFAULTS = Path("out/e2e/smollm2-da39a3ee5e.so")  # bench/e2e.py's artifact of `shiftadd compile smollm2`
 LUT_SYMBOLS = ("gemm_", "run_task", "build_tables", "group_sums", "shiftadd_lut")  # kernels/lut_avx2.cc
 SAMPLE = re.compile(r"^\s*(\d+)\s+([\d.]+):\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)\s*$")
 MMAP = re.compile(r"PERF_RECORD_MMAP2 .*\[(0x[0-9a-f]+)\((0x[0-9a-f]+)\) @ (0x[0-9a-f]+) .*\]: r-xp (.*)$")
 
 
-def _step(so: Path):
-    """(session, a decode step over the in-place cache at 129 tokens): decode_bandwidth.py's step."""
-    import tvm
+def _bandwidth():
+    """bench/decode_bandwidth.py as a module: its decode step, weight bytes, region and read probe."""
+    import importlib.util
 
-    import shiftadd
-    from shiftadd.runtime.session import _InPlaceStep
-
-    sess = shiftadd.load(so)
-    ids = np.random.default_rng(0).integers(100, 40000, 128)[None].astype(np.int64)
-    feed = sess._check_feed("prefill_last", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    past = sess._call("kv_resize", [*sess._call("prefill_last", feed)[1:], tvm.runtime.ShapeTuple([256])])
-    return sess, _InPlaceStep(sess._vm()["decode_step"], past, sess._args["decode_step"], sess.device, 256)
+    spec = importlib.util.spec_from_file_location(
+        "shiftadd_bench_bandwidth", Path(__file__).with_name("decode_bandwidth.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def child(so: Path, steps: int, out: Path) -> None:
     """Run under perf: warm up, then time ``steps`` steps; their window and thread go to ``out``."""
     import threading
 
-    sess, step = _step(so)
+    _, step, _ = _bandwidth().decode_step(so)
     for _ in range(50):
         step(100, 129)
     t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -109,7 +106,7 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    so = Path(a.so) if a.so else E2E_DEFAULTS
+    so = Path(a.so) if a.so else _bandwidth().E2E_DEFAULTS
     if a.child:
         child(so, a.steps, Path(a.child))
         return 0
@@ -147,24 +144,10 @@ def main() -> int:
     total = sum(shares.values())
 
     # the read floor, in this process, after the sampled run (never two things at once on 2 cores)
-    import importlib.util
-
-    sess, _ = _step(so)
-    spec = sess.functions["decode_step"]
-    weights = dict(zip(spec["params"], sess._args["decode_step"]))
-    nbytes = sum(
-        int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize
-        for n, t in weights.items()
-        if n.endswith((".codes", ".alpha", ".offset"))
-    )
-    spec_k = importlib.util.spec_from_file_location("shiftadd_bench_kernels", Path(__file__).with_name("kernels.py"))
-    kernels = importlib.util.module_from_spec(spec_k)
-    spec_k.loader.exec_module(kernels)
-    from shiftadd.runtime.huge_pages import huge_region
-
-    buf = huge_region(nbytes, True)[1]
-    buf[:] = 1
-    reader = kernels.read_probe()
+    bw = _bandwidth()
+    sess, _, nbytes = bw.decode_step(so)
+    buf = bw.region(nbytes, True)
+    reader = bw.read_probe()
     for _ in range(20):
         reader(buf.ctypes.data, buf.nbytes, 0)
     reads = []

@@ -95,10 +95,14 @@ def per_image(outputs: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
     return {"corr": ratio(ac, bc), "cosine": ratio(a, b), "iou": iou}
 
 
+def summary(m: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean and worst of each per-image measure: ``corr_mean``, ``corr_worst``, ..."""
+    return {f"{k}_{s}": float(f(v)) for k, v in m.items() for s, f in (("mean", np.mean), ("worst", np.min))}
+
+
 def fidelity(outputs: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Mean and worst of :func:`per_image`'s measures."""
-    m = per_image(outputs, ref)
-    return {f"{k}_{s}": float(f(v)) for k, v in m.items() for s, f in (("mean", np.mean), ("worst", np.min))}
+    return summary(per_image(outputs, ref))
 
 
 def image_input(manifest: dict) -> tuple[str, tuple[int, int]]:
@@ -156,7 +160,7 @@ def eval_images(
         "reference": str(ref_path),
         "split": split,
         "images": len(images),
-        **{f"{k}_{s}": float(f(v)) for k, v in m.items() for s, f in (("mean", np.mean), ("worst", np.min))},
+        **summary(m),
         "avg_bits": sess.manifest.get("avg_bits"),
     }
     logger.info(
